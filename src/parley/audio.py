@@ -1,0 +1,103 @@
+"""PCM helpers: levels, framing, resampling, WAV files. All audio is 16-bit signed LE mono."""
+
+from __future__ import annotations
+
+import wave
+from pathlib import Path
+
+import numpy as np
+import soxr
+
+SILENCE_DBFS = -120.0
+
+
+def pcm_to_float(pcm: bytes | np.ndarray) -> np.ndarray:
+    samples = np.frombuffer(pcm, dtype="<i2") if isinstance(pcm, (bytes, bytearray, memoryview)) else pcm
+    return samples.astype(np.float32) / 32768.0
+
+
+def float_to_pcm(samples: np.ndarray) -> bytes:
+    return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+def dbfs(pcm: bytes | np.ndarray) -> float:
+    """RMS level in dB relative to full scale (32768)."""
+    samples = pcm_to_float(pcm)
+    if samples.size == 0:
+        return SILENCE_DBFS
+    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64))))
+    return 20.0 * np.log10(rms) if rms > 1e-6 else SILENCE_DBFS
+
+
+class StreamResampler:
+    """Resamples a PCM stream chunk by chunk, keeping filter state between chunks.
+
+    A pass-through when the rates are equal, so callers need no special case.
+    """
+
+    def __init__(self, in_rate: int, out_rate: int, quality: str = "HQ") -> None:
+        self.in_rate = in_rate
+        self.out_rate = out_rate
+        self._stream = (
+            None if in_rate == out_rate else soxr.ResampleStream(in_rate, out_rate, 1, "int16", quality)
+        )
+
+    def process(self, pcm: bytes, last: bool = False) -> bytes:
+        if self._stream is None:
+            return pcm
+        samples = np.frombuffer(pcm, dtype="<i2")
+        return self._stream.resample_chunk(samples, last=last).astype("<i2").tobytes()
+
+
+class Framer:
+    """Cuts a byte stream into fixed-size frames; `flush` pads the tail with silence.
+
+    The padded last frame matters: dropping it loses the end of the agent's last word.
+    """
+
+    def __init__(self, frame_bytes: int) -> None:
+        self.frame_bytes = frame_bytes
+        self._buffer = bytearray()
+
+    def push(self, pcm: bytes) -> list[bytes]:
+        self._buffer += pcm
+        whole = len(self._buffer) - len(self._buffer) % self.frame_bytes
+        frames = [bytes(self._buffer[i : i + self.frame_bytes]) for i in range(0, whole, self.frame_bytes)]
+        del self._buffer[:whole]
+        return frames
+
+    def flush(self) -> list[bytes]:
+        if not self._buffer:
+            return []
+        frame = bytes(self._buffer) + bytes(self.frame_bytes - len(self._buffer))
+        self._buffer.clear()
+        return [frame]
+
+
+def read_wav(path: str | Path, sample_rate: int) -> np.ndarray:
+    """Read a 16-bit PCM WAV as int16 mono at `sample_rate` (downmixed and resampled as needed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        with wave.open(str(path), "rb") as wav:
+            width, channels, rate = wav.getsampwidth(), wav.getnchannels(), wav.getframerate()
+            raw = wav.readframes(wav.getnframes())
+    except (wave.Error, EOFError) as exc:
+        raise ValueError(f"{path}: not a readable WAV file ({exc})") from None
+    if width != 2:
+        raise ValueError(f"{path}: {8 * width}-bit samples; only 16-bit PCM WAV is supported")
+    samples = np.frombuffer(raw, dtype="<i2").reshape(-1, channels).mean(axis=1)
+    if rate != sample_rate:
+        samples = soxr.resample(samples.astype(np.float32), rate, sample_rate)
+    return np.clip(np.round(samples), -32768, 32767).astype(np.int16)
+
+
+def write_wav(path: str | Path, pcm: bytes | np.ndarray, sample_rate: int) -> None:
+    data = pcm.astype("<i2").tobytes() if isinstance(pcm, np.ndarray) else pcm
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(sample_rate)
+        wav.writeframes(data)

@@ -1,0 +1,116 @@
+"""The `parley` command: serve, call."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from parley.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="parley: a real-time voice agent server.")
+console = Console(stderr=True)
+
+
+def _settings(**overrides: object) -> Settings:
+    try:
+        return load_settings(**overrides)
+    except SettingsError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _startup_error(exc: Exception) -> None:
+    console.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def serve(
+    host: Optional[str] = typer.Option(None, help="Interface to listen on [default: 127.0.0.1]."),
+    port: Optional[int] = typer.Option(None, help="TCP port [default: 8000]."),
+    agent: Optional[str] = typer.Option(None, help="Scripted agent: 'pizza', 'bank' or a YAML path."),
+    greeting: Optional[str] = typer.Option(None, help="Greeting text ('' for none)."),
+    log_level: Optional[str] = typer.Option(None, help="debug, info, warning or error."),
+) -> None:
+    """Run the server: ACS media WebSocket on /ws/acs (and /ws), health on /healthz."""
+    from parley import logs, server
+
+    settings = _settings(host=host, port=port, agent=agent, greeting=greeting, log_level=log_level)
+    logs.configure(settings.log_level)
+    try:
+        app_ = server.create_app(settings)
+    except (ValueError, RuntimeError, OSError) as exc:
+        _startup_error(exc)
+        return
+    import uvicorn
+
+    uvicorn.Server(server.uvicorn_config(app_, settings)).run()
+
+
+@app.command()
+def call(
+    audio: Path = typer.Argument(..., help="WAV file the simulated caller says (16-bit PCM)."),
+    url: Optional[str] = typer.Option(None, help="ws://... of a running server [default: start one in-process]."),
+    out: Optional[Path] = typer.Option(None, help="Write what the caller heard to this WAV."),
+    barge_in_at: Optional[float] = typer.Option(
+        None, help="Start speaking once the agent has talked this many seconds."
+    ),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON here."),
+    sample_rate: int = typer.Option(16000, help="Call sample rate: 16000 or 24000."),
+    agent: Optional[str] = typer.Option(None, help="Agent of the in-process server."),
+    max_wait: float = typer.Option(15.0, help="Seconds to wait for the agent's answer."),
+    quiet: bool = typer.Option(False, help="Print only the summary."),
+) -> None:
+    """Call a parley server as ACS would, speaking AUDIO; print a timeline and the barge-in timings."""
+    from parley import caller, logs
+    from parley.server import BackgroundServer
+
+    logs.configure("warning", events_to_console=False)
+    if sample_rate not in (16000, 24000):
+        _startup_error(ValueError("--sample-rate must be 16000 or 24000"))
+    server = None
+    if url is None:
+        settings = _settings(host="127.0.0.1", port=0, agent=agent, log_level="warning", event_log=False)
+        try:
+            server = BackgroundServer(settings).start()
+        except (ValueError, RuntimeError, OSError) as exc:
+            _startup_error(exc)
+        url = server.url  # type: ignore[union-attr]
+    options = caller.CallOptions(
+        url=url, audio=audio, sample_rate=sample_rate, barge_in_at=barge_in_at, out=out,
+        max_wait_s=max_wait, progress=sys.stderr.isatty(),
+    )
+    try:
+        report = asyncio.run(caller.run_call(options))
+    except (ValueError, OSError) as exc:
+        _startup_error(exc)
+        return
+    finally:
+        if server is not None:
+            server.stop()
+    caller.print_report(report, Console(), timeline=not quiet) if _accepts_timeline() else caller.print_report(report, Console())
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report.to_dict(), indent=2, default=str))
+
+
+def _accepts_timeline() -> bool:
+    import inspect
+
+    from parley import caller
+
+    return "timeline" in inspect.signature(caller.print_report).parameters
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

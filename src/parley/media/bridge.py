@@ -1,0 +1,116 @@
+"""ThreadBridge: the only way recognition results cross from their thread into the event loop.
+
+Everything goes through `loop.call_soon_threadsafe`, which is FIFO, so the loop sees events in the
+order the recognition thread produced them (a final never overtakes its own partials).
+
+Drop policy (written down because queues must be bounded):
+- partials: at most one undelivered partial per call; a newer one replaces it (only the latest
+  hypothesis matters, and under load stale partials are worthless); a final discards it;
+- speech_started and finals: never dropped;
+- after `close()` everything is discarded (the call is over).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechStarted:
+    """Sustained caller speech detected. `onset_t`: when the first speech audio arrived."""
+
+    utterance_id: int
+    onset_t: float
+    detected_t: float
+
+
+@dataclass(frozen=True, slots=True)
+class Partial:
+    utterance_id: int
+    text: str
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
+class Final:
+    utterance_id: int
+    text: str
+    t: float
+    speech_end_t: float
+
+
+class SpeechSink:
+    """What the event loop side implements (the media handler)."""
+
+    def on_speech_started(self, event: SpeechStarted) -> None: ...
+
+    def on_partial(self, event: Partial) -> None: ...
+
+    def on_final(self, event: Final) -> None: ...
+
+
+class ThreadBridge:
+    def __init__(self, loop: asyncio.AbstractEventLoop, sink: SpeechSink) -> None:
+        self._loop = loop
+        self._sink = sink
+        self._lock = threading.Lock()
+        self._pending_partial: Partial | None = None
+        self._closed = False
+        self.partials_replaced = 0
+
+    # --- called on the recognition thread; never blocks ------------------------------------------
+    def schedule_barge_in(self, event: SpeechStarted) -> None:
+        """Speech onset: hand it to the loop at once, where the barge-in policy decides."""
+        self._post(self._sink.on_speech_started, event)
+
+    def queue_partial(self, event: Partial) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            replacing = self._pending_partial is not None
+            self._pending_partial = event
+        if replacing:
+            self.partials_replaced += 1  # the queued delivery will carry this newer text
+        else:
+            self._post(self._deliver_partial)
+
+    def queue_speech_result(self, event: Final) -> None:
+        """A final result; it becomes the caller's input for the next turn. Never dropped.
+
+        An undelivered partial of the same utterance is superseded by the final; discarding it also
+        keeps order: a later utterance's partial can never be delivered ahead of this final.
+        """
+        with self._lock:
+            self._pending_partial = None
+        self._post(self._sink.on_final, event)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._pending_partial = None
+
+    # --- internals ---------------------------------------------------------------------------------
+    def _post(self, callback: Callable[..., None], *args: object) -> None:
+        if self._closed:
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._guarded, callback, args)
+        except RuntimeError:  # the loop is closed: the call (or server) is gone
+            log.debug("event loop closed; dropping %s", getattr(callback, "__name__", callback))
+
+    def _guarded(self, callback: Callable[..., None], args: tuple[object, ...]) -> None:
+        if self._closed:
+            return
+        callback(*args)
+
+    def _deliver_partial(self) -> None:
+        with self._lock:
+            event, self._pending_partial = self._pending_partial, None
+        if event is not None:
+            self._sink.on_partial(event)

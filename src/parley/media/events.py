@@ -1,0 +1,92 @@
+"""The per-call event log: the single source of truth for timings.
+
+Events are dicts `{"event": name, "t": time.monotonic(), "call_id": ..., ...}`. `time.monotonic()` is
+system-wide on Linux, so a simulated caller on the same machine can compare its own timestamps with ours.
+Tests, benchmarks and the events API all read the same records.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from typing import Any
+
+log = logging.getLogger("parley.events")
+
+EVENT_NAMES = frozenset(
+    {
+        "call_started",
+        "speech_started",
+        "speech_ended",
+        "partial",
+        "final",
+        "dtmf",
+        "turn_started",
+        "first_audio_sent",
+        "barge_in_decided",
+        "barge_in_ignored",
+        "stop_audio_sent",
+        "turn_cancelled",
+        "turn_completed",
+        "input_error",
+        "call_ended",
+    }
+)
+
+
+class EventLog:
+    """Append-only, bounded list of one call's events. Safe to append from any thread."""
+
+    def __init__(self, call_id: str, *, max_events: int = 20000, to_log: bool = True) -> None:
+        self.call_id = call_id
+        self._events: deque[dict[str, Any]] = deque(maxlen=max_events)
+        self._lock = threading.Lock()
+        self._to_log = to_log
+
+    def emit(self, event: str, t: float | None = None, **fields: Any) -> dict[str, Any]:
+        assert event in EVENT_NAMES, f"unknown event name {event!r}"
+        record = {"event": event, "t": time.monotonic() if t is None else t, "call_id": self.call_id}
+        record.update(fields)
+        with self._lock:
+            self._events.append(record)
+        if self._to_log and log.isEnabledFor(logging.INFO):
+            log.info(json.dumps(record, default=str))
+        return record
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._events)
+
+    def of(self, event: str) -> list[dict[str, Any]]:
+        return [record for record in self.snapshot() if record["event"] == event]
+
+
+class CallRegistry:
+    """Live calls plus the event logs of the most recently ended ones (bounded)."""
+
+    def __init__(self, keep_ended: int = 100) -> None:
+        self._live: dict[str, EventLog] = {}
+        self._ended: OrderedDict[str, EventLog] = OrderedDict()
+        self._keep_ended = keep_ended
+
+    def started(self, events: EventLog) -> None:
+        self._ended.pop(events.call_id, None)
+        self._live[events.call_id] = events
+
+    def ended(self, events: EventLog) -> None:
+        if self._live.get(events.call_id) is events:
+            del self._live[events.call_id]
+        if self._keep_ended:
+            self._ended[events.call_id] = events
+            while len(self._ended) > self._keep_ended:
+                self._ended.popitem(last=False)
+
+    def find(self, call_id: str) -> EventLog | None:
+        return self._live.get(call_id) or self._ended.get(call_id)
+
+    @property
+    def live_count(self) -> int:
+        return len(self._live)

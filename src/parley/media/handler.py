@@ -1,0 +1,364 @@
+"""MediaHandler: one call, on the event loop.
+
+    socket ─► codec ─► RecognitionThread (VAD + recognizer) ─► ThreadBridge ─► on_speech_started /
+    on_partial / on_final (here, on the loop) ─► BargeInPolicy decides, TurnInbox ─► RouteTurnLoop ─►
+    turn task: agent ─► synthesizer ─► Player ─► OutboundWriter ─► socket
+
+Everything here runs on the loop and never blocks: recognition has its own thread, synthesis runs
+on a shared executor. A barge-in is a synchronous function: mark the turn dead, queue StopAudio
+through the one writer, cancel the turn's task; cleanup is awaited afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from starlette.websockets import WebSocket, WebSocketState
+
+from parley.engines import Engines
+from parley.media.bargein import ActiveTurn, BargeInPolicy, Signal
+from parley.media.bridge import Final, Partial, SpeechStarted, ThreadBridge
+from parley.media.events import CallRegistry, EventLog
+from parley.media.player import Player
+from parley.media.recognition import RecognitionThread, SegmenterConfig
+from parley.media.turns import Pending, RouteTurnLoop, Turn, TurnInbox
+from parley.media.writer import OutboundWriter
+from parley.protocols import CallContext, Hangup, Say, UserInput
+from parley.settings import Settings
+from parley.transports import acs
+
+log = logging.getLogger(__name__)
+
+_END = object()  # end of a turn's audio stream
+_MAX_CONSECUTIVE_ERRORS = 250  # 5 s of nothing but bad frames: the peer is not speaking ACS
+_LOGGED_ERRORS = 20  # log the first errors in full, then only every 100th
+
+
+@dataclass(frozen=True, slots=True)
+class _Clip:
+    """Synthesized audio of one piece of reply text (text only on its first chunk)."""
+
+    text: str | None
+    pcm: bytes
+
+
+class MediaHandler:
+    def __init__(
+        self,
+        *,
+        call_id: str,
+        settings: Settings,
+        engines: Engines,
+        correlation_id: str = "",
+        registry: CallRegistry | None = None,
+    ) -> None:
+        self.call_id = call_id
+        self.correlation_id = correlation_id
+        self.settings = settings
+        self.engines = engines
+        self.registry = registry
+        self.events = EventLog(call_id, to_log=settings.event_log)
+        self.agent = engines.agent_factory(CallContext(call_id, correlation_id))
+        self.synthesizer = engines.synthesizer_for(getattr(self.agent, "voice", None))
+        self.policy = BargeInPolicy(settings.bargein_partial_chars, settings.bargein_on_dtmf)
+        self.inbox = TurnInbox(settings.turn_queue_size)
+        self.route = RouteTurnLoop(self.inbox, self._run_turn)
+        self.format: acs.AudioFormat | None = None
+        self.writer: OutboundWriter | None = None
+        self.player: Player | None = None
+        self.bridge: ThreadBridge | None = None
+        self.recognition: RecognitionThread | None = None
+        self.frames_in = 0
+        self.input_errors = 0
+        self._consecutive_errors = 0
+        self._latest_utterance_id = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._hangup = asyncio.Event()
+        self._end_reason = "caller_hangup"
+        self._close_code = 1000
+
+    # ------------------------------------------------------------------ socket lifecycle
+    async def run(self, websocket: WebSocket) -> None:
+        """Serve the call until the caller hangs up, the agent ends it, or the peer misbehaves."""
+        self.writer = OutboundWriter(websocket.send_text, self.events)
+        self._spawn(self.writer.run(), "writer")
+        self.events.emit("call_started", correlation_id=self.correlation_id)
+        if self.registry:
+            self.registry.started(self.events)
+        receiving = asyncio.create_task(self._receive(websocket), name=f"receive-{self.call_id}")
+        hangup = asyncio.create_task(self._hangup.wait(), name=f"hangup-{self.call_id}")
+        try:
+            await asyncio.wait([receiving, hangup], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (receiving, hangup):
+                task.cancel()
+            await asyncio.gather(receiving, hangup, return_exceptions=True)
+            await self._shutdown()
+            await self._close_socket(websocket)
+
+    async def _receive(self, websocket: WebSocket) -> None:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                self._end_reason = f"caller_hangup (code {message.get('code', 1000)})"
+                return
+            data = message.get("text")
+            if data is None:
+                data = message.get("bytes") or b""
+            self.on_message(data, time.monotonic())
+            if self._hangup.is_set():
+                return
+
+    async def _close_socket(self, websocket: WebSocket) -> None:
+        if websocket.application_state == WebSocketState.CONNECTED:
+            try:
+                await websocket.close(code=self._close_code)
+            except Exception:  # already closed from the other side
+                pass
+
+    def _spawn(self, coroutine, name: str) -> None:  # type: ignore[no-untyped-def]
+        self._tasks.append(asyncio.create_task(coroutine, name=f"{name}-{self.call_id}"))
+
+    async def _shutdown(self) -> None:
+        """End every thread and task of this call, awaiting each one (nothing outlives the call)."""
+        if self.bridge:
+            self.bridge.close()
+        if self.recognition:
+            self.recognition.stop()
+        for task in reversed(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.recognition:
+            await _join_thread(self.recognition)
+        self.events.emit(
+            "call_ended",
+            reason=self._end_reason,
+            frames_in=self.frames_in,
+            frames_sent=self.writer.frames_sent if self.writer else 0,
+            dropped_frames=self.recognition.dropped_frames if self.recognition else 0,
+            input_errors=self.input_errors,
+        )
+        if self.registry:
+            self.registry.ended(self.events)
+
+    def end_call(self, reason: str, close_code: int = 1000) -> None:
+        self._end_reason = reason
+        self._close_code = close_code
+        self._hangup.set()
+
+    # ------------------------------------------------------------------ inbound messages
+    def on_message(self, data: str | bytes, arrival_t: float) -> None:
+        try:
+            message = acs.parse_inbound(data, self.format)
+        except acs.AcsProtocolError as exc:
+            self._input_error(str(exc))
+            return
+        self._consecutive_errors = 0
+        if isinstance(message, acs.AudioFrame):
+            self._on_audio(message, arrival_t)
+        elif isinstance(message, acs.AudioMetadata):
+            self._on_metadata(message.format)
+        elif isinstance(message, acs.Dtmf):
+            self._on_dtmf(message.digits)
+        else:
+            log.debug("call %s: ignoring %s", self.call_id, type(message).__name__)
+
+    def _on_audio(self, frame: acs.AudioFrame, arrival_t: float) -> None:
+        if self.format is None:
+            inferred = acs.infer_format(len(frame.pcm))
+            log.warning("call %s: AudioData before AudioMetadata; assuming %s Hz", self.call_id,
+                        inferred.sample_rate if inferred else "?")
+            if inferred is None:
+                return
+            self._start_media(inferred)
+        self.frames_in += 1
+        self.recognition.submit(frame.pcm, arrival_t)  # type: ignore[union-attr]
+
+    def _on_metadata(self, audio_format: acs.AudioFormat) -> None:
+        if self.format is None:
+            self._start_media(audio_format)
+        elif audio_format.sample_rate != self.format.sample_rate:
+            self._input_error(
+                f"AudioMetadata changed the sample rate from {self.format.sample_rate} to "
+                f"{audio_format.sample_rate} Hz mid-call; keeping {self.format.sample_rate} Hz"
+            )
+
+    def _input_error(self, message: str) -> None:
+        self.input_errors += 1
+        self._consecutive_errors += 1
+        if self.input_errors <= _LOGGED_ERRORS or self.input_errors % 100 == 0:
+            log.error("call %s: bad inbound message (#%d): %s", self.call_id, self.input_errors, message)
+            self.events.emit("input_error", error=message, count=self.input_errors)
+        if self._consecutive_errors >= _MAX_CONSECUTIVE_ERRORS:
+            log.error("call %s: %d bad messages in a row; closing", self.call_id, self._consecutive_errors)
+            self.end_call("protocol_errors", close_code=1007)
+
+    def _start_media(self, audio_format: acs.AudioFormat) -> None:
+        self.format = audio_format
+        assert self.writer is not None
+        self.player = Player(self.writer, audio_format.frame_bytes, self.settings.playout_lead_ms)
+        self.bridge = ThreadBridge(asyncio.get_running_loop(), self)
+        self.recognition = RecognitionThread(
+            call_id=self.call_id,
+            input_rate=audio_format.sample_rate,
+            make_vad=self.engines.make_vad,
+            make_recognizer=self.engines.make_recognizer,
+            bridge=self.bridge,
+            config=SegmenterConfig(
+                threshold=self.settings.vad_threshold,
+                speech_start_ms=self.settings.speech_start_ms,
+                endpoint_silence_ms=self.settings.endpoint_silence_ms,
+                preroll_ms=self.settings.preroll_ms,
+                max_utterance_s=self.settings.max_utterance_s,
+            ),
+            capacity=self.settings.inbound_queue_frames,
+            on_error=self._recognition_failed_threadsafe,
+        )
+        self.recognition.start()
+        self._spawn(self.route.run(), "route-turns")
+        self._queue_greeting()
+
+    def _queue_greeting(self) -> None:
+        text = self.settings.greeting if self.settings.greeting is not None else self.agent.greeting()
+        if not text:
+            return
+        interruptible = self.settings.greeting_interruptible
+        if interruptible is None:
+            interruptible = getattr(self.agent, "greeting_interruptible", True)
+        self.inbox.put(Pending("greeting", None, 0, interruptible, say=text))
+
+    def _recognition_failed_threadsafe(self, message: str) -> None:
+        loop = self.bridge._loop if self.bridge else None  # noqa: SLF001 - same call's loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._recognition_failed, message)
+
+    def _recognition_failed(self, message: str) -> None:
+        self.events.emit("input_error", error=message)
+        self.inbox.release()  # never leave turns held waiting for a final that cannot come
+
+    # ------------------------------------------------------------------ speech events (from the bridge)
+    def on_speech_started(self, event: SpeechStarted) -> None:
+        self._latest_utterance_id = max(self._latest_utterance_id, event.utterance_id)
+        self.events.emit(
+            "speech_started", t=event.detected_t, utterance_id=event.utterance_id, onset_t=event.onset_t
+        )
+        self.inbox.hold()  # answer once the caller has finished, everything they said at once
+        self._consider_barge_in(Signal("vad", event.utterance_id))
+
+    def on_partial(self, event: Partial) -> None:
+        self.events.emit("partial", t=event.t, utterance_id=event.utterance_id, text=event.text)
+        self._consider_barge_in(Signal("partial", event.utterance_id, event.text))
+
+    def on_final(self, event: Final) -> None:
+        self.events.emit(
+            "final", t=event.t, utterance_id=event.utterance_id, text=event.text,
+            speech_end_t=event.speech_end_t,
+        )
+        if event.text.strip():
+            self.inbox.put(Pending("speech", UserInput("speech", text=event.text), event.utterance_id))
+        self.inbox.release()
+
+    def _on_dtmf(self, digits: str) -> None:
+        self.events.emit("dtmf", digits=digits)
+        self._consider_barge_in(Signal("dtmf"))
+        self.inbox.put(Pending("dtmf", UserInput("dtmf", digits=digits), self._latest_utterance_id))
+
+    # ------------------------------------------------------------------ barge-in
+    def _consider_barge_in(self, signal: Signal) -> None:
+        turn = self.route.current
+        active = None
+        if turn is not None and not turn.cancelled:
+            active = ActiveTurn(turn.id, turn.interruptible, turn.source_utterance_id)
+        decision = self.policy.decide(signal, active)
+        if decision.interrupt and turn is not None:
+            self._barge_in(turn, decision.reason)
+        elif active is not None and signal.trigger != "partial":
+            self.events.emit("barge_in_ignored", turn_id=active.turn_id, reason=decision.reason,
+                             trigger=signal.trigger)
+
+    def _barge_in(self, turn: Turn, trigger: str) -> None:
+        """Synchronous on purpose: StopAudio is queued before anything else can run on the loop."""
+        assert self.writer is not None and self.player is not None
+        now = time.monotonic()
+        self.events.emit("barge_in_decided", t=now, turn_id=turn.id, trigger=trigger)
+        turn.cancelled = True
+        self.writer.stop_audio(turn.id)
+        track = self.player.current if self.player.current and self.player.current.turn_id == turn.id else None
+        turn.heard_ms = track.heard_ms(now) if track else 0.0
+        turn.heard_text = track.heard_text(now) if track else ""
+        self.player.cut(now)
+        if turn.task is not None:
+            turn.task.cancel()
+        self.inbox.drop_greetings()
+        if turn.heard_ms == 0 and turn.user is not None:
+            # The caller heard none of this answer: answer that input together with what comes next.
+            self.inbox.put_back(Pending(turn.kind, turn.user, turn.source_utterance_id))
+
+    # ------------------------------------------------------------------ one turn
+    async def _run_turn(self, turn: Turn) -> None:
+        assert self.player is not None
+        self.events.emit(
+            "turn_started", turn_id=turn.id, kind=turn.kind,
+            input=(turn.user.text or turn.user.digits) if turn.user else turn.say,
+        )
+        track = self.player.begin(turn.id)
+        clips: asyncio.Queue[object] = asyncio.Queue(maxsize=64)
+        producer = asyncio.create_task(self._produce_audio(turn, clips), name=f"produce-{turn.id}")
+        hangup: Hangup | None = None
+        try:
+            while (item := await clips.get()) is not _END:
+                if isinstance(item, Hangup):
+                    hangup = item
+                elif isinstance(item, _Clip):
+                    await self.player.play(track, item.pcm, item.text)
+            await producer
+            await self.player.finish(track)
+            self.events.emit("turn_completed", turn_id=turn.id, audio_ms=track.sent_ms)
+        except asyncio.CancelledError:
+            self.events.emit("turn_cancelled", turn_id=turn.id, heard_ms=round(turn.heard_ms, 1),
+                             heard_text=turn.heard_text, audio_ms=track.sent_ms)
+            raise
+        except Exception as exc:
+            log.exception("call %s: turn %d failed", self.call_id, turn.id)
+            self.events.emit("turn_cancelled", turn_id=turn.id, error=str(exc), audio_ms=track.sent_ms)
+            return
+        finally:
+            producer.cancel()
+            await asyncio.wait([producer])
+        if hangup is not None:
+            self.end_call(hangup.reason)
+
+    async def _produce_audio(self, turn: Turn, clips: asyncio.Queue[object]) -> None:
+        """Agent text -> synthesized clips, running ahead of playout (the next clause while one plays)."""
+        assert self.format is not None
+        async for output in self._agent_outputs(turn):
+            if isinstance(output, Hangup):
+                await clips.put(output)
+                break
+            text: str | None = output.text
+            async for pcm in self.synthesizer.stream(output.text, self.format.sample_rate):
+                await clips.put(_Clip(text, pcm))
+                text = None
+        await clips.put(_END)
+
+    async def _agent_outputs(self, turn: Turn):  # type: ignore[no-untyped-def]
+        if turn.say is not None:
+            yield Say(turn.say)
+            return
+        assert turn.user is not None
+        async for output in self.agent.respond(turn.user):
+            if isinstance(output, Say) and not output.text.strip():
+                continue
+            yield output
+
+
+async def _join_thread(recognition: RecognitionThread, timeout: float = 5.0) -> None:
+    """Wait for the recognition thread without blocking the loop or borrowing an executor thread."""
+    deadline = time.monotonic() + timeout
+    while recognition.alive and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    if recognition.alive:
+        log.error("recognition thread did not stop within %.1f s", timeout)

@@ -1,0 +1,239 @@
+"""The recognition thread of one call: VAD segmentation plus the streaming recognizer.
+
+The event loop hands it every inbound frame in arrival order (silent frames included: a recognizer
+that never hears silence endpoints late). It blocks only on its input queue; everything it finds
+goes to the loop through the ThreadBridge.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from parley.audio import StreamResampler, pcm_to_float
+from parley.media.bridge import Final, Partial, SpeechStarted, ThreadBridge
+from parley.protocols import Recognizer, Vad
+
+log = logging.getLogger(__name__)
+
+_STOP = None  # queue sentinel
+
+
+@dataclass(frozen=True, slots=True)
+class SegmenterConfig:
+    threshold: float = 0.5
+    speech_start_ms: int = 64
+    endpoint_silence_ms: int = 500
+    preroll_ms: int = 300
+    max_utterance_s: float = 30.0
+
+    @property
+    def release_threshold(self) -> float:
+        # Hysteresis: once in speech, a dip slightly below the start threshold is not yet silence.
+        return max(0.05, self.threshold - 0.15)
+
+
+class SpeechSegmenter:
+    """Turns VAD windows into utterances and drives the recognizer. Runs on the recognition thread.
+
+    An utterance starts after `speech_start_ms` of consecutive speech windows (that run, plus a
+    pre-roll, is what the recognizer hears first) and ends after `endpoint_silence_ms` of silence.
+    """
+
+    def __init__(
+        self, vad: Vad, recognizer: Recognizer, bridge: ThreadBridge, config: SegmenterConfig
+    ) -> None:
+        self._vad = vad
+        self._recognizer = recognizer
+        self._bridge = bridge
+        self._config = config
+        window_ms = 1000 * vad.window_samples / vad.sample_rate
+        self._start_windows = max(1, round(config.speech_start_ms / window_ms))
+        self._end_windows = max(1, round(config.endpoint_silence_ms / window_ms))
+        self._window_s = window_ms / 1000
+        self._samples = np.zeros(0, dtype=np.float32)
+        self._samples_t = 0.0  # arrival time of the first buffered VAD sample
+        self._preroll: deque[bytes] = deque(maxlen=max(1, config.preroll_ms // 20 + 1))
+        self._run = 0  # consecutive speech windows while idle
+        self._run_start_t = 0.0
+        self._silence = 0  # consecutive silent windows while in an utterance
+        self._last_speech_t = 0.0
+        self._utterance_id = 0
+        self._utterance_started_t: float | None = None
+
+    @property
+    def in_utterance(self) -> bool:
+        return self._utterance_started_t is not None
+
+    def push(self, pcm: bytes, arrival_t: float) -> None:
+        """One frame of 16 kHz PCM, received by the server at `arrival_t`."""
+        if self.in_utterance:
+            self._feed_recognizer(pcm)
+        else:
+            self._preroll.append(pcm)
+        if self._samples.size == 0:
+            self._samples_t = arrival_t
+        self._samples = np.concatenate((self._samples, pcm_to_float(pcm)))
+        size = self._vad.window_samples
+        while self._samples.size >= size:
+            window_t = self._samples_t
+            probability = self._vad.speech_probability(self._samples[:size])
+            self._samples = self._samples[size:]
+            self._samples_t += self._window_s
+            self._on_window(probability, window_t)
+
+    def flush(self) -> None:
+        """The call ended: finish an open utterance so its words are not lost."""
+        if self.in_utterance:
+            self._end_utterance(time.monotonic())
+
+    def _on_window(self, probability: float, window_t: float) -> None:
+        if not self.in_utterance:
+            self._on_idle_window(probability, window_t)
+            return
+        if probability >= self._config.release_threshold:
+            self._silence = 0
+            self._last_speech_t = window_t + self._window_s
+        else:
+            self._silence += 1
+        too_long = time.monotonic() - self._utterance_started_t > self._config.max_utterance_s
+        if self._silence >= self._end_windows or too_long:
+            self._end_utterance(self._last_speech_t)
+
+    def _on_idle_window(self, probability: float, window_t: float) -> None:
+        if probability < self._config.threshold:
+            self._run = 0
+            return
+        if self._run == 0:
+            self._run_start_t = window_t
+        self._run += 1
+        if self._run >= self._start_windows:
+            self._start_utterance()
+
+    def _start_utterance(self) -> None:
+        now = time.monotonic()
+        self._utterance_id += 1
+        self._utterance_started_t = now
+        self._silence = 0
+        self._run = 0
+        self._last_speech_t = now
+        self._bridge.schedule_barge_in(SpeechStarted(self._utterance_id, self._run_start_t, now))
+        self._recognizer.begin()
+        for frame in self._preroll:
+            self._feed_recognizer(frame)
+        self._preroll.clear()
+
+    def _end_utterance(self, speech_end_t: float) -> None:
+        text = self._recognizer.end()
+        self._utterance_started_t = None
+        self._bridge.queue_speech_result(
+            Final(self._utterance_id, text, time.monotonic(), speech_end_t)
+        )
+
+    def _feed_recognizer(self, pcm: bytes) -> None:
+        partial = self._recognizer.feed(pcm)
+        if partial:
+            self._bridge.queue_partial(Partial(self._utterance_id, partial, time.monotonic()))
+
+
+class RecognitionThread:
+    """Owns one call's VAD + recognizer on a dedicated thread fed by a bounded queue.
+
+    Drop policy: if the thread falls `capacity` frames behind (10 s by default) new frames are
+    dropped and counted; the loop never waits for recognition.
+    """
+
+    def __init__(
+        self,
+        *,
+        call_id: str,
+        input_rate: int,
+        make_vad: Callable[[], Vad],
+        make_recognizer: Callable[[], Recognizer],
+        bridge: ThreadBridge,
+        config: SegmenterConfig,
+        capacity: int = 500,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self._queue: queue.Queue[tuple[bytes, float] | None] = queue.Queue(maxsize=capacity)
+        self._make_vad = make_vad
+        self._make_recognizer = make_recognizer
+        self._bridge = bridge
+        self._config = config
+        self._input_rate = input_rate
+        self._on_error = on_error
+        self._stopping = threading.Event()
+        self.dropped_frames = 0
+        self._thread = threading.Thread(
+            target=self._run, name=f"recognition-{call_id[:12]}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, pcm: bytes, arrival_t: float) -> bool:
+        """Called on the event loop for every inbound frame; never blocks."""
+        try:
+            self._queue.put_nowait((pcm, arrival_t))
+            return True
+        except queue.Full:
+            self.dropped_frames += 1
+            if self.dropped_frames in (1, 50) or self.dropped_frames % 500 == 0:
+                log.warning("recognition is behind: %d frames dropped", self.dropped_frames)
+            return False
+
+    def stop(self) -> None:
+        """Ask the thread to finish (non-blocking); `join` waits for it."""
+        self._stopping.set()
+        try:
+            self._queue.put_nowait(_STOP)
+        except queue.Full:
+            pass  # the thread checks _stopping after each frame
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        recognizer: Recognizer | None = None
+        try:
+            vad = self._make_vad()
+            recognizer = self._make_recognizer()
+            segmenter = SpeechSegmenter(vad, recognizer, self._bridge, self._config)
+            resampler = StreamResampler(self._input_rate, vad.sample_rate)
+            self._consume(segmenter, resampler)
+            segmenter.flush()
+        except Exception as exc:  # an engine failure ends recognition for this call, not the server
+            log.exception("recognition thread failed")
+            if self._on_error:
+                self._on_error(f"recognition failed: {exc}")
+            self._drain()
+        finally:
+            if recognizer is not None:
+                recognizer.close()
+
+    def _consume(self, segmenter: SpeechSegmenter, resampler: StreamResampler) -> None:
+        while not self._stopping.is_set():
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            pcm, arrival_t = item
+            converted = resampler.process(pcm)
+            if converted:
+                segmenter.push(converted, arrival_t)
+
+    def _drain(self) -> None:
+        """Keep accepting (and discarding) frames until stopped, so `submit` never fills up silently."""
+        while not self._stopping.is_set():
+            if self._queue.get() is _STOP:
+                return

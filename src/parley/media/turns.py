@@ -1,0 +1,120 @@
+"""Turns: the caller inputs waiting for an answer, and the loop that answers them one at a time.
+
+Drop policy of the inbox (bounded, lossless): inputs are never dropped. While the caller is still
+speaking the inbox is held, so everything said before the final is answered together; when more
+than `capacity` inputs wait, the newest speech is merged into the last waiting speech input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from parley.protocols import UserInput
+
+TurnKind = Literal["greeting", "speech", "dtmf"]
+
+
+@dataclass
+class Turn:
+    id: int
+    kind: TurnKind
+    user: UserInput | None
+    source_utterance_id: int
+    interruptible: bool = True
+    say: str | None = None  # fixed text to speak instead of asking the agent (the greeting)
+    cancelled: bool = False
+    heard_ms: float = 0.0  # set when cancelled: how much of this answer the caller heard
+    heard_text: str = ""
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    kind: TurnKind
+    user: UserInput | None
+    utterance_id: int
+    interruptible: bool = True
+    say: str | None = None
+
+
+def _merge(first: Pending, second: Pending) -> Pending:
+    text = " ".join(part for part in (first.user.text, second.user.text) if part)  # type: ignore[union-attr]
+    return Pending("speech", UserInput("speech", text=text), max(first.utterance_id, second.utterance_id))
+
+
+class TurnInbox:
+    def __init__(self, capacity: int = 8) -> None:
+        self._items: deque[Pending] = deque()
+        self._capacity = capacity
+        self._changed = asyncio.Event()
+        self._held = False
+        self.merged = 0
+
+    def put(self, item: Pending) -> None:
+        if len(self._items) >= self._capacity and item.kind == "speech" and self._items[-1].kind == "speech":
+            self._items[-1] = _merge(self._items[-1], item)
+            self.merged += 1
+        else:
+            self._items.append(item)
+        self._changed.set()
+
+    def put_back(self, item: Pending) -> None:
+        """Requeue an input whose answer was cancelled before the caller heard any of it."""
+        self._items.appendleft(item)
+        self._changed.set()
+
+    def hold(self) -> None:
+        self._held = True
+
+    def release(self) -> None:
+        self._held = False
+        self._changed.set()
+
+    def drop_greetings(self) -> None:
+        self._items = deque(item for item in self._items if item.kind != "greeting")
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def get(self) -> Pending:
+        """The next input once the caller is not mid-utterance; waiting speech inputs come merged."""
+        while self._held or not self._items:
+            self._changed.clear()
+            await self._changed.wait()
+        item = self._items.popleft()
+        while item.kind == "speech" and self._items and self._items[0].kind == "speech":
+            item = _merge(item, self._items.popleft())
+        return item
+
+
+class RouteTurnLoop:
+    """Blocks only on the inbox; runs each turn as its own cancellable playback task."""
+
+    def __init__(self, inbox: TurnInbox, run_turn: Callable[[Turn], Awaitable[None]]) -> None:
+        self._inbox = inbox
+        self._run_turn = run_turn
+        self._ids = itertools.count(1)
+        self.current: Turn | None = None
+
+    async def run(self) -> None:
+        while True:
+            pending = await self._inbox.get()
+            turn = Turn(
+                next(self._ids), pending.kind, pending.user, pending.utterance_id,
+                pending.interruptible, pending.say,
+            )
+            turn.task = asyncio.create_task(self._run_turn(turn), name=f"turn-{turn.id}")
+            self.current = turn
+            try:
+                # asyncio.wait does not raise when the turn is cancelled by a barge-in.
+                await asyncio.wait([turn.task])
+            finally:
+                self.current = None
+                if not turn.task.done():  # this loop itself is being cancelled (call ending)
+                    turn.task.cancel()
+                    await asyncio.wait([turn.task])

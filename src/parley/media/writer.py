@@ -1,0 +1,78 @@
+"""The one writer to a call's socket.
+
+Every outbound message goes through here, tagged with the turn it belongs to. Cancelling a turn
+(`stop_audio`) marks it dead *before* StopAudio is queued, and a dead turn's frames are dropped at
+the moment of writing, so no AudioData of a cancelled turn can ever follow its StopAudio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from parley.media.events import EventLog
+from parley.transports.acs import stop_audio_message
+
+log = logging.getLogger(__name__)
+
+SendText = Callable[[str], Awaitable[None]]
+
+
+class OutboundWriter:
+    def __init__(self, send_text: SendText, events: EventLog) -> None:
+        self._send_text = send_text
+        self._events = events
+        self._pending: deque[tuple[int, str, bool]] = deque()  # (turn_id, message, is_stop)
+        self._wakeup = asyncio.Event()
+        self._cancelled: set[int] = set()
+        self._audio_started: set[int] = set()
+        self.closed = False
+        self.frames_sent = 0
+        self.frames_dropped = 0
+
+    def send_audio(self, turn_id: int, message: str) -> None:
+        if turn_id in self._cancelled or self.closed:
+            self.frames_dropped += 1
+            return
+        self._pending.append((turn_id, message, False))
+        self._wakeup.set()
+
+    def stop_audio(self, turn_id: int) -> None:
+        """Cancel `turn_id`'s audio and send StopAudio ahead of anything still queued."""
+        self._cancelled.add(turn_id)
+        self._pending.appendleft((turn_id, stop_audio_message(), True))
+        self._wakeup.set()
+
+    def is_cancelled(self, turn_id: int) -> bool:
+        return turn_id in self._cancelled
+
+    async def run(self) -> None:
+        """The writer task: sends queued messages in order until the socket fails or it is cancelled."""
+        while not self.closed:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending and not self.closed:
+                turn_id, message, is_stop = self._pending.popleft()
+                if not is_stop and turn_id in self._cancelled:
+                    self.frames_dropped += 1
+                    continue
+                await self._write(turn_id, message, is_stop)
+
+    async def _write(self, turn_id: int, message: str, is_stop: bool) -> None:
+        try:
+            await self._send_text(message)
+        except Exception as exc:  # socket gone: the receive side ends the call
+            log.info("outbound socket closed: %s", exc)
+            self.closed = True
+            return
+        now = time.monotonic()
+        if is_stop:
+            self._events.emit("stop_audio_sent", t=now, turn_id=turn_id)
+            return
+        self.frames_sent += 1
+        if turn_id not in self._audio_started:
+            self._audio_started.add(turn_id)
+            self._events.emit("first_audio_sent", t=now, turn_id=turn_id)

@@ -1,0 +1,106 @@
+"""The small Protocols every engine plugs in behind.
+
+The media handler only knows these shapes; it never imports an engine. Engines are plain objects
+(no framework base class): anything with the right methods works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Vad(Protocol):
+    """Frame-level voice activity detector. Runs on the recognition thread only."""
+
+    sample_rate: int
+    window_samples: int
+
+    def speech_probability(self, window: np.ndarray) -> float:
+        """Probability (0..1) that a float32 window of exactly `window_samples` holds speech."""
+        ...
+
+    def reset(self) -> None: ...
+
+
+@runtime_checkable
+class Recognizer(Protocol):
+    """An utterance recognizer driven by the VAD segmenter on the recognition thread.
+
+    `begin` opens an utterance, `feed` takes 16-bit mono PCM at `sample_rate` and may return a new
+    partial hypothesis (or None when nothing changed), `end` closes the utterance and returns its
+    final text ("" when nothing was recognised). Calls never overlap; they must not block on I/O.
+    """
+
+    sample_rate: int
+
+    def begin(self) -> None: ...
+
+    def feed(self, pcm: bytes) -> str | None: ...
+
+    def end(self) -> str: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Synthesizer(Protocol):
+    """Text to 16-bit mono PCM at the requested rate, streamed in chunks as it is produced.
+
+    Cancelling the consuming task must stop the synthesis work promptly.
+    """
+
+    def stream(self, text: str, sample_rate: int) -> AsyncIterator[bytes]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class UserInput:
+    """What the caller gave the agent in one turn: recognised speech or DTMF digits."""
+
+    kind: Literal["speech", "dtmf"]
+    text: str = ""
+    digits: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Say:
+    """Agent output: text to speak. Agents may yield many of these per turn (streaming)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Hangup:
+    """Agent output: end the call once what was said before it has been played."""
+
+    reason: str = "agent_hangup"
+
+
+AgentOutput = Say | Hangup
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """Facts about the call an agent may use (caller id, call id...)."""
+
+    call_id: str
+    correlation_id: str = ""
+    caller_id: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Agent(Protocol):
+    """One conversation's agent (one instance per call, so it may keep state)."""
+
+    def greeting(self) -> str | None: ...
+
+    def respond(self, user: UserInput) -> AsyncIterator[AgentOutput]: ...
+
+
+class AgentFactory(Protocol):
+    def __call__(self, context: CallContext) -> Agent: ...

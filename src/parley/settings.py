@@ -1,0 +1,97 @@
+"""One typed settings object for the whole server.
+
+Values come from (highest first): CLI flags, `PARLEY_*` environment variables, a `.env` file, defaults.
+The object is built once at startup and passed down; nothing deeper reads the environment.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SettingsError(ValueError):
+    """Bad configuration, with a message naming each offending setting."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PARLEY_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # --- server -----------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port).")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    event_log: bool = Field(True, description="Write per-call events as JSON lines to the log.")
+    events_api: bool = Field(
+        True, description="Serve GET /api/calls/{id}/events (call transcripts: keep off on public hosts)."
+    )
+    recent_calls_kept: int = Field(100, ge=0, description="Ended calls whose events stay queryable.")
+    max_message_bytes: int = Field(65536, ge=4096, description="Largest inbound WebSocket message.")
+
+    # --- agent ------------------------------------------------------------------------------------
+    agent: str = Field("pizza", description="Scripted agent: a packaged example name or a YAML path.")
+    greeting: str | None = Field(None, description="Overrides the agent's greeting ('' = no greeting).")
+    greeting_interruptible: bool | None = Field(
+        None, description="Overrides the agent's setting: can the caller barge in on the greeting?"
+    )
+
+    # --- voice activity and barge-in ----------------------------------------------------------------
+    vad_threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Silero speech probability.")
+    speech_start_ms: int = Field(
+        64, ge=32, le=1000, description="Sustained speech before an utterance (and barge-in) starts."
+    )
+    endpoint_silence_ms: int = Field(
+        500, ge=100, le=5000, description="Silence that ends an utterance (final result)."
+    )
+    preroll_ms: int = Field(300, ge=0, le=2000, description="Audio before speech onset kept for STT.")
+    max_utterance_s: float = Field(30.0, gt=1.0, description="Force a final after this long.")
+    bargein_partial_chars: int = Field(
+        4, ge=0, description="A partial this long also triggers barge-in (0 = partials never do)."
+    )
+    bargein_on_dtmf: bool = Field(True, description="A DTMF key interrupts the agent.")
+
+    # --- recognition ------------------------------------------------------------------------------
+    partial_interval_ms: int = Field(100, ge=20, le=2000, description="How often partials update.")
+
+    # --- synthesis and playout -------------------------------------------------------------------
+    tts_voice: str = Field("en-us", description="espeak-ng voice name (agent YAML may override).")
+    tts_rate_wpm: int = Field(175, ge=80, le=450)
+    synth_workers: int = Field(2, ge=1, le=64, description="Threads shared by all calls for TTS.")
+    playout_lead_ms: int = Field(
+        100, ge=0, le=2000, description="How far ahead of the playout clock audio may be sent."
+    )
+
+    # --- queues -------------------------------------------------------------------------------------
+    inbound_queue_frames: int = Field(
+        500, ge=50, description="Audio frames buffered for the recognition thread (500 = 10 s)."
+    )
+    turn_queue_size: int = Field(8, ge=1, description="Pending caller inputs before they are merged.")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.endpoint_silence_ms <= self.speech_start_ms:
+            raise ValueError("endpoint_silence_ms must be longer than speech_start_ms")
+        return self
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build Settings with CLI overrides (None means 'not given'); raise SettingsError on bad values."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"]) or "settings"
+        env = f"PARLEY_{name.upper()}" if error["loc"] else ""
+        where = f"{name} ({env})" if env else name
+        lines.append(f"  {where}: {error['msg']} (got {error.get('input')!r})")
+    return "invalid settings:\n" + "\n".join(lines)

@@ -1,0 +1,52 @@
+"""Run a blocking, chunk-producing engine on an executor and consume its chunks asynchronously.
+
+Synthesis is CPU work: it must never run on the event loop. The engine calls `emit(chunk)` for each
+piece of audio; `emit` returns False once the consumer is gone (barge-in), and the engine stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+
+Emit = Callable[[bytes], bool]
+
+_DONE = object()
+
+
+async def stream_from_executor(
+    executor: Executor, produce: Callable[[Emit], None]
+) -> AsyncIterator[bytes]:
+    loop = asyncio.get_running_loop()
+    chunks: asyncio.Queue[object] = asyncio.Queue()
+    cancelled = threading.Event()
+
+    def emit(chunk: bytes) -> bool:
+        if cancelled.is_set():
+            return False
+        if chunk:
+            loop.call_soon_threadsafe(chunks.put_nowait, chunk)
+        return not cancelled.is_set()
+
+    def job() -> None:
+        try:
+            produce(emit)
+        finally:
+            if not cancelled.is_set():
+                loop.call_soon_threadsafe(chunks.put_nowait, _DONE)
+
+    future = asyncio.wrap_future(executor.submit(job))
+    try:
+        while True:
+            item = await chunks.get()
+            if item is _DONE:
+                break
+            yield item  # type: ignore[misc]
+        await future  # re-raises an engine error
+    finally:
+        cancelled.set()
+        if not future.done():
+            # The engine aborts at its next chunk (milliseconds); wait so no work outlives the turn.
+            await asyncio.wait([future])

@@ -1,0 +1,426 @@
+"""Tests for the simulated ACS caller, against a small fake ACS-speaking server written here."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import websockets
+from rich.console import Console
+from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request, Response
+
+from parley.caller import (
+    CallOptions,
+    ClipFrames,
+    PlayoutEmulator,
+    decision_to_stop_ms,
+    events_url,
+    leaked_audio_ms,
+    load_wav,
+    onset_to_stop_ms,
+    print_report,
+    run_call,
+    voice_to_voice_ms,
+)
+from parley.transports.acs import (
+    AudioFrame,
+    AudioMetadata,
+    Dtmf,
+    audio_data_message,
+    parse_inbound,
+    stop_audio_message,
+)
+
+LOUD_RMS = 32768 * 10 ** (-40 / 20)
+
+
+def tone(seconds: float, rate: int, freq: float = 440.0, amplitude: int = 8000) -> np.ndarray:
+    t = np.arange(round(seconds * rate)) / rate
+    return (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.int16)
+
+
+def speech_clip(rate: int, lead_s: float = 0.1, speech_s: float = 0.3) -> np.ndarray:
+    """Leading digital silence, then noise at about -20 dBFS standing in for speech."""
+    rng = np.random.default_rng(7)
+    noise = rng.normal(0, 3000, round(speech_s * rate)).clip(-32768, 32767).astype(np.int16)
+    return np.concatenate([np.zeros(round(lead_s * rate), np.int16), noise])
+
+
+def rms(pcm: bytes) -> float:
+    samples = np.frombuffer(pcm, "<i2").astype(np.float64)
+    return float(np.sqrt(np.mean(samples**2))) if samples.size else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# A fake parley server: the ACS app side of the media stream
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeAgent:
+    """Behaviour of the fake server, and what it observed."""
+
+    greeting_s: float = 2.0
+    greeting_paced: bool = False
+    stop_on_speech: bool = True
+    leak_frames: int = 0
+    reply_s: float = 0.0
+    hangup_after_s: float | None = None
+    junk: list[str | bytes] = field(default_factory=list)
+    serve_events: bool = True
+    # observations
+    headers: dict[str, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    frame_times: list[float] = field(default_factory=list)
+    frame_sizes: set[int] = field(default_factory=set)
+    dtmf: list[tuple[float, str]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    rate: int = 0
+    _turn: int = 0
+    _playing: asyncio.Task[None] | None = None
+
+    def log(self, name: str, **extra: Any) -> None:
+        self.events.append({"event": name, "t": time.monotonic(), "turn_id": extra.pop("turn_id", None), **extra})
+
+    async def play(self, ws: ServerConnection, pcm: np.ndarray, paced: bool) -> None:
+        self._turn += 1
+        turn = self._turn
+        self.log("turn_started", turn_id=turn, kind="greeting" if turn == 1 else "reply")
+        step = self.rate // 50
+        start = time.monotonic()
+        for i in range(0, pcm.size, step):
+            if i == 0:
+                self.log("first_audio_sent", turn_id=turn)
+            await ws.send(audio_data_message(pcm[i : i + step].tobytes()))
+            if paced:
+                await asyncio.sleep(max(0.0, start + (i // step + 1) * 0.02 - time.monotonic()))
+        self.log("turn_completed", turn_id=turn)
+
+    async def barge_in(self, ws: ServerConnection) -> None:
+        self.log("barge_in_decided", turn_id=self._turn, trigger="vad")
+        if self._playing is not None:
+            self._playing.cancel()
+        await ws.send(stop_audio_message())
+        self.log("stop_audio_sent", turn_id=self._turn)
+        for _ in range(self.leak_frames):  # a buggy server: audio of the cut turn still goes out
+            await ws.send(audio_data_message(tone(0.02, self.rate).tobytes()))
+
+    async def handler(self, ws: ServerConnection) -> None:
+        assert ws.request is not None
+        self.headers = {k.lower(): v for k, v in ws.request.headers.raw_items()}
+        first = parse_inbound(await ws.recv(), None)
+        if not isinstance(first, AudioMetadata):
+            self.problems.append(f"first message was {first!r}")
+            return
+        self.rate = first.format.sample_rate
+        self.log("call_started")
+        for junk in self.junk:
+            await ws.send(junk)
+        if self.greeting_s:
+            self._playing = asyncio.create_task(self.play(ws, tone(self.greeting_s, self.rate), self.greeting_paced))
+        if self.hangup_after_s is not None:
+            asyncio.get_running_loop().call_later(self.hangup_after_s, lambda: asyncio.ensure_future(ws.close()))
+        await self.listen(ws, first.format)
+
+    async def listen(self, ws: ServerConnection, fmt: Any) -> None:
+        speaking, last_loud, stopped = False, 0.0, False
+        async for message in ws:
+            at = time.monotonic()
+            parsed = parse_inbound(message, fmt)
+            if isinstance(parsed, Dtmf):
+                self.dtmf.append((at, parsed.digits))
+                continue
+            if not isinstance(parsed, AudioFrame):
+                self.problems.append(f"unexpected {parsed!r}")
+                continue
+            self.frame_times.append(at)
+            self.frame_sizes.add(len(parsed.pcm))
+            if parsed.silent != (not any(parsed.pcm)):
+                self.problems.append("silent flag does not match the frame's content")
+            if rms(parsed.pcm) > LOUD_RMS:
+                if not speaking:
+                    self.log("speech_started", onset_t=at)
+                    if self.stop_on_speech and not stopped:
+                        stopped = True
+                        await self.barge_in(ws)
+                speaking, last_loud = True, at
+            elif speaking and at - last_loud > 0.2:
+                speaking = False
+                self.log("final", text="hello")
+                if self.reply_s:
+                    self._playing = asyncio.create_task(self.play(ws, tone(self.reply_s, self.rate, 660), True))
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Serve /api/calls/{id}/events from the same port, as parley will."""
+        if not request.path.startswith("/api/calls/"):
+            return None
+        if not self.serve_events:
+            return connection.respond(404, "not found\n")
+        call_id = request.path.split("/")[3]
+        return connection.respond(200, json.dumps({"call_id": call_id, "events": self.events}))
+
+
+async def call(agent: FakeAgent, **options: Any) -> Any:
+    async with websockets.serve(agent.handler, "127.0.0.1", 0, process_request=agent.process_request) as server:
+        port = server.sockets[0].getsockname()[1]
+        return await run_call(CallOptions(url=f"ws://127.0.0.1:{port}/ws/acs", **options))
+
+
+def assert_real_time_cadence(agent: FakeAgent, report: Any) -> None:
+    times = np.array(agent.frame_times)
+    assert len(times) == report.frames_sent
+    span = times[-1] - times[0]
+    # Absolute schedule: the last frame lands where n * 20 ms says, no accumulated drift.
+    assert span == pytest.approx((len(times) - 1) * 0.02, abs=0.03)
+    assert np.median(np.diff(times)) == pytest.approx(0.02, abs=0.004)
+    assert report.send_lateness_ms_max < 50
+
+
+# --------------------------------------------------------------------------------------------
+# Live calls
+# --------------------------------------------------------------------------------------------
+
+
+async def test_barge_in_call_measures_stop_and_cuts_playout(tmp_path: Path) -> None:
+    agent = FakeAgent(greeting_s=2.0, reply_s=0.3)
+    out = tmp_path / "heard.wav"
+    report = await call(
+        agent,
+        pcm=speech_clip(16000),
+        barge_in_at=0.5,
+        out=out,
+        call_id="call-1",
+        correlation_id="corr-1",
+        quiet_after_s=0.3,
+        max_wait_s=3.0,
+        dtmf=[(0.1, "12#")],
+    )
+    assert agent.problems == []
+    assert agent.headers["x-ms-call-connection-id"] == "call-1"
+    assert agent.headers["x-ms-call-correlation-id"] == "corr-1"
+    assert agent.frame_sizes == {640}
+    assert_real_time_cadence(agent, report)
+    assert [d for _, d in agent.dtmf] == ["12#"]
+    assert agent.dtmf[0][0] - report.t0 == pytest.approx(0.1, abs=0.03)
+
+    # The clip started once the greeting had played 0.5 s (on the next 20 ms tick).
+    greeting_start = report.stretches[0][0]
+    assert report.rel_ms(report.clip_started_t) - greeting_start == pytest.approx(510, abs=25)
+    # Onset is the first loud frame, after the clip's 100 ms of silence.
+    assert report.speech_onset_t - report.clip_started_t == pytest.approx(0.1, abs=0.01)
+
+    assert report.stop_audio_count == 1
+    assert len(report.onset_to_stop_ms) == 1 and 0 <= report.onset_to_stop_ms[0] < 100
+    assert len(report.decision_to_stop_ms) == 1 and 0 <= report.decision_to_stop_ms[0] < 20
+    assert report.leaked_audio_ms == 0
+    # The greeting was cut at StopAudio; then the 300 ms reply played in full.
+    cut_stretch, reply_stretch = report.stretches
+    assert cut_stretch[1] == pytest.approx(report.stops[0], abs=0.1)
+    assert report.stop_flushed_ms[0] == pytest.approx(2000 - (cut_stretch[1] - cut_stretch[0]), abs=1)
+    assert reply_stretch[1] - reply_stretch[0] == pytest.approx(300, abs=1)
+    assert report.agent_audio_ms == pytest.approx(cut_stretch[1] - cut_stretch[0] + 300, abs=1)
+    assert report.voice_to_voice_ms is not None and 150 < report.voice_to_voice_ms < 400
+    assert not report.hung_up_by_server and report.errors == []
+    # The caller hung up once the reply had been quiet for quiet_after_s.
+    assert report.duration_ms - reply_stretch[1] == pytest.approx(300, abs=40)
+
+    whats = [item["what"] for item in report.timeline]
+    assert "audio cut by StopAudio" in whats and any(w.startswith("StopAudio received") for w in whats)
+    assert any(w.startswith("barge-in decided") for w in whats)
+    assert [e["event"] for e in report.events][0] == "call_started"
+    assert all("t_ms" in e for e in report.events)
+    json.dumps(report.to_dict())
+
+    # What the caller heard: the greeting up to the cut, silence, the reply.
+    with wave.open(str(out), "rb") as wav:
+        assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (16000, 1, 2)
+        heard = np.frombuffer(wav.readframes(wav.getnframes()), "<i2")
+    assert heard.size == pytest.approx(report.duration_ms * 16, abs=2)
+    ms = lambda v: round(v * 16)  # noqa: E731 - ms -> sample index
+    assert np.any(heard[ms(cut_stretch[0]) : ms(cut_stretch[1])])
+    assert not np.any(heard[ms(cut_stretch[1]) + 1 : ms(reply_stretch[0]) - 1])
+    assert np.count_nonzero(heard) == pytest.approx(report.agent_audio_ms * 16, rel=0.02)
+
+    console = Console(file=io.StringIO(), width=140)
+    print_report(report, console)
+    text = console.file.getvalue()
+    assert "speech onset -> StopAudio" in text and "voice-to-voice" in text
+
+
+async def test_24k_greeting_then_speech_and_leak_detection() -> None:
+    agent = FakeAgent(greeting_s=0.4, greeting_paced=True, leak_frames=3, reply_s=0.2)
+    report = await call(agent, pcm=speech_clip(24000), sample_rate=24000, quiet_after_s=0.3)
+    assert agent.problems == []
+    assert agent.frame_sizes == {960}
+    assert_real_time_cadence(agent, report)
+    greeting = report.stretches[0]
+    assert greeting[1] - greeting[0] == pytest.approx(400, abs=30)
+    # Without barge_in_at the caller waits for 0.7 s of quiet after the greeting.
+    assert report.rel_ms(report.clip_started_t) - greeting[1] == pytest.approx(710, abs=30)
+    # The server stopped (nothing was playing) and then leaked three 20 ms frames of turn 1.
+    assert report.stop_audio_count == 1
+    assert report.leaked_audio_ms == pytest.approx(60)
+    assert report.voice_to_voice_ms is not None
+
+
+async def test_no_greeting_speaks_after_wait_and_events_failure_is_recorded() -> None:
+    agent = FakeAgent(greeting_s=0, stop_on_speech=False, serve_events=False)
+    report = await call(
+        agent, pcm=speech_clip(16000, speech_s=0.2), greeting_wait_s=0.3, max_wait_s=0.3, progress=True
+    )
+    assert report.rel_ms(report.clip_started_t) == pytest.approx(300, abs=25)
+    # Nobody answered: the caller hangs up max_wait_s after the clip.
+    assert report.duration_ms - report.rel_ms(report.clip_ended_t) == pytest.approx(300, abs=25)
+    assert report.events == [] and report.events_error is not None and "404" in report.events_error
+    assert any(e.startswith("events fetch failed") for e in report.errors)
+    assert report.agent_audio_ms == 0 and report.stretches == [] and report.voice_to_voice_ms is None
+    assert report.frames_sent == len(agent.frame_times)
+
+
+async def test_server_hang_up_ends_the_call_cleanly(tmp_path: Path) -> None:
+    agent = FakeAgent(greeting_s=0.2, hangup_after_s=0.3)
+    report = await call(agent, pcm=speech_clip(16000), fetch_events=False, out=tmp_path / "o.wav")
+    assert report.hung_up_by_server
+    assert report.duration_ms == pytest.approx(300, abs=40)
+    assert report.clip_started_t is None and report.speech_onset_t is None
+    assert report.agent_audio_ms == pytest.approx(200, abs=1)
+    assert report.close_code == 1000
+    assert report.timeline[-1] == {"t_ms": report.duration_ms, "who": "server", "what": "hangs up"}
+    assert (tmp_path / "o.wav").exists()
+
+
+async def test_malformed_server_messages_are_recorded_not_fatal() -> None:
+    junk: list[str | bytes] = [
+        "not json",
+        '{"kind":"AudioData","audioData":{"data":"@@@"}}',
+        '{"Kind":"AudioData","AudioData":{"Data":"AAA="}}',  # 3 bytes: half a sample
+        '{"kind":"MarkData","markData":{}}',
+        b"\x00\xff",
+    ]
+    agent = FakeAgent(greeting_s=0.1, junk=junk, stop_on_speech=False)
+    report = await call(
+        agent, pcm=speech_clip(16000, lead_s=0, speech_s=0.1), fetch_events=False, max_wait_s=0.2
+    )
+    assert len(report.errors) == len(junk)
+    assert sum("malformed" in e for e in report.errors) == 4
+    assert any("MarkData" in e for e in report.errors)
+    assert report.agent_audio_ms == pytest.approx(100, abs=1)
+    assert report.clip_started_t is not None and not report.hung_up_by_server
+
+
+# --------------------------------------------------------------------------------------------
+# Pure pieces
+# --------------------------------------------------------------------------------------------
+
+
+def pcm_ms(ms: int, rate: int = 16000) -> bytes:
+    return tone(ms / 1000, rate).tobytes()
+
+
+def test_playout_queues_in_real_time_and_stop_cuts() -> None:
+    emu = PlayoutEmulator(t0=100.0, sample_rate=16000)
+    emu.receive(100.0, pcm_ms(1000))  # a whole second arrives at once: plays 0..1 s
+    emu.receive(100.01, pcm_ms(500))  # queued behind it: 1..1.5 s
+    assert emu.playout_end == pytest.approx(101.5)
+    flushed = emu.stop(100.25)
+    assert flushed == pytest.approx(1.25)
+    assert emu.played_s == pytest.approx(0.25)
+    [stretch] = emu.stretches
+    assert (stretch.start, stretch.end, stretch.cut) == (100.0, 100.25, True)
+    emu.receive(100.30, pcm_ms(100))  # 50 ms gap: same stretch
+    emu.receive(100.50, pcm_ms(100))  # 100 ms gap: a new one
+    assert [(s.start, s.end) for s in emu.stretches] == [(100.0, pytest.approx(100.4)), (100.5, 100.6)]
+    emu.finish(100.55)  # the call ended mid-frame
+    assert emu.played_s == pytest.approx(0.25 + 0.1 + 0.05)
+    heard = emu.render(100.6)
+    assert heard.size == 9600 and not heard[4000:4800].any() and not heard[8800:].any()
+
+
+def test_playout_stretch_queries() -> None:
+    emu = PlayoutEmulator(t0=0.0, sample_rate=16000)
+    assert emu.stretch_at(1.0) is None and not emu.has_played(1.0) and emu.playout_end is None
+    emu.receive(1.0, pcm_ms(2000))
+    assert emu.has_played(1.0) and not emu.has_played(0.99)
+    stretch = emu.stretch_at(1.5)
+    assert stretch is not None and (stretch.start, stretch.end) == (1.0, 3.0)
+    assert emu.started_since(1.0) and not emu.started_since(1.01)
+
+
+def test_measurements_from_times_and_events() -> None:
+    stops = [10.0, 20.0]
+    received = [(9.9, 320), (10.01, 320), (10.02, 320), (10.4, 320), (10.7, 320), (20.1, 320)]
+    assert onset_to_stop_ms(9.95, stops) == [50.0, 10050.0]
+    assert onset_to_stop_ms(None, stops) == []
+    # Without events: audio within 0.5 s of each StopAudio is a leak.
+    assert leaked_audio_ms(stops, received, [], 16000) == 20 * 4
+    events = [
+        {"event": "barge_in_decided", "t": 9.997, "turn_id": 1},
+        {"event": "stop_audio_sent", "t": 9.999, "turn_id": 1},
+        {"event": "first_audio_sent", "t": 10.3, "turn_id": 2},
+        {"event": "barge_in_decided", "t": 19.99, "turn_id": 2},
+        {"event": "stop_audio_sent", "t": 19.995, "turn_id": 2},
+    ]
+    # With events: only what came before turn 2's first audio, then everything after stop 2.
+    assert leaked_audio_ms(stops, received, events, 16000) == 20 * 3
+    assert decision_to_stop_ms(events) == [2.0, 5.0]
+    assert voice_to_voice_ms(10.3, received) == pytest.approx(100.0)
+    assert voice_to_voice_ms(30.0, received) is None
+
+
+def test_clip_frames_flags() -> None:
+    pcm = np.concatenate([np.zeros(320, np.int16), np.full(320, 50, np.int16), tone(0.02, 16000), [5]])
+    clip = ClipFrames.from_pcm(pcm.astype(np.int16), 320)
+    assert len(clip) == 4  # the last partial frame is zero-padded, not dropped
+    assert clip.zero.tolist() == [True, False, False, False]
+    assert clip.loud.tolist() == [False, False, True, False]  # 50/32768 is about -56 dBFS
+
+
+def test_events_url() -> None:
+    assert events_url("ws://127.0.0.1:8000/ws/acs?x=1", "a b") == "http://127.0.0.1:8000/api/calls/a%20b/events"
+    assert events_url("wss://example.org/ws", "c") == "https://example.org/api/calls/c/events"
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int, width: int = 2) -> None:
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(samples.shape[1] if samples.ndim == 2 else 1)
+        wav.setsampwidth(width)
+        wav.setframerate(rate)
+        wav.writeframes(samples.tobytes())
+
+
+def test_load_wav_downmixes_and_resamples(tmp_path: Path) -> None:
+    left = tone(0.5, 44100)
+    stereo = np.stack([left, left], axis=1)
+    write_wav(tmp_path / "s.wav", stereo, 44100)
+    mono = load_wav(tmp_path / "s.wav", 16000)
+    assert mono.dtype == np.int16 and mono.shape == (8000,)
+    assert np.abs(mono).max() == pytest.approx(8000, rel=0.05)
+
+
+def test_load_wav_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="missing.wav"):
+        load_wav(tmp_path / "missing.wav", 16000)
+    (tmp_path / "text.wav").write_text("hello")
+    with pytest.raises(ValueError, match="text.wav.*not a PCM WAV"):
+        load_wav(tmp_path / "text.wav", 16000)
+    write_wav(tmp_path / "8bit.wav", np.full(100, 128, np.uint8), 8000, width=1)
+    with pytest.raises(ValueError, match="8bit.wav.*8-bit"):
+        load_wav(tmp_path / "8bit.wav", 16000)
+
+
+async def test_options_are_checked_before_dialling() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        await run_call(CallOptions(url="ws://127.0.0.1:9/ws"))
+    with pytest.raises(ValueError, match="int16"):
+        await run_call(CallOptions(url="ws://127.0.0.1:9/ws", pcm=np.zeros(10, np.float32)))
+    with pytest.raises(ValueError):
+        await run_call(CallOptions(url="ws://127.0.0.1:9/ws", pcm=np.zeros(10, np.int16), dtmf=[(0, "x")]))
