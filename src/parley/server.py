@@ -26,7 +26,8 @@ def create_app(settings: Settings, engines: Engines | None = None) -> FastAPI:
     registry = CallRegistry(settings.recent_calls_kept)
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI):  # type: ignore[no-untyped-def]
+    async def lifespan(app_: FastAPI):  # type: ignore[no-untyped-def]
+        app_.state.loop = asyncio.get_running_loop()  # tests and benchmarks inspect the call tasks
         yield
         engines.close()
 

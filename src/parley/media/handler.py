@@ -316,7 +316,8 @@ class MediaHandler:
                     await self.player.play(track, item.pcm, item.text)
             await producer
             await self.player.finish(track)
-            self.events.emit("turn_completed", turn_id=turn.id, audio_ms=track.sent_ms)
+            self.events.emit("turn_completed", turn_id=turn.id, audio_ms=track.sent_ms,
+                             text=" ".join(segment.text for segment in track.segments))
         except asyncio.CancelledError:
             self.events.emit("turn_cancelled", turn_id=turn.id, heard_ms=round(turn.heard_ms, 1),
                              heard_text=turn.heard_text, audio_ms=track.sent_ms)

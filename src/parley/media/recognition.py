@@ -125,6 +125,9 @@ class SpeechSegmenter:
         self._run = 0
         self._last_speech_t = now
         self._bridge.schedule_barge_in(SpeechStarted(self._utterance_id, self._run_start_t, now))
+        # Give up the GIL now: the pre-roll below is ~60 ms of decoder work that would otherwise
+        # hold the event loop (and so the barge-in) for a whole switch interval or more.
+        time.sleep(0)
         self._recognizer.begin()
         for frame in self._preroll:
             self._feed_recognizer(frame)
@@ -199,6 +202,11 @@ class RecognitionThread:
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
+
+    @property
+    def backlog(self) -> int:
+        """Frames waiting for the thread."""
+        return self._queue.qsize()
 
     @property
     def alive(self) -> bool:

@@ -1,0 +1,74 @@
+"""The recognition thread with the real embedded engines (Silero VAD + pocketsphinx) on real audio."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+from parley.media.bridge import ThreadBridge
+from parley.media.recognition import RecognitionThread, SegmenterConfig
+from parley.speech.pocketsphinx import PocketsphinxRecognizer
+from parley.speech.vad import SileroVad
+from tests.test_media_units import RecordingSink
+
+
+def frames_of(pcm: np.ndarray, frame_samples: int) -> list[bytes]:
+    data = pcm.astype("<i2").tobytes()
+    size = frame_samples * 2
+    return [data[i : i + size].ljust(size, b"\0") for i in range(0, len(data), size)]
+
+
+async def run_recognition(pcm: np.ndarray, rate: int = 16000, expect_final: bool = True) -> RecordingSink:
+    sink = RecordingSink()
+    bridge = ThreadBridge(asyncio.get_running_loop(), sink)
+    thread = RecognitionThread(
+        call_id="test", input_rate=rate, make_vad=SileroVad, make_recognizer=PocketsphinxRecognizer,
+        bridge=bridge, config=SegmenterConfig(),
+    )
+    thread.start()
+    silence = np.zeros(rate // 2, dtype=np.int16)
+    audio = np.concatenate([silence, pcm, silence, silence])
+    now = time.monotonic()
+    for i, frame in enumerate(frames_of(audio, rate // 50)):
+        assert thread.submit(frame, now + i * 0.02)  # faster than real time is fine for the thread
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if expect_final and any(kind == "final" for kind, _, _ in sink.seen):
+            break
+        if not expect_final and thread.backlog == 0:
+            await asyncio.sleep(0.1)  # let the last frames be processed
+            break
+        await asyncio.sleep(0.02)
+    thread.stop()
+    thread.join(5)
+    assert not thread.alive
+    return sink
+
+
+async def test_speech_gives_onset_partials_and_final(hours_pcm: np.ndarray) -> None:
+    sink = await run_recognition(hours_pcm)
+    kinds = [kind for kind, _, _ in sink.seen]
+    assert kinds[0] == "speech"
+    assert "partial" in kinds
+    final = next(event for kind, event, _ in sink.seen if kind == "final")
+    assert "opening" in final.text
+    assert kinds.count("speech") == 1 and kinds.count("final") == 1
+
+
+async def test_24khz_input_is_resampled_for_recognition(voice) -> None:  # type: ignore[no-untyped-def]
+    pcm = np.frombuffer(voice.synthesize_blocking("what are your opening hours", 24000), dtype=np.int16)
+    sink = await run_recognition(pcm, rate=24000)
+    final = next(event for kind, event, _ in sink.seen if kind == "final")
+    assert "opening" in final.text
+
+
+async def test_noise_and_tones_start_no_utterance() -> None:
+    rng = np.random.default_rng(7)
+    t = np.arange(16000 * 3) / 16000
+    white = rng.normal(0, 0.1 * 32768, t.size)
+    ringback = 0.1 * 32768 * (np.sin(2 * np.pi * 440 * t) + np.sin(2 * np.pi * 480 * t))
+    audio = np.clip(np.concatenate([white, ringback]), -32768, 32767).astype(np.int16)
+    sink = await run_recognition(audio, expect_final=False)
+    assert sink.seen == []
