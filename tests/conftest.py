@@ -45,8 +45,12 @@ def make_server(**overrides: object) -> BackgroundServer:
     return BackgroundServer(settings).start()
 
 
+# Long enough to barge in on at 1 s, short enough to keep the suite quick.
+TEST_GREETING = "Hi, thanks for calling. How can I help you today?"
+
+
 @pytest.fixture(scope="module")
 def server():
-    srv = make_server()
+    srv = make_server(greeting=TEST_GREETING)
     yield srv
     srv.stop()

@@ -21,7 +21,10 @@ from websockets.http11 import Request, Response
 from parley.caller import (
     CallOptions,
     ClipFrames,
+    SILENCE,
+    BargeInTrigger,
     PlayoutEmulator,
+    Script,
     decision_to_stop_ms,
     events_url,
     leaked_audio_ms,
@@ -254,7 +257,10 @@ async def test_barge_in_call_measures_stop_and_cuts_playout(tmp_path: Path) -> N
     console = Console(file=io.StringIO(), width=140)
     print_report(report, console)
     text = console.file.getvalue()
-    assert "speech onset -> StopAudio" in text and "voice-to-voice" in text
+    assert "speech onset -> StopAudio" in text and "voice-to-voice" in text and "barge-in decided" in text
+    summary_only = Console(file=io.StringIO(), width=140)
+    print_report(report, summary_only, timeline=False)
+    assert "barge-in decided" not in summary_only.file.getvalue()
 
 
 async def test_24k_greeting_then_speech_and_leak_detection() -> None:
@@ -354,6 +360,29 @@ def test_playout_stretch_queries() -> None:
     stretch = emu.stretch_at(1.5)
     assert stretch is not None and (stretch.start, stretch.end) == (1.0, 3.0)
     assert emu.started_since(1.0) and not emu.started_since(1.01)
+
+
+def test_script_barge_in_needs_a_long_enough_stretch_and_gives_up_eventually() -> None:
+    emu = PlayoutEmulator(t0=0.0, sample_rate=16000)
+    emu.receive(0.0, pcm_ms(300))  # a 300 ms stretch can never reach 500 ms
+    options = CallOptions(url="ws://x", quiet_after_s=0.1, max_wait_s=1.0)
+    script = Script(2, BargeInTrigger(0.5), emu, options, give_up_at=3.0)
+    assert [script.tick(t) for t in (0.0, 0.5, 0.6, 2.98)] == [SILENCE] * 4 and script.notes == []
+    emu.receive(3.0, pcm_ms(1000))  # a new stretch from 3.0 s
+    assert script.tick(3.0) == 0  # gave up waiting: speaks anyway, and says so
+    assert script.notes and "spoke anyway" in script.notes[0]
+    assert script.tick(3.02) == 1
+    assert script.tick(3.04) == SILENCE and script.clip_end == 3.04
+    assert script.tick(4.0) == SILENCE  # agent audio queued until 4.0 started before the clip ended
+    assert script.tick(4.04) is None  # max_wait_s after the clip ended
+
+
+def test_script_barge_in_fires_once_the_stretch_has_played_long_enough() -> None:
+    emu = PlayoutEmulator(t0=0.0, sample_rate=16000)
+    emu.receive(1.0, pcm_ms(2000))
+    script = Script(1, BargeInTrigger(0.5), emu, CallOptions(url="ws://x"), give_up_at=99.0)
+    assert script.tick(1.49) == SILENCE
+    assert script.tick(1.5) == 0 and script.clip_start == 1.5
 
 
 def test_measurements_from_times_and_events() -> None:

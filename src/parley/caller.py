@@ -30,7 +30,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 import numpy as np
-import soxr
+import soxr  # type: ignore[import-untyped]
 import websockets
 from rich.console import Console
 from rich.progress import Progress
@@ -147,9 +147,12 @@ def load_wav(path: Path | str, sample_rate: int) -> np.ndarray:
 
 def _to_mono(samples: np.ndarray) -> np.ndarray:
     """Average channels in int32 so two full-scale channels cannot overflow int16."""
+    mono: np.ndarray
     if samples.shape[1] == 1:
-        return samples[:, 0].astype(np.int16)
-    return samples.astype(np.int32).mean(axis=1).round().astype(np.int16)
+        mono = samples[:, 0].astype(np.int16)
+    else:
+        mono = samples.astype(np.int32).mean(axis=1).round().astype(np.int16)
+    return mono
 
 
 def _clip_samples(options: CallOptions) -> np.ndarray:
@@ -184,7 +187,7 @@ class ClipFrames:
         frames = padded.reshape(-1, samples_per_frame)
         rms = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1))
         threshold = _FULL_SCALE * 10.0 ** (ONSET_DBFS / 20.0)
-        return cls(frames=frames, loud=rms > threshold, zero=~frames.any(axis=1))
+        return cls(frames=frames, loud=rms > threshold, zero=np.asarray(~frames.any(axis=1)))
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -499,7 +502,8 @@ class ClipProgress:
     """A rich progress bar over the clip's frames, or nothing."""
 
     def __init__(self, total: int, enabled: bool) -> None:
-        self._progress = Progress(transient=True) if enabled else None
+        # On stderr, so a report or JSON printed to stdout stays clean.
+        self._progress = Progress(console=Console(stderr=True), transient=True) if enabled else None
         self._task = self._progress.add_task("speaking", total=total) if self._progress else None
 
     def __enter__(self) -> ClipProgress:
@@ -678,7 +682,7 @@ def _next_turn_audio(stop_at: float, events: Sequence[dict[str, Any]]) -> float:
         if event["event"] != "first_audio_sent" or event["t"] <= since:
             continue
         if stopped_turn is None or event.get("turn_id") != stopped_turn:
-            return event["t"] - EVENT_RACE_S
+            return float(event["t"]) - EVENT_RACE_S
     return math.inf
 
 
@@ -776,16 +780,20 @@ class Timeline:
 
 def _describe_event(event: dict[str, Any]) -> str:
     name = event["event"]
-    details = {
-        "partial": lambda: f"partial {event.get('text', '')!r}",
-        "final": lambda: f"final {event.get('text', '')!r}",
-        "turn_started": lambda: f"turn {event.get('turn_id')} started ({event.get('kind', '?')})",
-        "barge_in_decided": lambda: f"barge-in decided, turn {event.get('turn_id')} "
-        f"(trigger {event.get('trigger', '?')})",
-        "stop_audio_sent": lambda: f"StopAudio sent, turn {event.get('turn_id')}",
-        "turn_cancelled": lambda: f"turn {event.get('turn_id')} cancelled",
-    }
-    return details.get(name, lambda: name.replace("_", " "))()
+    turn = event.get("turn_id")
+    match name:
+        case "partial" | "final":
+            return f"{name} {event.get('text', '')!r}"
+        case "turn_started":
+            return f"turn {turn} started ({event.get('kind', '?')})"
+        case "barge_in_decided":
+            return f"barge-in decided, turn {turn} (trigger {event.get('trigger', '?')})"
+        case "stop_audio_sent":
+            return f"StopAudio sent, turn {turn}"
+        case "turn_cancelled":
+            return f"turn {turn} cancelled"
+        case _:
+            return str(name).replace("_", " ")
 
 
 def _build_timeline(
@@ -839,16 +847,18 @@ async def _converse(
     receiver = asyncio.create_task(_receive(ws, state))
     with ClipProgress(len(clip), options.progress) as progress:
         sender = Sender(ws, state, clip, script, options.dtmf, progress)
+        server_closed_first = False
         try:
             await sender.run()
         except ConnectionClosed:
-            # The server closed while we were sending; the receiver records the hang-up.
-            pass
-    end = state.closed_at if state.closed_at is not None else time.monotonic()
-    if state.closed_at is None:
-        state.closing = True
+            # The server closed while we were sending; the receiver records when.
+            server_closed_first = True
+    end = time.monotonic()
+    if not server_closed_first and not state.server_closed.is_set():
+        state.closing = True  # from here on the close is ours, not a hang-up
     await ws.close()
     with contextlib.suppress(TimeoutError):
+        # A receiver bug re-raises here rather than vanishing with the task.
         await asyncio.wait_for(receiver, CLOSE_TIMEOUT_S)
     if state.closed_at is not None:
         end = state.closed_at
@@ -865,7 +875,10 @@ async def run_call(options: CallOptions) -> CallReport:
     call_id = options.call_id or str(uuid.uuid4())
     correlation_id = options.correlation_id or str(uuid.uuid4())
     headers = {"x-ms-call-connection-id": call_id, "x-ms-call-correlation-id": correlation_id}
-    async with websockets.connect(options.url, additional_headers=headers, max_size=2**20) as ws:
+    # ACS sends plain text frames (no permessage-deflate); compressing would only cost CPU.
+    async with websockets.connect(
+        options.url, additional_headers=headers, max_size=2**20, compression=None
+    ) as ws:
         state, script, log, end = await _converse(ws, options, clip, fmt)
         close_code, close_reason = ws.close_code, ws.close_reason
     state.playout.finish(end)
@@ -975,9 +988,18 @@ def _summary_lines(report: CallReport) -> list[str]:
     return lines
 
 
-def print_report(report: CallReport, console: Console | None = None) -> None:
-    """Print the call's timeline as a table, then a summary and any errors."""
+def print_report(report: CallReport, console: Console | None = None, *, timeline: bool = True) -> None:
+    """Print the call's timeline as a table (unless `timeline` is False), a summary and any errors."""
     console = console or Console()
+    if timeline:
+        _print_timeline(report, console)
+    for line in _summary_lines(report):
+        console.print(line, markup=False, highlight=False)
+    for error in report.errors:
+        console.print(f"error: {error}", style="red", markup=False)
+
+
+def _print_timeline(report: CallReport, console: Console) -> None:
     table = Table(title=f"call {report.call_id}")
     table.add_column("t (ms)", justify="right")
     table.add_column("who")
@@ -988,7 +1010,3 @@ def print_report(report: CallReport, console: Console | None = None) -> None:
         # Text, not markup: recognised speech may contain [brackets].
         table.add_row(f"{item['t_ms']:.0f}", Text(who, style=styles.get(who, "")), Text(item["what"]))
     console.print(table)
-    for line in _summary_lines(report):
-        console.print(line, markup=False, highlight=False)
-    for error in report.errors:
-        console.print(f"error: {error}", style="red", markup=False)

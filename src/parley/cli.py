@@ -94,18 +94,10 @@ def call(
     finally:
         if server is not None:
             server.stop()
-    caller.print_report(report, Console(), timeline=not quiet) if _accepts_timeline() else caller.print_report(report, Console())
+    caller.print_report(report, Console(), timeline=not quiet)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report.to_dict(), indent=2, default=str))
-
-
-def _accepts_timeline() -> bool:
-    import inspect
-
-    from parley import caller
-
-    return "timeline" in inspect.signature(caller.print_report).parameters
 
 
 def main() -> None:

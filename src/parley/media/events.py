@@ -65,27 +65,32 @@ class EventLog:
 
 
 class CallRegistry:
-    """Live calls plus the event logs of the most recently ended ones (bounded)."""
+    """Live calls (their sessions, by call id) plus the event logs of recently ended calls (bounded)."""
 
     def __init__(self, keep_ended: int = 100) -> None:
-        self._live: dict[str, EventLog] = {}
+        self._live: dict[str, Any] = {}
         self._ended: OrderedDict[str, EventLog] = OrderedDict()
         self._keep_ended = keep_ended
 
-    def started(self, events: EventLog) -> None:
-        self._ended.pop(events.call_id, None)
-        self._live[events.call_id] = events
+    def started(self, session: Any) -> None:
+        """`session` is any object with `call_id` and `events` (the media handler)."""
+        self._ended.pop(session.call_id, None)
+        self._live[session.call_id] = session
 
-    def ended(self, events: EventLog) -> None:
-        if self._live.get(events.call_id) is events:
-            del self._live[events.call_id]
+    def ended(self, session: Any) -> None:
+        if self._live.get(session.call_id) is session:
+            del self._live[session.call_id]
         if self._keep_ended:
-            self._ended[events.call_id] = events
+            self._ended[session.call_id] = session.events
             while len(self._ended) > self._keep_ended:
                 self._ended.popitem(last=False)
 
+    def session(self, call_id: str) -> Any | None:
+        return self._live.get(call_id)
+
     def find(self, call_id: str) -> EventLog | None:
-        return self._live.get(call_id) or self._ended.get(call_id)
+        live = self._live.get(call_id)
+        return live.events if live is not None else self._ended.get(call_id)
 
     @property
     def live_count(self) -> int:

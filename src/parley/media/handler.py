@@ -87,7 +87,7 @@ class MediaHandler:
         self._spawn(self.writer.run(), "writer")
         self.events.emit("call_started", correlation_id=self.correlation_id)
         if self.registry:
-            self.registry.started(self.events)
+            self.registry.started(self)
         receiving = asyncio.create_task(self._receive(websocket), name=f"receive-{self.call_id}")
         hangup = asyncio.create_task(self._hangup.wait(), name=f"hangup-{self.call_id}")
         try:
@@ -142,7 +142,7 @@ class MediaHandler:
             input_errors=self.input_errors,
         )
         if self.registry:
-            self.registry.ended(self.events)
+            self.registry.ended(self)
 
     def end_call(self, reason: str, close_code: int = 1000) -> None:
         self._end_reason = reason
