@@ -83,7 +83,7 @@ async def test_no_audio_of_a_cancelled_turn_follows_its_stop_audio(server, speec
             await asyncio.sleep(max(0.0, start + i * 0.02 - time.monotonic()))
             await ws.send(acs.inbound_audio_message(frame, silent=frame == silence))
         receiver.cancel()
-    events = server.registry.find(call_id).snapshot()
+    events = server.registry.find(call_id).snapshot()  # the turns we check were logged during the call
     stop = next(e for e in events if e["event"] == "stop_audio_sent")
     next_turn = next(e for e in events if e["event"] == "first_audio_sent" and e["turn_id"] > stop["turn_id"])
     kinds = [(t, acs.parse_outbound(m)) for t, m in received]

@@ -11,7 +11,11 @@ from parley.media.bridge import ThreadBridge
 from parley.media.recognition import RecognitionThread, SegmenterConfig
 from parley.speech.pocketsphinx import PocketsphinxRecognizer
 from parley.speech.vad import SileroVad
+from parley.engines import recognizer_pool, vad_pool
 from tests.test_media_units import RecordingSink
+
+VADS = vad_pool(SileroVad, 2)
+RECOGNIZERS = recognizer_pool(PocketsphinxRecognizer, 2)
 
 
 def frames_of(pcm: np.ndarray, frame_samples: int) -> list[bytes]:
@@ -24,7 +28,7 @@ async def run_recognition(pcm: np.ndarray, rate: int = 16000, expect_final: bool
     sink = RecordingSink()
     bridge = ThreadBridge(asyncio.get_running_loop(), sink)
     thread = RecognitionThread(
-        call_id="test", input_rate=rate, make_vad=SileroVad, make_recognizer=PocketsphinxRecognizer,
+        call_id="test", input_rate=rate, vads=VADS, recognizers=RECOGNIZERS,
         bridge=bridge, config=SegmenterConfig(),
     )
     thread.start()

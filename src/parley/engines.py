@@ -10,21 +10,41 @@ from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from parley.pool import EnginePool
 from parley.protocols import AgentFactory, Recognizer, Synthesizer, Vad
 from parley.settings import Settings
 
 
 @dataclass
 class Engines:
-    make_vad: Callable[[], Vad]
-    make_recognizer: Callable[[], Recognizer]
+    vads: EnginePool[Vad]
+    recognizers: EnginePool[Recognizer]
     synthesizer_for: Callable[[str | None], Synthesizer]  # voice name (None = default) -> synthesizer
     agent_factory: AgentFactory
     executors: list[Executor] = field(default_factory=list)
+    warm_count: int = 2
+
+    def warm(self) -> None:
+        """Pre-load per-call engines so the first calls do not pay for (GIL-holding) model loads."""
+        self.vads.warm(self.warm_count)
+        self.recognizers.warm(self.warm_count)
 
     def close(self) -> None:
+        self.vads.close()
+        self.recognizers.close()
         for executor in self.executors:
             executor.shutdown(wait=False, cancel_futures=True)
+
+
+def vad_pool(create: Callable[[], Vad], max_idle: int) -> EnginePool[Vad]:
+    return EnginePool("vad", create, recycle=lambda vad: vad.reset(), max_idle=max_idle)
+
+
+def recognizer_pool(create: Callable[[], Recognizer], max_idle: int) -> EnginePool[Recognizer]:
+    return EnginePool(
+        "recognizer", create, recycle=lambda rec: rec.end(), dispose=lambda rec: rec.close(),
+        max_idle=max_idle,
+    )
 
 
 def embedded_engines(settings: Settings) -> Engines:
@@ -45,9 +65,12 @@ def embedded_engines(settings: Settings) -> Engines:
         return voices[voice]
 
     return Engines(
-        make_vad=SileroVad,
-        make_recognizer=lambda: PocketsphinxRecognizer(settings.partial_interval_ms),
+        vads=vad_pool(SileroVad, settings.engine_pool_idle),
+        recognizers=recognizer_pool(
+            lambda: PocketsphinxRecognizer(settings.partial_interval_ms), settings.engine_pool_idle
+        ),
         synthesizer_for=synthesizer_for,
         agent_factory=agent_factory,
         executors=[executor],
+        warm_count=settings.engine_pool_warm,
     )

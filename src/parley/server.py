@@ -28,6 +28,7 @@ def create_app(settings: Settings, engines: Engines | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app_: FastAPI):  # type: ignore[no-untyped-def]
         app_.state.loop = asyncio.get_running_loop()  # tests and benchmarks inspect the call tasks
+        await asyncio.to_thread(engines.warm)
         yield
         engines.close()
 

@@ -65,6 +65,12 @@ class Settings(BaseSettings):
         100, ge=0, le=2000, description="How far ahead of the playout clock audio may be sent."
     )
 
+    # --- per-call engines ----------------------------------------------------------------------
+    engine_pool_warm: int = Field(2, ge=0, le=256, description="VAD/recognizers loaded at startup.")
+    engine_pool_idle: int = Field(
+        16, ge=0, le=1024, description="Idle VAD/recognizers kept for reuse (~90 MB per recognizer)."
+    )
+
     # --- queues -------------------------------------------------------------------------------------
     inbound_queue_frames: int = Field(
         500, ge=50, description="Audio frames buffered for the recognition thread (500 = 10 s)."

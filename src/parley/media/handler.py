@@ -204,8 +204,8 @@ class MediaHandler:
         self.recognition = RecognitionThread(
             call_id=self.call_id,
             input_rate=audio_format.sample_rate,
-            make_vad=self.engines.make_vad,
-            make_recognizer=self.engines.make_recognizer,
+            vads=self.engines.vads,
+            recognizers=self.engines.recognizers,
             bridge=self.bridge,
             config=SegmenterConfig(
                 threshold=self.settings.vad_threshold,

@@ -65,7 +65,7 @@ class Track:
 
 def _prefix_words(text: str, share: float) -> str:
     words = text.split()
-    return " ".join(words[: int(len(words) * share)])
+    return " ".join(words[: int(len(words) * share + 1e-6)])  # epsilon: 0.5 s may be 0.4999...
 
 
 class Player:

@@ -19,6 +19,7 @@ import numpy as np
 
 from parley.audio import StreamResampler, pcm_to_float
 from parley.media.bridge import Final, Partial, SpeechStarted, ThreadBridge
+from parley.pool import EnginePool
 from parley.protocols import Recognizer, Vad
 
 log = logging.getLogger(__name__)
@@ -158,16 +159,16 @@ class RecognitionThread:
         *,
         call_id: str,
         input_rate: int,
-        make_vad: Callable[[], Vad],
-        make_recognizer: Callable[[], Recognizer],
+        vads: EnginePool[Vad],
+        recognizers: EnginePool[Recognizer],
         bridge: ThreadBridge,
         config: SegmenterConfig,
         capacity: int = 500,
         on_error: Callable[[str], None] | None = None,
     ) -> None:
         self._queue: queue.Queue[tuple[bytes, float] | None] = queue.Queue(maxsize=capacity)
-        self._make_vad = make_vad
-        self._make_recognizer = make_recognizer
+        self._vads = vads
+        self._recognizers = recognizers
         self._bridge = bridge
         self._config = config
         self._input_rate = input_rate
@@ -213,10 +214,11 @@ class RecognitionThread:
         return self._thread.is_alive()
 
     def _run(self) -> None:
+        vad: Vad | None = None
         recognizer: Recognizer | None = None
         try:
-            vad = self._make_vad()
-            recognizer = self._make_recognizer()
+            vad = self._vads.acquire()
+            recognizer = self._recognizers.acquire()
             segmenter = SpeechSegmenter(vad, recognizer, self._bridge, self._config)
             resampler = StreamResampler(self._input_rate, vad.sample_rate)
             self._consume(segmenter, resampler)
@@ -227,8 +229,10 @@ class RecognitionThread:
                 self._on_error(f"recognition failed: {exc}")
             self._drain()
         finally:
+            if vad is not None:
+                self._vads.release(vad)
             if recognizer is not None:
-                recognizer.close()
+                self._recognizers.release(recognizer)
 
     def _consume(self, segmenter: SpeechSegmenter, resampler: StreamResampler) -> None:
         while not self._stopping.is_set():
