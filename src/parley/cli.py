@@ -6,7 +6,6 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -32,11 +31,11 @@ def _startup_error(exc: Exception) -> None:
 
 @app.command()
 def serve(
-    host: Optional[str] = typer.Option(None, help="Interface to listen on [default: 127.0.0.1]."),
-    port: Optional[int] = typer.Option(None, help="TCP port [default: 8000]."),
-    agent: Optional[str] = typer.Option(None, help="Scripted agent: 'pizza', 'bank' or a YAML path."),
-    greeting: Optional[str] = typer.Option(None, help="Greeting text ('' for none)."),
-    log_level: Optional[str] = typer.Option(None, help="debug, info, warning or error."),
+    host: str | None = typer.Option(None, help="Interface to listen on [default: 127.0.0.1]."),
+    port: int | None = typer.Option(None, help="TCP port [default: 8000]."),
+    agent: str | None = typer.Option(None, help="Scripted agent: 'pizza', 'bank' or a YAML path."),
+    greeting: str | None = typer.Option(None, help="Greeting text ('' for none)."),
+    log_level: str | None = typer.Option(None, help="debug, info, warning or error."),
 ) -> None:
     """Run the server: ACS media WebSocket on /ws/acs (and /ws), health on /healthz."""
     from parley import logs, server
@@ -56,14 +55,14 @@ def serve(
 @app.command()
 def call(
     audio: Path = typer.Argument(..., help="WAV file the simulated caller says (16-bit PCM)."),
-    url: Optional[str] = typer.Option(None, help="ws://... of a running server [default: start one in-process]."),
-    out: Optional[Path] = typer.Option(None, help="Write what the caller heard to this WAV."),
-    barge_in_at: Optional[float] = typer.Option(
+    url: str | None = typer.Option(None, help="ws://... of a running server [default: start one in-process]."),
+    out: Path | None = typer.Option(None, help="Write what the caller heard to this WAV."),
+    barge_in_at: float | None = typer.Option(
         None, help="Start speaking once the agent has talked this many seconds."
     ),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON here."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON here."),
     sample_rate: int = typer.Option(16000, help="Call sample rate: 16000 or 24000."),
-    agent: Optional[str] = typer.Option(None, help="Agent of the in-process server."),
+    agent: str | None = typer.Option(None, help="Agent of the in-process server."),
     max_wait: float = typer.Option(15.0, help="Seconds to wait for the agent's answer."),
     quiet: bool = typer.Option(False, help="Print only the summary."),
 ) -> None:

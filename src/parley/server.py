@@ -64,7 +64,7 @@ def create_app(settings: Settings, engines: Engines | None = None) -> FastAPI:
             engines=engines, registry=registry,
         )
         await handler.run(websocket)
-        log.info("call %s ended: %s", call_id, handler._end_reason)  # noqa: SLF001
+        log.info("call %s ended: %s", call_id, handler.end_reason)
 
     # /ws is the path Microsoft's samples give ACS; /ws/acs names the transport.
     app.add_api_websocket_route("/ws/acs", media_socket)

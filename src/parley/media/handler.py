@@ -77,6 +77,7 @@ class MediaHandler:
         self._latest_utterance_id = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._hangup = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._end_reason = "caller_hangup"
         self._close_code = 1000
 
@@ -144,6 +145,10 @@ class MediaHandler:
         if self.registry:
             self.registry.ended(self)
 
+    @property
+    def end_reason(self) -> str:
+        return self._end_reason
+
     def end_call(self, reason: str, close_code: int = 1000) -> None:
         self._end_reason = reason
         self._close_code = close_code
@@ -168,11 +173,11 @@ class MediaHandler:
 
     def _on_audio(self, frame: acs.AudioFrame, arrival_t: float) -> None:
         if self.format is None:
+            # The codec only lets such a frame through when its length names a supported rate.
             inferred = acs.infer_format(len(frame.pcm))
-            log.warning("call %s: AudioData before AudioMetadata; assuming %s Hz", self.call_id,
-                        inferred.sample_rate if inferred else "?")
-            if inferred is None:
-                return
+            assert inferred is not None
+            log.warning("call %s: AudioData before AudioMetadata; assuming %d Hz",
+                        self.call_id, inferred.sample_rate)
             self._start_media(inferred)
         self.frames_in += 1
         self.recognition.submit(frame.pcm, arrival_t)  # type: ignore[union-attr]
@@ -199,8 +204,9 @@ class MediaHandler:
     def _start_media(self, audio_format: acs.AudioFormat) -> None:
         self.format = audio_format
         assert self.writer is not None
+        self._loop = asyncio.get_running_loop()
         self.player = Player(self.writer, audio_format.frame_bytes, self.settings.playout_lead_ms)
-        self.bridge = ThreadBridge(asyncio.get_running_loop(), self)
+        self.bridge = ThreadBridge(self._loop, self)
         self.recognition = RecognitionThread(
             call_id=self.call_id,
             input_rate=audio_format.sample_rate,
@@ -231,9 +237,9 @@ class MediaHandler:
         self.inbox.put(Pending("greeting", None, 0, interruptible, say=text))
 
     def _recognition_failed_threadsafe(self, message: str) -> None:
-        loop = self.bridge._loop if self.bridge else None  # noqa: SLF001 - same call's loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._recognition_failed, message)
+        """Called on the recognition thread when its engines fail."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._recognition_failed, message)
 
     def _recognition_failed(self, message: str) -> None:
         self.events.emit("input_error", error=message)
