@@ -213,11 +213,11 @@ async def test_barge_in_call_measures_stop_and_cuts_playout(tmp_path: Path) -> N
     assert agent.frame_sizes == {640}
     assert_real_time_cadence(agent, report)
     assert [d for _, d in agent.dtmf] == ["12#"]
-    assert agent.dtmf[0][0] - report.t0 == pytest.approx(0.1, abs=0.03)
+    assert agent.dtmf[0][0] - report.t0 == pytest.approx(0.1, abs=0.06)
 
     # The clip started once the greeting had played 0.5 s (on the next 20 ms tick).
     greeting_start = report.stretches[0][0]
-    assert report.rel_ms(report.clip_started_t) - greeting_start == pytest.approx(510, abs=25)
+    assert report.rel_ms(report.clip_started_t) - greeting_start == pytest.approx(510, abs=60)
     # Onset is the first loud frame, after the clip's 100 ms of silence.
     assert report.speech_onset_t - report.clip_started_t == pytest.approx(0.1, abs=0.01)
 
@@ -230,12 +230,12 @@ async def test_barge_in_call_measures_stop_and_cuts_playout(tmp_path: Path) -> N
     assert cut_stretch[1] == pytest.approx(report.stops[0], abs=0.25)  # sample + 0.1 ms rounding
     assert report.stop_flushed_ms[0] == pytest.approx(2000 - (cut_stretch[1] - cut_stretch[0]), abs=1)
     # Paced frames arriving a little late leave tiny gaps, which stay inside one stretch.
-    assert reply_stretch[1] - reply_stretch[0] == pytest.approx(300, abs=15)
+    assert reply_stretch[1] - reply_stretch[0] == pytest.approx(300, abs=75)
     assert report.agent_audio_ms == pytest.approx(cut_stretch[1] - cut_stretch[0] + 300, abs=1)
     assert report.voice_to_voice_ms is not None and 150 < report.voice_to_voice_ms < 400
     assert not report.hung_up_by_server and report.errors == []
     # The caller hung up once the reply had been quiet for quiet_after_s.
-    assert report.duration_ms - reply_stretch[1] == pytest.approx(300, abs=40)
+    assert report.duration_ms - reply_stretch[1] == pytest.approx(300, abs=75)
 
     whats = [item["what"] for item in report.timeline]
     assert "audio cut by StopAudio" in whats and any(w.startswith("StopAudio received") for w in whats)
@@ -270,9 +270,9 @@ async def test_24k_greeting_then_speech_and_leak_detection() -> None:
     assert agent.frame_sizes == {960}
     assert_real_time_cadence(agent, report)
     greeting = report.stretches[0]
-    assert greeting[1] - greeting[0] == pytest.approx(400, abs=30)
+    assert greeting[1] - greeting[0] == pytest.approx(400, abs=60)
     # Without barge_in_at the caller waits for 0.7 s of quiet after the greeting.
-    assert report.rel_ms(report.clip_started_t) - greeting[1] == pytest.approx(710, abs=30)
+    assert report.rel_ms(report.clip_started_t) - greeting[1] == pytest.approx(710, abs=60)
     # The server stopped (nothing was playing) and then leaked three 20 ms frames of turn 1.
     assert report.stop_audio_count == 1
     assert report.leaked_audio_ms == pytest.approx(60)
@@ -284,9 +284,9 @@ async def test_no_greeting_speaks_after_wait_and_events_failure_is_recorded() ->
     report = await call(
         agent, pcm=speech_clip(16000, speech_s=0.2), greeting_wait_s=0.3, max_wait_s=0.3, progress=True
     )
-    assert report.rel_ms(report.clip_started_t) == pytest.approx(300, abs=25)
+    assert report.rel_ms(report.clip_started_t) == pytest.approx(300, abs=60)
     # Nobody answered: the caller hangs up max_wait_s after the clip.
-    assert report.duration_ms - report.rel_ms(report.clip_ended_t) == pytest.approx(300, abs=25)
+    assert report.duration_ms - report.rel_ms(report.clip_ended_t) == pytest.approx(300, abs=60)
     assert report.events == [] and report.events_error is not None and "404" in report.events_error
     assert any(e.startswith("events fetch failed") for e in report.errors)
     assert report.agent_audio_ms == 0 and report.stretches == [] and report.voice_to_voice_ms is None
@@ -297,7 +297,7 @@ async def test_server_hang_up_ends_the_call_cleanly(tmp_path: Path) -> None:
     agent = FakeAgent(greeting_s=0.2, hangup_after_s=0.3)
     report = await call(agent, pcm=speech_clip(16000), fetch_events=False, out=tmp_path / "o.wav")
     assert report.hung_up_by_server
-    assert report.duration_ms == pytest.approx(300, abs=40)
+    assert report.duration_ms == pytest.approx(300, abs=75)
     assert report.clip_started_t is None and report.speech_onset_t is None
     assert report.agent_audio_ms == pytest.approx(200, abs=1)
     assert report.close_code == 1000
