@@ -390,6 +390,8 @@ def test_measurements_from_times_and_events() -> None:
     received = [(9.9, 320), (10.01, 320), (10.02, 320), (10.4, 320), (10.7, 320), (20.1, 320)]
     assert onset_to_stop_ms(9.95, stops) == [50.0, 10050.0]
     assert onset_to_stop_ms(None, stops) == []
+    # A stop after the clip began but before the -40 dBFS onset counts, negative.
+    assert onset_to_stop_ms(10.0, [9.98, 10.05], since=9.9) == [-20.0, 50.0]
     # Without events: audio within 0.5 s of each StopAudio is a leak.
     assert leaked_audio_ms(stops, received, [], 16000) == 20 * 4
     events = [

@@ -123,6 +123,8 @@ class CallOptions:
     progress: bool = False
     dtmf: list[tuple[float, str]] = field(default_factory=list)
     fetch_events: bool = True
+    end_after_stop_s: float | None = None  # hang up this long after a StopAudio (barge-in trials)
+    end_after_answer_s: float | None = None  # hang up this long after the answer starts (latency trials)
 
 
 def load_wav(path: Path | str, sample_rate: int) -> np.ndarray:
@@ -231,6 +233,7 @@ class PlayoutEmulator:
         self._segments: list[tuple[int, bytes]] = []  # (start sample, pcm)
         self._stretches: list[_Span] = []
         self._end = 0  # where the queue runs dry
+        self.stop_times: list[float] = []  # when each StopAudio arrived
 
     def _pos(self, t: float) -> int:
         return max(0, round((t - self.t0) * self.rate))
@@ -254,6 +257,7 @@ class PlayoutEmulator:
 
     def stop(self, at: float) -> float:
         """StopAudio at `at`: flush the queue. Returns the seconds of audio that were flushed."""
+        self.stop_times.append(at)
         return self._truncate(self._pos(at), by_stop=True) / self.rate
 
     def finish(self, at: float) -> None:
@@ -293,6 +297,14 @@ class PlayoutEmulator:
     def started_since(self, t: float) -> bool:
         """Whether some agent audio plays (or is queued to play) from `t` on."""
         return bool(self._segments) and self._time(self._segments[-1][0]) >= t
+
+    def first_start_since(self, t: float) -> float | None:
+        """When the first agent audio that plays from `t` on starts playing."""
+        for start, _pcm in self._segments:
+            start_t = self._time(start)
+            if start_t >= t:
+                return start_t
+        return None
 
     def stretch_at(self, now: float) -> Stretch | None:
         """The latest stretch that has started by `now` (possibly already over)."""
@@ -370,12 +382,16 @@ class AnswerWatcher:
     clip_end: float
     quiet_s: float
     max_wait_s: float
+    end_after_answer_s: float | None = None
 
     def done(self, now: float, playout: PlayoutEmulator) -> bool:
         if now - self.clip_end >= self.max_wait_s:
             return True
         if not playout.started_since(self.clip_end):
             return False
+        if self.end_after_answer_s is not None:
+            answer = playout.first_start_since(self.clip_end)
+            return answer is not None and now - answer >= self.end_after_answer_s
         end = playout.playout_end
         return end is not None and now - end >= self.quiet_s
 
@@ -416,6 +432,9 @@ class Script:
 
     def tick(self, now: float) -> int | None:
         """Clip frame index to send now, SILENCE, or None when the call should end."""
+        if self._ended_by_stop(now):
+            self.phase = Phase.DONE
+            return None
         if self.phase is Phase.WAITING:
             if not self._should_start(now):
                 return SILENCE
@@ -432,6 +451,14 @@ class Script:
             self.phase = Phase.DONE
         return None
 
+    def _ended_by_stop(self, now: float) -> bool:
+        """With `end_after_stop_s`: the barge-in under test has happened and been watched long enough."""
+        limit = self._options.end_after_stop_s
+        if limit is None or self.clip_start is None:
+            return False
+        stops = [t for t in self._playout.stop_times if t >= self.clip_start]
+        return bool(stops) and now - stops[0] >= limit
+
     def _should_start(self, now: float) -> bool:
         if self._trigger.ready(now, self._playout):
             return True
@@ -443,7 +470,9 @@ class Script:
 
     def _begin_after(self, now: float) -> None:
         self.phase, self.clip_end = Phase.AFTER, now
-        self._watcher = AnswerWatcher(now, self._options.quiet_after_s, self._options.max_wait_s)
+        self._watcher = AnswerWatcher(
+            now, self._options.quiet_after_s, self._options.max_wait_s, self._options.end_after_answer_s
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -621,8 +650,11 @@ def events_url(ws_url: str, call_id: str) -> str:
 
 async def fetch_events(ws_url: str, call_id: str) -> list[dict[str, Any]]:
     """The server's event log for the call; raises on any failure (the caller records it)."""
-    async with httpx.AsyncClient(timeout=EVENTS_TIMEOUT_S) as client:
-        response = await client.get(events_url(ws_url, call_id))
+    url = events_url(ws_url, call_id)
+    # Plain http needs no TLS context; building one loads the CA bundle (~50 ms of CPU per call).
+    verify = url.startswith("https:")
+    async with httpx.AsyncClient(timeout=EVENTS_TIMEOUT_S, verify=verify) as client:
+        response = await client.get(url)
         response.raise_for_status()
         body = response.json()
     events = body.get("events") if isinstance(body, dict) else None
@@ -652,11 +684,16 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 1)
 
 
-def onset_to_stop_ms(onset: float | None, stops: Sequence[float]) -> list[float]:
-    """For each StopAudio received after speech onset: onset send time -> StopAudio receive time."""
+def onset_to_stop_ms(
+    onset: float | None, stops: Sequence[float], since: float | None = None
+) -> list[float]:
+    """For each StopAudio received after the clip started (`since`, default the onset): onset send
+    time -> StopAudio receive time. Negative when the VAD fired on sound before the first frame above
+    -40 dBFS (a breath, a quiet first syllable): still a response to the caller, not a miss."""
     if onset is None:
         return []
-    return [_ms(s - onset) for s in stops if s >= onset]
+    start = onset if since is None else min(since, onset)
+    return [_ms(s - onset) for s in stops if s >= start]
 
 
 def decision_to_stop_ms(events: Sequence[dict[str, Any]]) -> list[float]:
@@ -907,7 +944,7 @@ async def run_call(options: CallOptions) -> CallReport:
         stop_flushed_ms=[_ms(f) for f in state.stop_flushed_s],
         agent_audio_ms=_ms(state.playout.played_s),
         stretches=[[_ms(s.start - state.t0), _ms(s.end - state.t0)] for s in state.playout.stretches],
-        onset_to_stop_ms=onset_to_stop_ms(log.onset, state.stops),
+        onset_to_stop_ms=onset_to_stop_ms(log.onset, state.stops, script.clip_start),
         decision_to_stop_ms=decision_to_stop_ms(events),
         leaked_audio_ms=leaked_audio_ms(state.stops, state.received, events, fmt.sample_rate),
         voice_to_voice_ms=voice_to_voice_ms(log.speech_end, state.received),

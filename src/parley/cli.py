@@ -16,6 +16,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="parley: a re
 console = Console(stderr=True)
 
 
+def _add_bench() -> None:
+    from parley.benchmarks.cli import bench
+
+    app.add_typer(bench, name="bench")
+
+
+_add_bench()
+
+
 def _settings(**overrides: object) -> Settings:
     try:
         return load_settings(**overrides)

@@ -74,3 +74,31 @@ def embedded_engines(settings: Settings) -> Engines:
         executors=[executor],
         warm_count=settings.engine_pool_warm,
     )
+
+
+def plumbing_engines(settings: Settings) -> Engines:
+    """Real Silero VAD with TEST DOUBLES for recognizer, agent and synthesizer (see parley.doubles)."""
+    from parley.doubles import AgentDouble, RecognizerDouble, SynthesizerDouble
+    from parley.protocols import CallContext
+    from parley.speech.vad import SileroVad
+
+    greeting = settings.greeting if settings.greeting is not None else (
+        "This is the plumbing profile greeting, a tone that stands in for a few seconds of speech."
+    )
+    reply = "This is the plumbing profile reply, a tone standing in for a spoken answer."
+    synthesizer = SynthesizerDouble()
+
+    def agent_factory(context: CallContext) -> AgentDouble:
+        return AgentDouble(context, greeting, reply)
+
+    return Engines(
+        vads=vad_pool(SileroVad, settings.engine_pool_idle),
+        recognizers=recognizer_pool(RecognizerDouble, settings.engine_pool_idle),
+        synthesizer_for=lambda voice: synthesizer,
+        agent_factory=agent_factory,
+        warm_count=settings.engine_pool_warm,
+    )
+
+
+def build_engines(settings: Settings) -> Engines:
+    return plumbing_engines(settings) if settings.engines == "plumbing" else embedded_engines(settings)

@@ -13,7 +13,7 @@ import uvicorn
 from fastapi import FastAPI, HTTPException, WebSocket
 
 from parley import __version__
-from parley.engines import Engines, embedded_engines
+from parley.engines import Engines, build_engines
 from parley.media.events import CallRegistry
 from parley.media.handler import MediaHandler
 from parley.settings import Settings
@@ -22,14 +22,16 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings, engines: Engines | None = None) -> FastAPI:
-    engines = engines if engines is not None else embedded_engines(settings)
+    engines = engines if engines is not None else build_engines(settings)
     registry = CallRegistry(settings.recent_calls_kept)
 
     @asynccontextmanager
     async def lifespan(app_: FastAPI):  # type: ignore[no-untyped-def]
         app_.state.loop = asyncio.get_running_loop()  # tests and benchmarks inspect the call tasks
         await asyncio.to_thread(engines.warm)
+        monitor = asyncio.create_task(registry.stats.monitor.run(), name="loop-lag-monitor")
         yield
+        monitor.cancel()
         engines.close()
 
     app = FastAPI(title="parley", version=__version__, lifespan=lifespan)
@@ -40,6 +42,11 @@ def create_app(settings: Settings, engines: Engines | None = None) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> dict[str, object]:
         return {"status": "ok", "version": __version__, "calls": registry.live_count}
+
+    @app.get("/api/stats")
+    async def stats(reset: bool = False) -> dict[str, object]:
+        """Loop lag (since the last reset), CPU seconds, RSS, threads, call counters."""
+        return registry.stats.snapshot(registry.live_count, reset=reset)
 
     if settings.events_api:
 

@@ -32,6 +32,12 @@ class Settings(BaseSettings):
     recent_calls_kept: int = Field(100, ge=0, description="Ended calls whose events stay queryable.")
     max_message_bytes: int = Field(65536, ge=4096, description="Largest inbound WebSocket message.")
 
+    engines: Literal["embedded", "plumbing"] = Field(
+        "embedded",
+        description="'plumbing' swaps recognizer, agent and TTS for cost-free test doubles (VAD kept)"
+        " to measure the server's own capacity; never for real calls.",
+    )
+
     # --- agent ------------------------------------------------------------------------------------
     agent: str = Field("pizza", description="Scripted agent: a packaged example name or a YAML path.")
     greeting: str | None = Field(None, description="Overrides the agent's greeting ('' = no greeting).")

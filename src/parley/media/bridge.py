@@ -41,8 +41,9 @@ class Partial:
 class Final:
     utterance_id: int
     text: str
-    t: float
-    speech_end_t: float
+    t: float  # when the final text was ready
+    speech_end_t: float  # end of the last speech window
+    endpoint_t: float = 0.0  # when the silence after it was long enough to end the utterance
 
 
 class SpeechSink:

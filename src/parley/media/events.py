@@ -14,6 +14,8 @@ import time
 from collections import OrderedDict, deque
 from typing import Any
 
+from parley.stats import ServerStats
+
 log = logging.getLogger("parley.events")
 
 EVENT_NAMES = frozenset(
@@ -32,6 +34,8 @@ EVENT_NAMES = frozenset(
         "turn_cancelled",
         "turn_completed",
         "input_error",
+        "agent_text",
+        "first_audio_ready",
         "call_ended",
     }
 )
@@ -67,7 +71,8 @@ class EventLog:
 class CallRegistry:
     """Live calls (their sessions, by call id) plus the event logs of recently ended calls (bounded)."""
 
-    def __init__(self, keep_ended: int = 100) -> None:
+    def __init__(self, keep_ended: int = 100, stats: ServerStats | None = None) -> None:
+        self.stats = stats if stats is not None else ServerStats()
         self._live: dict[str, Any] = {}
         self._ended: OrderedDict[str, EventLog] = OrderedDict()
         self._keep_ended = keep_ended
@@ -76,10 +81,12 @@ class CallRegistry:
         """`session` is any object with `call_id` and `events` (the media handler)."""
         self._ended.pop(session.call_id, None)
         self._live[session.call_id] = session
+        self.stats.calls_started += 1
 
     def ended(self, session: Any) -> None:
         if self._live.get(session.call_id) is session:
             del self._live[session.call_id]
+        self.stats.call_ended(session.dropped_frames, session.input_errors)
         if self._keep_ended:
             self._ended[session.call_id] = session.events
             while len(self._ended) > self._keep_ended:

@@ -139,11 +139,15 @@ class MediaHandler:
             reason=self._end_reason,
             frames_in=self.frames_in,
             frames_sent=self.writer.frames_sent if self.writer else 0,
-            dropped_frames=self.recognition.dropped_frames if self.recognition else 0,
+            dropped_frames=self.dropped_frames,
             input_errors=self.input_errors,
         )
         if self.registry:
             self.registry.ended(self)
+
+    @property
+    def dropped_frames(self) -> int:
+        return self.recognition.dropped_frames if self.recognition else 0
 
     @property
     def end_reason(self) -> str:
@@ -259,6 +263,8 @@ class MediaHandler:
         self._consider_barge_in(Signal("partial", event.utterance_id, event.text))
 
     def on_final(self, event: Final) -> None:
+        self.events.emit("speech_ended", t=event.endpoint_t or event.t, utterance_id=event.utterance_id,
+                         speech_end_t=event.speech_end_t)
         self.events.emit(
             "final", t=event.t, utterance_id=event.utterance_id, text=event.text,
             speech_end_t=event.speech_end_t,
@@ -341,12 +347,17 @@ class MediaHandler:
     async def _produce_audio(self, turn: Turn, clips: asyncio.Queue[object]) -> None:
         """Agent text -> synthesized clips, running ahead of playout (the next clause while one plays)."""
         assert self.format is not None
+        first_audio = True
         async for output in self._agent_outputs(turn):
             if isinstance(output, Hangup):
                 await clips.put(output)
                 break
+            self.events.emit("agent_text", turn_id=turn.id, text=output.text)
             text: str | None = output.text
             async for pcm in self.synthesizer.stream(output.text, self.format.sample_rate):
+                if first_audio:
+                    self.events.emit("first_audio_ready", turn_id=turn.id)
+                    first_audio = False
                 await clips.put(_Clip(text, pcm))
                 text = None
         await clips.put(_END)

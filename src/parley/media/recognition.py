@@ -135,10 +135,11 @@ class SpeechSegmenter:
         self._preroll.clear()
 
     def _end_utterance(self, speech_end_t: float) -> None:
+        endpoint_t = time.monotonic()
         text = self._recognizer.end()
         self._utterance_started_t = None
         self._bridge.queue_speech_result(
-            Final(self._utterance_id, text, time.monotonic(), speech_end_t)
+            Final(self._utterance_id, text, time.monotonic(), speech_end_t, endpoint_t)
         )
 
     def _feed_recognizer(self, pcm: bytes) -> None:

@@ -1,0 +1,114 @@
+"""`parley bench bargein`: speech onset -> StopAudio, measured from the caller's side.
+
+Each trial is one call: the caller waits until the agent has talked about 1 s (0.9-1.3 s, varied
+so the speech does not always land on the same point of the 20 ms / 32 ms grids), then speaks a
+real speech clip. With `--noise` it "speaks" noise beds instead and every StopAudio is a false stop.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parley.benchmarks.common import Clip, load_clips, machine_info, pct
+from parley.caller import CallOptions, CallReport, run_call
+
+MISSED_AFTER_S = 2.0
+
+
+def noise_beds(sample_rate: int = 16000, seconds: float = 2.5, seed: int = 3) -> list[Clip]:
+    """White and pink noise at -20 dBFS and a 440+480 Hz ringback tone (2 s on, 4 s off cadence)."""
+    rng = np.random.default_rng(seed)
+    n = int(sample_rate * seconds)
+    target_rms = 10 ** (-20 / 20)
+
+    def at_level(signal: np.ndarray) -> np.ndarray:
+        signal = signal / np.sqrt(np.mean(signal**2)) * target_rms
+        return np.clip(signal * 32767, -32768, 32767).astype(np.int16)
+
+    white = rng.normal(size=n)
+    spectrum = np.fft.rfft(rng.normal(size=n))
+    spectrum /= np.sqrt(np.maximum(np.arange(spectrum.size), 1))  # 1/f power
+    pink = np.fft.irfft(spectrum, n)
+    t = np.arange(n) / sample_rate
+    ringback = (np.sin(2 * np.pi * 440 * t) + np.sin(2 * np.pi * 480 * t)) * (t < 2.0)
+    return [Clip("white-20dBFS", at_level(white)), Clip("pink-20dBFS", at_level(pink)),
+            Clip("ringback-440+480Hz", at_level(ringback[: int(2.0 * sample_rate)]))]
+
+
+async def run(url: str, trials: int, clips: list[Path] | None, noise: bool, seed: int = 7) -> dict[str, Any]:
+    beds = noise_beds() if noise else load_clips(clips)
+    rng = random.Random(seed)
+    results = []
+    for index in range(trials):
+        clip = beds[index % len(beds)]
+        barge_in_at = round(rng.uniform(0.9, 1.3), 3)
+        report = await run_call(
+            CallOptions(
+                url=url, pcm=clip.pcm, barge_in_at=barge_in_at, end_after_stop_s=0.6,
+                max_wait_s=1.0, quiet_after_s=0.5,
+            )
+        )
+        results.append(_trial(index, clip, barge_in_at, report))
+    return _summary(results, noise)
+
+
+def _trial(index: int, clip: Clip, barge_in_at: float, report: CallReport) -> dict[str, Any]:
+    stops = report.onset_to_stop_ms
+    in_time = [ms for ms in stops if ms <= MISSED_AFTER_S * 1000]
+    return {
+        "trial": index,
+        "clip": clip.name,
+        "barge_in_at_s": barge_in_at,
+        "onset_to_stop_ms": in_time[0] if in_time else None,
+        "decision_to_stop_ms": report.decision_to_stop_ms[0] if report.decision_to_stop_ms else None,
+        "leaked_audio_ms": report.leaked_audio_ms,
+        "stop_audio_count": report.stop_audio_count,
+        "missed": not in_time,
+        "errors": report.errors,
+        "send_lateness_ms_max": report.send_lateness_ms_max,
+    }
+
+
+def _summary(results: list[dict[str, Any]], noise: bool) -> dict[str, Any]:
+    onset = [r["onset_to_stop_ms"] for r in results if r["onset_to_stop_ms"] is not None]
+    decision = [r["decision_to_stop_ms"] for r in results if r["decision_to_stop_ms"] is not None]
+    summary: dict[str, Any] = {
+        "benchmark": "bargein",
+        "mode": "noise" if noise else "speech",
+        "trials": len(results),
+        "machine": machine_info(),
+    }
+    if noise:
+        summary["false_stops"] = sum(r["stop_audio_count"] for r in results)
+        summary["false_stops_by_bed"] = {
+            name: sum(r["stop_audio_count"] for r in results if r["clip"] == name)
+            for name in sorted({r["clip"] for r in results})
+        }
+    else:
+        summary.update(
+            onset_to_stop_ms=pct(onset),
+            decision_to_stop_ms=pct(decision),
+            leaked_audio_ms=round(sum(r["leaked_audio_ms"] for r in results), 1),
+            missed=sum(r["missed"] for r in results),
+        )
+    summary["errors"] = sum(len(r["errors"]) for r in results)
+    summary["per_trial"] = results
+    return summary
+
+
+def summary_rows(result: dict[str, Any]) -> list[tuple[str, object]]:
+    if result["mode"] == "noise":
+        return [("trials", result["trials"]), ("false_stops", result["false_stops"]),
+                ("by bed", result["false_stops_by_bed"]), ("errors", result["errors"])]
+    return [
+        ("trials", result["trials"]),
+        ("onset -> StopAudio", result["onset_to_stop_ms"]),
+        ("decision -> StopAudio", result["decision_to_stop_ms"]),
+        ("leaked audio (ms, total)", result["leaked_audio_ms"]),
+        ("missed", result["missed"]),
+        ("errors", result["errors"]),
+    ]

@@ -1,0 +1,93 @@
+"""`parley bench ...`: reproducible measurements, printed and written as JSON."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import typer
+
+from parley.benchmarks import common
+
+bench = typer.Typer(add_completion=False, no_args_is_help=True,
+                    help="Benchmarks: barge-in, latency, load, soak (see bench/README.md).")
+
+UrlOption = typer.Option(None, "--url", help="ws://.../ws/acs of a running server [default: start one].")
+ServerOption = typer.Option("subprocess", "--server", help="Where to start the server: subprocess or inprocess.")
+JsonOption = typer.Option(None, "--json", help="Write the results as JSON here.")
+
+
+def _finish(title: str, result: dict, rows: list, json_path: Path | None) -> None:  # type: ignore[type-arg]
+    common.write_json(json_path, result)
+    common.print_summary(title, rows, result["machine"])
+
+
+@bench.command()
+def bargein(
+    trials: int = typer.Option(20, min=1, help="Calls, one barge-in each."),
+    clip: list[Path] = typer.Option(None, "--clip", help="WAV(s) to speak [default: the shipped LibriVox clips]."),
+    noise: bool = typer.Option(False, "--noise", help="Barge in with noise beds instead: counts false stops."),
+    url: str | None = UrlOption,
+    server: str = ServerOption,
+    json_path: Path | None = JsonOption,
+) -> None:
+    """Speech onset -> StopAudio, decision -> StopAudio, leaked audio, missed (or false stops)."""
+    from parley.benchmarks import bargein as module
+
+    with common.server_under_test(url, server) as sut:
+        result = asyncio.run(module.run(sut.url, trials, clip, noise))
+    _finish("parley bench bargein", result, module.summary_rows(result), json_path)
+
+
+@bench.command()
+def latency(
+    trials: int = typer.Option(20, min=1),
+    clip: list[Path] = typer.Option(None, "--clip", help="WAV(s) to speak [default: the shipped LibriVox clips]."),
+    url: str | None = UrlOption,
+    server: str = ServerOption,
+    json_path: Path | None = JsonOption,
+) -> None:
+    """Voice-to-voice latency with the server-side breakdown."""
+    from parley.benchmarks import latency as module
+
+    with common.server_under_test(url, server, greeting="") as sut:
+        result = asyncio.run(module.run(sut.url, trials, clip))
+    _finish("parley bench latency", result, module.summary_rows(result), json_path)
+
+
+@bench.command()
+def load(
+    calls: int = typer.Option(50, min=1, help="Concurrent calls (the first step with --sweep)."),
+    seconds: float = typer.Option(30.0, min=2.0, help="Length of each call."),
+    profile: str = typer.Option("plumbing", help="plumbing (test doubles, VAD kept) or embedded."),
+    sweep: bool = typer.Option(False, "--sweep", help="Raise the number of calls until a limit is hit."),
+    url: str | None = UrlOption,
+    server: str = ServerOption,
+    json_path: Path | None = JsonOption,
+) -> None:
+    """Concurrent calls: server loop lag, pacing jitter, barge-in, CPU, RSS, errors, dropped frames."""
+    from parley.benchmarks import load as module
+
+    if profile not in ("plumbing", "embedded"):
+        raise typer.BadParameter("profile must be plumbing or embedded")
+    clip = common.default_clips()[1]  # a short sentence: more barge-ins per call
+    with common.server_under_test(url, server, engines=profile, engine_pool_warm=min(calls, 32)) as sut:
+        result = asyncio.run(module.run(sut, calls, seconds, clip, profile if not url else "external", sweep))
+    _finish("parley bench load", result, module.summary_rows(result), json_path)
+
+
+@bench.command()
+def soak(
+    calls: int = typer.Option(1000, min=1),
+    parallel: int = typer.Option(8, min=1, help="Calls in flight at a time."),
+    clip: list[Path] = typer.Option(None, "--clip"),
+    url: str | None = UrlOption,
+    server: str = ServerOption,
+    json_path: Path | None = JsonOption,
+) -> None:
+    """Many short calls through one server: RSS growth and thread count."""
+    from parley.benchmarks import soak as module
+
+    with common.server_under_test(url, server, greeting="Hello, how can I help?") as sut:
+        result = asyncio.run(module.run(sut, calls, parallel, clip))
+    _finish("parley bench soak", result, module.summary_rows(result), json_path)

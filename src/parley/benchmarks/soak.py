@@ -1,0 +1,96 @@
+"""`parley bench soak`: many short calls through one server; does memory or the thread count creep?
+
+Calls alternate between two endings that exercise the cancellation paths: barge in on the greeting
+and hang up mid-utterance; speak after the greeting and hang up while the answer is playing.
+RSS and threads are read from the server's /api/stats after a warm-up and after the last call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from parley.benchmarks.common import ServerUnderTest, load_clips, machine_info
+from parley.caller import CallOptions, run_call
+
+SETTLE_S = 2.0
+
+
+def _options(url: str, index: int, pcm) -> CallOptions:  # type: ignore[no-untyped-def]
+    if index % 2 == 0:
+        return CallOptions(url=url, pcm=pcm, barge_in_at=0.3, end_after_stop_s=0.8, max_wait_s=1.0,
+                           fetch_events=False)
+    return CallOptions(url=url, pcm=pcm, greeting_wait_s=0.5, end_after_answer_s=0.3, max_wait_s=3.0,
+                       fetch_events=False)
+
+
+async def run(server: ServerUnderTest, calls: int, parallel: int, clips: list[Path] | None) -> dict[str, Any]:
+    sources = load_clips(clips)
+    shortest = min(sources, key=lambda clip: clip.pcm.size)
+    errors: list[str] = []
+    samples: list[dict[str, Any]] = []
+
+    async def one(index: int) -> None:
+        try:
+            report = await run_call(_options(server.url, index, shortest.pcm))
+            errors.extend(f"call {index}: {e}" for e in report.errors)
+        except Exception as exc:  # a failed call is a finding, not the end of the soak
+            errors.append(f"call {index}: {type(exc).__name__}: {exc}")
+
+    # Warm up with overlapping calls, as in the run, so the engine pools reach their working size
+    # (server-side sessions outlive the client's by a little, so more than `parallel` overlap).
+    warmup = 2 * parallel
+    for first in range(0, warmup, parallel):
+        await asyncio.gather(*(one(i) for i in range(first, first + parallel)))
+    await asyncio.sleep(SETTLE_S)
+    start = server.stats()
+    samples.append({"calls": 0, "rss_mb": start["rss_mb"], "threads": start["threads"]})
+    started = time.monotonic()
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for index in range(calls):
+        queue.put_nowait(index)
+
+    async def worker() -> None:
+        while not queue.empty():
+            index = queue.get_nowait()
+            await one(warmup + index)
+            done = index + 1
+            if done % 100 == 0:
+                stats = server.stats()
+                samples.append({"calls": done, "rss_mb": stats["rss_mb"], "threads": stats["threads"]})
+
+    await asyncio.gather(*(worker() for _ in range(parallel)))
+    await asyncio.sleep(SETTLE_S)
+    end = server.stats()
+    return {
+        "benchmark": "soak",
+        "calls": calls,
+        "parallel": parallel,
+        "clip": shortest.name,
+        "seconds": round(time.monotonic() - started, 1),
+        "rss_mb_start": start["rss_mb"],
+        "rss_mb_end": end["rss_mb"],
+        "rss_growth_mb": round(end["rss_mb"] - start["rss_mb"], 1),
+        "threads_start": start["threads"],
+        "threads_end": end["threads"],
+        "live_calls_end": end["calls"],
+        "calls_ended_by_server": end["calls_ended"],
+        "dropped_frames": end["dropped_frames"],
+        "errors": len(errors),
+        "error_samples": errors[:20],
+        "samples": samples,
+        "machine": machine_info(),
+    }
+
+
+def summary_rows(result: dict[str, Any]) -> list[tuple[str, object]]:
+    return [
+        ("calls", f"{result['calls']} ({result['parallel']} at a time, {result['seconds']} s)"),
+        ("RSS start -> end (MB)", f"{result['rss_mb_start']} -> {result['rss_mb_end']}"),
+        ("RSS growth (MB)", result["rss_growth_mb"]),
+        ("threads start -> end", f"{result['threads_start']} -> {result['threads_end']}"),
+        ("live calls at end", result["live_calls_end"]),
+        ("errors", result["errors"]),
+    ]

@@ -1,0 +1,82 @@
+"""Process-level health figures: event-loop lag, CPU, memory, threads, call counters.
+
+The loop-lag monitor is a task that asks to wake every `interval` and records how late it woke:
+the one number that says whether the event loop (and so every call's audio) is keeping up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import psutil
+
+
+def percentiles(values: list[float] | np.ndarray) -> dict[str, float | None]:
+    """`{"p50","p95","p99","max"}` (None when there are no values)."""
+    data = np.asarray(values, dtype=float)
+    if data.size == 0:
+        return {"p50": None, "p95": None, "p99": None, "max": None}
+    p50, p95, p99 = np.percentile(data, [50, 95, 99])
+    return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3),
+            "max": round(float(data.max()), 3)}
+
+
+class LoopLagMonitor:
+    def __init__(self, interval_s: float = 0.010, keep: int = 60_000) -> None:
+        self.interval_s = interval_s
+        self._lags_ms: deque[float] = deque(maxlen=keep)  # ~10 min at 10 ms
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            expected = loop.time() + self.interval_s
+            await asyncio.sleep(self.interval_s)
+            self._lags_ms.append(max(0.0, (loop.time() - expected) * 1000))
+
+    def snapshot(self, reset: bool = False) -> dict[str, float | None]:
+        values = list(self._lags_ms)
+        if reset:
+            self._lags_ms.clear()
+        return percentiles(values)
+
+
+@dataclass
+class ServerStats:
+    """Counters summed over ended calls (live calls report theirs at the end)."""
+
+    calls_started: int = 0
+    calls_ended: int = 0
+    dropped_frames: int = 0
+    input_errors: int = 0
+    monitor: LoopLagMonitor = field(default_factory=LoopLagMonitor)
+    _process: psutil.Process = field(default_factory=psutil.Process)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def call_ended(self, dropped_frames: int, input_errors: int) -> None:
+        with self._lock:
+            self.calls_ended += 1
+            self.dropped_frames += dropped_frames
+            self.input_errors += input_errors
+
+    def snapshot(self, live_calls: int, reset: bool = False) -> dict[str, object]:
+        with self._process.oneshot():
+            cpu = self._process.cpu_times()
+            memory = self._process.memory_info()
+            threads = self._process.num_threads()
+        return {
+            "time": time.monotonic(),
+            "calls": live_calls,
+            "calls_started": self.calls_started,
+            "calls_ended": self.calls_ended,
+            "dropped_frames": self.dropped_frames,
+            "input_errors": self.input_errors,
+            "loop_lag_ms": self.monitor.snapshot(reset),
+            "cpu_seconds": round(cpu.user + cpu.system, 3),
+            "rss_mb": round(memory.rss / 2**20, 1),
+            "threads": threads,
+        }
