@@ -648,19 +648,28 @@ def events_url(ws_url: str, call_id: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, "", ""))
 
 
-async def fetch_events(ws_url: str, call_id: str) -> list[dict[str, Any]]:
-    """The server's event log for the call; raises on any failure (the caller records it)."""
+async def fetch_events(ws_url: str, call_id: str, settle_s: float = 2.0) -> list[dict[str, Any]]:
+    """The server's event log for the call; raises on any failure (the caller records it).
+
+    The server finishes a call (and logs `call_ended`) just after the socket closes, so poll
+    briefly until that last event is there: a report should hold the whole call.
+    """
     url = events_url(ws_url, call_id)
     # Plain http needs no TLS context; building one loads the CA bundle (~50 ms of CPU per call).
     verify = url.startswith("https:")
+    deadline = time.monotonic() + settle_s
     async with httpx.AsyncClient(timeout=EVENTS_TIMEOUT_S, verify=verify) as client:
-        response = await client.get(url)
-        response.raise_for_status()
-        body = response.json()
-    events = body.get("events") if isinstance(body, dict) else None
-    if not isinstance(events, list):
-        raise ValueError("events response has no 'events' list")
-    return [e for e in events if isinstance(e, dict)]
+        while True:
+            response = await client.get(url)
+            response.raise_for_status()
+            body = response.json()
+            events = body.get("events") if isinstance(body, dict) else None
+            if not isinstance(events, list):
+                raise ValueError("events response has no 'events' list")
+            ended = any(isinstance(e, dict) and e.get("event") == "call_ended" for e in events)
+            if ended or time.monotonic() >= deadline:
+                return [e for e in events if isinstance(e, dict)]
+            await asyncio.sleep(0.05)
 
 
 def _valid_events(raw: list[dict[str, Any]], t0: float, errors: list[str]) -> list[dict[str, Any]]:

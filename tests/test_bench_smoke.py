@@ -1,0 +1,58 @@
+"""Every benchmark in a short smoke run (CI keeps them working; the figures are not asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from parley.cli import app
+
+runner = CliRunner()
+PERCENTILE_KEYS = {"p50", "p95", "p99", "max"}
+
+
+def bench(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "result.json"
+    result = runner.invoke(app, ["bench", *args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["machine"]["cores"] and data["machine"]["python"]
+    return data
+
+
+def test_bargein_smoke(tmp_path: Path) -> None:
+    data = bench(tmp_path, "bargein", "--trials", "2")
+    assert set(data["onset_to_stop_ms"]) == PERCENTILE_KEYS
+    assert set(data["decision_to_stop_ms"]) == PERCENTILE_KEYS
+    assert data["leaked_audio_ms"] == 0 and data["trials"] == 2 and "missed" in data
+
+
+def test_bargein_noise_smoke(tmp_path: Path) -> None:
+    data = bench(tmp_path, "bargein", "--noise", "--trials", "3")
+    assert data["mode"] == "noise" and "false_stops" in data
+    assert set(data["false_stops_by_bed"]) == {"white-20dBFS", "pink-20dBFS", "ringback-440+480Hz"}
+
+
+def test_latency_smoke(tmp_path: Path) -> None:
+    data = bench(tmp_path, "latency", "--trials", "2")
+    assert set(data["voice_to_voice_ms"]) == PERCENTILE_KEYS
+    assert "final_text_ms" in data["server_breakdown_ms"]
+
+
+@pytest.mark.parametrize("profile", ["plumbing", "embedded"])
+def test_load_smoke(tmp_path: Path, profile: str) -> None:
+    data = bench(tmp_path, "load", "--calls", "3", "--seconds", "6", "--profile", profile)
+    for key in ("calls", "loop_lag_ms", "pacing_jitter_ms", "onset_to_stop_ms", "cpu_percent", "rss_mb",
+                "errors", "dropped_frames"):
+        assert key in data
+    assert data["calls"] == 3 and data["profile"] == profile
+
+
+def test_soak_smoke(tmp_path: Path) -> None:
+    data = bench(tmp_path, "soak", "--calls", "4", "--parallel", "2")
+    for key in ("rss_mb_start", "rss_mb_end", "rss_growth_mb", "threads_start", "threads_end"):
+        assert key in data
+    assert data["errors"] == 0 and data["live_calls_end"] == 0
