@@ -86,6 +86,7 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         port=settings.port,
         log_level=settings.log_level,
         ws_max_size=settings.max_message_bytes,
+        ws=settings.websocket_impl,
         lifespan="on",
     )
 

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     )
     recent_calls_kept: int = Field(100, ge=0, description="Ended calls whose events stay queryable.")
     max_message_bytes: int = Field(65536, ge=4096, description="Largest inbound WebSocket message.")
+    websocket_impl: Literal["auto", "websockets", "websockets-sansio", "wsproto"] = Field(
+        "auto", description="uvicorn's WebSocket implementation (see bench/README.md for figures)."
+    )
 
     engines: Literal["embedded", "plumbing"] = Field(
         "embedded",

@@ -34,6 +34,9 @@ class SegmenterConfig:
     endpoint_silence_ms: int = 500
     preroll_ms: int = 300
     max_utterance_s: float = 30.0
+    # Windows quieter than this are not speech whatever the model says, so the model is not run:
+    # callers are silent most of a call and ACS sends (near-)digital silence then.
+    silence_floor_dbfs: float = -65.0
 
     @property
     def release_threshold(self) -> float:
@@ -59,6 +62,7 @@ class SpeechSegmenter:
         self._start_windows = max(1, round(config.speech_start_ms / window_ms))
         self._end_windows = max(1, round(config.endpoint_silence_ms / window_ms))
         self._window_s = window_ms / 1000
+        self._silence_power = 10 ** (config.silence_floor_dbfs / 10)  # mean square of a float window
         self._samples = np.zeros(0, dtype=np.float32)
         self._samples_t = 0.0  # arrival time of the first buffered VAD sample
         self._preroll: deque[bytes] = deque(maxlen=max(1, config.preroll_ms // 20 + 1))
@@ -85,10 +89,15 @@ class SpeechSegmenter:
         size = self._vad.window_samples
         while self._samples.size >= size:
             window_t = self._samples_t
-            probability = self._vad.speech_probability(self._samples[:size])
+            probability = self._probability(self._samples[:size])
             self._samples = self._samples[size:]
             self._samples_t += self._window_s
             self._on_window(probability, window_t)
+
+    def _probability(self, window: np.ndarray) -> float:
+        if float(np.dot(window, window)) / window.size < self._silence_power:
+            return 0.0
+        return self._vad.speech_probability(window)
 
     def flush(self) -> None:
         """The call ended: finish an open utterance so its words are not lost."""
@@ -167,7 +176,10 @@ class RecognitionThread:
         capacity: int = 500,
         on_error: Callable[[str], None] | None = None,
     ) -> None:
-        self._queue: queue.Queue[tuple[bytes, float] | None] = queue.Queue(maxsize=capacity)
+        # SimpleQueue (C, no Condition) costs the event loop a fraction of queue.Queue per frame;
+        # the bound is enforced in `submit`.
+        self._queue: queue.SimpleQueue[tuple[bytes, float] | None] = queue.SimpleQueue()
+        self._capacity = capacity
         self._vads = vads
         self._recognizers = recognizers
         self._bridge = bridge
@@ -185,22 +197,18 @@ class RecognitionThread:
 
     def submit(self, pcm: bytes, arrival_t: float) -> bool:
         """Called on the event loop for every inbound frame; never blocks."""
-        try:
-            self._queue.put_nowait((pcm, arrival_t))
-            return True
-        except queue.Full:
+        if self._queue.qsize() >= self._capacity:
             self.dropped_frames += 1
             if self.dropped_frames in (1, 50) or self.dropped_frames % 500 == 0:
                 log.warning("recognition is behind: %d frames dropped", self.dropped_frames)
             return False
+        self._queue.put_nowait((pcm, arrival_t))
+        return True
 
     def stop(self) -> None:
         """Ask the thread to finish (non-blocking); `join` waits for it."""
         self._stopping.set()
-        try:
-            self._queue.put_nowait(_STOP)
-        except queue.Full:
-            pass  # the thread checks _stopping after each frame
+        self._queue.put_nowait(_STOP)
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
