@@ -46,7 +46,12 @@ def create_app(settings: Settings, engines: Engines | None = None) -> FastAPI:
     @app.get("/api/stats")
     async def stats(reset: bool = False) -> dict[str, object]:
         """Loop lag (since the last reset), CPU seconds, RSS, threads, call counters."""
-        return registry.stats.snapshot(registry.live_count, reset=reset)
+        snapshot = registry.stats.snapshot(registry.live_count, reset=reset)
+        snapshot["pools"] = {
+            pool.name: {"created": pool.created, "idle": pool.idle, "in_use": pool.in_use}
+            for pool in (engines.vads, engines.recognizers)
+        }
+        return snapshot
 
     if settings.events_api:
 

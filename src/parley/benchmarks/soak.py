@@ -18,6 +18,28 @@ from parley.caller import CallOptions, run_call
 SETTLE_S = 2.0
 
 
+MAX_WARMUP_CALLS = 200
+
+
+async def _warm_up(server: ServerUnderTest, one, parallel: int) -> int:  # type: ignore[no-untyped-def]
+    """Run overlapping calls, as in the soak, until the recognizer pool stops growing.
+
+    Server-side sessions outlive the callers' by a little, so more than `parallel` overlap and the
+    pools (one ~90 MB recognizer each) grow for a while: that is working size, not a leak, and the
+    baseline must come after it. Returns the number of warm-up calls.
+    """
+    done = 0
+    created = -1
+    while done < MAX_WARMUP_CALLS:
+        await asyncio.gather(*(one(done + i) for i in range(2 * parallel)))
+        done += 2 * parallel
+        now_created = server.stats().get("pools", {}).get("recognizer", {}).get("created", 0)
+        if now_created == created:
+            return done
+        created = now_created
+    return done
+
+
 def _options(url: str, index: int, pcm) -> CallOptions:  # type: ignore[no-untyped-def]
     if index % 2 == 0:
         return CallOptions(url=url, pcm=pcm, barge_in_at=0.3, end_after_stop_s=0.8, max_wait_s=1.0,
@@ -39,11 +61,7 @@ async def run(server: ServerUnderTest, calls: int, parallel: int, clips: list[Pa
         except Exception as exc:  # a failed call is a finding, not the end of the soak
             errors.append(f"call {index}: {type(exc).__name__}: {exc}")
 
-    # Warm up with overlapping calls, as in the run, so the engine pools reach their working size
-    # (server-side sessions outlive the client's by a little, so more than `parallel` overlap).
-    warmup = 2 * parallel
-    for first in range(0, warmup, parallel):
-        await asyncio.gather(*(one(i) for i in range(first, first + parallel)))
+    warmup = await _warm_up(server, one, parallel)
     await asyncio.sleep(SETTLE_S)
     start = server.stats()
     samples.append({"calls": 0, "rss_mb": start["rss_mb"], "threads": start["threads"]})
@@ -69,6 +87,7 @@ async def run(server: ServerUnderTest, calls: int, parallel: int, clips: list[Pa
         "calls": calls,
         "parallel": parallel,
         "clip": shortest.name,
+        "warmup_calls": warmup,
         "seconds": round(time.monotonic() - started, 1),
         "rss_mb_start": start["rss_mb"],
         "rss_mb_end": end["rss_mb"],
