@@ -18,6 +18,7 @@ from rich.console import Console
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
+from parley.audio import read_wav
 from parley.caller import (
     CallOptions,
     ClipFrames,
@@ -28,7 +29,6 @@ from parley.caller import (
     decision_to_stop_ms,
     events_url,
     leaked_audio_ms,
-    load_wav,
     onset_to_stop_ms,
     print_report,
     run_call,
@@ -433,20 +433,20 @@ def test_load_wav_downmixes_and_resamples(tmp_path: Path) -> None:
     left = tone(0.5, 44100)
     stereo = np.stack([left, left], axis=1)
     write_wav(tmp_path / "s.wav", stereo, 44100)
-    mono = load_wav(tmp_path / "s.wav", 16000)
+    mono = read_wav(tmp_path / "s.wav", 16000)
     assert mono.dtype == np.int16 and mono.shape == (8000,)
     assert np.abs(mono).max() == pytest.approx(8000, rel=0.05)
 
 
 def test_load_wav_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="missing.wav"):
-        load_wav(tmp_path / "missing.wav", 16000)
+        read_wav(tmp_path / "missing.wav", 16000)
     (tmp_path / "text.wav").write_text("hello")
     with pytest.raises(ValueError, match="text.wav.*not a PCM WAV"):
-        load_wav(tmp_path / "text.wav", 16000)
+        read_wav(tmp_path / "text.wav", 16000)
     write_wav(tmp_path / "8bit.wav", np.full(100, 128, np.uint8), 8000, width=1)
     with pytest.raises(ValueError, match="8bit.wav.*8-bit"):
-        load_wav(tmp_path / "8bit.wav", 16000)
+        read_wav(tmp_path / "8bit.wav", 16000)
 
 
 async def test_options_are_checked_before_dialling() -> None:

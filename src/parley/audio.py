@@ -9,6 +9,9 @@ import numpy as np
 import soxr
 
 SILENCE_DBFS = -120.0
+SPEECH_ONSET_DBFS = -40.0
+"""A 20 ms frame whose RMS is above this counts as the caller speaking (how benchmarks time onsets)."""
+FULL_SCALE = 32768.0
 
 
 def pcm_to_float(pcm: bytes | np.ndarray) -> np.ndarray:
@@ -75,7 +78,10 @@ class Framer:
 
 
 def read_wav(path: str | Path, sample_rate: int) -> np.ndarray:
-    """Read a 16-bit PCM WAV as int16 mono at `sample_rate` (downmixed and resampled as needed)."""
+    """Read a 16-bit PCM WAV as int16 mono at `sample_rate` (channels averaged, rate resampled).
+
+    Errors are ValueErrors naming the file: missing, not a PCM WAV, not 16-bit.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
@@ -84,13 +90,29 @@ def read_wav(path: str | Path, sample_rate: int) -> np.ndarray:
             width, channels, rate = wav.getsampwidth(), wav.getnchannels(), wav.getframerate()
             raw = wav.readframes(wav.getnframes())
     except (wave.Error, EOFError) as exc:
-        raise ValueError(f"{path}: not a readable WAV file ({exc})") from None
+        raise ValueError(f"{path}: not a PCM WAV file ({exc})") from None
     if width != 2:
         raise ValueError(f"{path}: {8 * width}-bit samples; only 16-bit PCM WAV is supported")
-    samples = np.frombuffer(raw, dtype="<i2").reshape(-1, channels).mean(axis=1)
+    samples = np.frombuffer(raw, dtype="<i2").reshape(-1, channels)
+    # Average in int32 so two full-scale channels cannot overflow int16.
+    mono = samples[:, 0] if channels == 1 else samples.astype(np.int32).mean(axis=1).round()
+    mono = np.asarray(mono, dtype=np.int16)
     if rate != sample_rate:
-        samples = soxr.resample(samples.astype(np.float32), rate, sample_rate)
-    return np.clip(np.round(samples), -32768, 32767).astype(np.int16)
+        mono = soxr.resample(mono, rate, sample_rate)
+    return np.ascontiguousarray(mono, dtype=np.int16)
+
+
+def to_frames(pcm: np.ndarray, samples_per_frame: int) -> np.ndarray:
+    """int16 samples as (n, samples_per_frame) frames; the tail is zero-padded, not lost."""
+    padded = np.zeros(-(-pcm.size // samples_per_frame) * samples_per_frame, dtype=np.int16)
+    padded[: pcm.size] = pcm
+    return padded.reshape(-1, samples_per_frame)
+
+
+def loud_frames(frames: np.ndarray, threshold_dbfs: float = SPEECH_ONSET_DBFS) -> np.ndarray:
+    """One bool per frame: RMS (full scale 32768) above `threshold_dbfs`."""
+    rms = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1))
+    return rms > FULL_SCALE * 10.0 ** (threshold_dbfs / 20.0)
 
 
 def write_wav(path: str | Path, pcm: bytes | np.ndarray, sample_rate: int) -> None:

@@ -19,7 +19,6 @@ import contextlib
 import math
 import time
 import uuid
-import wave
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -30,7 +29,6 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 import numpy as np
-import soxr  # type: ignore[import-untyped]
 import websockets
 from rich.console import Console
 from rich.progress import Progress
@@ -39,6 +37,8 @@ from rich.text import Text
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from parley.audio import SPEECH_ONSET_DBFS as ONSET_DBFS
+from parley.audio import loud_frames, read_wav, to_frames, write_wav
 from parley.transports.acs import (
     AcsProtocolError,
     AudioFormat,
@@ -55,7 +55,6 @@ __all__ = [
     "CallOptions",
     "CallReport",
     "PlayoutEmulator",
-    "load_wav",
     "print_report",
     "run_call",
 ]
@@ -65,9 +64,6 @@ FRAME_S: Final = 0.020
 
 STRETCH_GAP_S: Final = 0.060
 """A pause in agent playout longer than this starts a new stretch (a few lost frames do not)."""
-
-ONSET_DBFS: Final = -40.0
-"""Frame RMS level (dBFS, full scale 32768) above which a clip frame counts as speech."""
 
 GREETING_QUIET_S: Final = 0.7
 """Agent silence after which the greeting is taken to be over and the caller speaks."""
@@ -85,7 +81,6 @@ CLOSE_TIMEOUT_S: Final = 2.0
 EVENTS_TIMEOUT_S: Final = 5.0
 """Timeout for fetching the server's event log."""
 
-_FULL_SCALE: Final = 32768.0
 _SERVER_EVENTS_IN_TIMELINE: Final = frozenset(
     {
         "speech_started",
@@ -127,36 +122,6 @@ class CallOptions:
     end_after_answer_s: float | None = None  # hang up this long after the answer starts (latency trials)
 
 
-def load_wav(path: Path | str, sample_rate: int) -> np.ndarray:
-    """Read a 16-bit PCM WAV as int16 mono at `sample_rate` (stereo is averaged, rate resampled)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    try:
-        with wave.open(str(path), "rb") as wav:
-            width, channels, rate = wav.getsampwidth(), wav.getnchannels(), wav.getframerate()
-            raw = wav.readframes(wav.getnframes())
-    except (wave.Error, EOFError) as exc:
-        raise ValueError(f"{path}: not a PCM WAV file ({exc})") from None
-    if width != 2:
-        raise ValueError(f"{path}: {8 * width}-bit samples; only 16-bit PCM WAV is supported")
-    samples = np.frombuffer(raw, dtype="<i2").reshape(-1, channels)
-    mono = _to_mono(samples)
-    if rate != sample_rate:
-        mono = soxr.resample(mono, rate, sample_rate)
-    return np.ascontiguousarray(mono, dtype=np.int16)
-
-
-def _to_mono(samples: np.ndarray) -> np.ndarray:
-    """Average channels in int32 so two full-scale channels cannot overflow int16."""
-    mono: np.ndarray
-    if samples.shape[1] == 1:
-        mono = samples[:, 0].astype(np.int16)
-    else:
-        mono = samples.astype(np.int32).mean(axis=1).round().astype(np.int16)
-    return mono
-
-
 def _clip_samples(options: CallOptions) -> np.ndarray:
     """The clip to speak, from `pcm` or `audio`, validated."""
     if (options.audio is None) == (options.pcm is None):
@@ -167,7 +132,7 @@ def _clip_samples(options: CallOptions) -> np.ndarray:
             raise ValueError("CallOptions.pcm must be a 1-D int16 array at the call's sample rate")
     else:
         assert options.audio is not None
-        pcm = load_wav(options.audio, options.sample_rate)
+        pcm = read_wav(options.audio, options.sample_rate)
     if pcm.size == 0:
         raise ValueError("the clip to speak is empty")
     return pcm
@@ -184,12 +149,8 @@ class ClipFrames:
 
     @classmethod
     def from_pcm(cls, pcm: np.ndarray, samples_per_frame: int) -> ClipFrames:
-        padded = np.zeros(-(-pcm.size // samples_per_frame) * samples_per_frame, dtype=np.int16)
-        padded[: pcm.size] = pcm
-        frames = padded.reshape(-1, samples_per_frame)
-        rms = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1))
-        threshold = _FULL_SCALE * 10.0 ** (ONSET_DBFS / 20.0)
-        return cls(frames=frames, loud=rms > threshold, zero=np.asarray(~frames.any(axis=1)))
+        frames = to_frames(pcm, samples_per_frame)
+        return cls(frames=frames, loud=loud_frames(frames), zero=np.asarray(~frames.any(axis=1)))
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -929,7 +890,7 @@ async def run_call(options: CallOptions) -> CallReport:
         close_code, close_reason = ws.close_code, ws.close_reason
     state.playout.finish(end)
     if options.out is not None:
-        _write_wav(options.out, state.playout.render(end), fmt.sample_rate)
+        write_wav(options.out, state.playout.render(end), fmt.sample_rate)
     raw_events, events_error = await _events(options, call_id)
     events = _valid_events(raw_events, state.t0, state.errors)
     if events_error is not None:
@@ -985,14 +946,6 @@ async def _events(options: CallOptions, call_id: str) -> tuple[list[dict[str, An
         return await fetch_events(options.url, call_id), None
     except Exception as exc:  # any failure (refused, 404, bad JSON) must not lose the report
         return [], f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def _write_wav(path: Path, pcm: np.ndarray, sample_rate: int) -> None:
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(sample_rate)
-        wav.writeframes(pcm.astype("<i2").tobytes())
 
 
 # --------------------------------------------------------------------------------------------

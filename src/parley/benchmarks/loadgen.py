@@ -42,6 +42,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.frames import DATA_OPCODES, Frame, Opcode
 from websockets.protocol import State
 
+from parley.audio import SPEECH_ONSET_DBFS as ONSET_DBFS
+from parley.audio import loud_frames, to_frames
 from parley.transports.acs import (
     AcsProtocolError,
     AudioFormat,
@@ -82,9 +84,6 @@ JITTER_SKIP_FRAMES: Final = 8
 """parley sends up to 100 ms ahead of playout, so a stretch's first ~5 frames arrive in a burst;
 skipping the first 8 keeps that intended burst out of the pacing-jitter samples."""
 
-ONSET_DBFS: Final = -40.0
-"""A clip frame whose RMS (full scale 32768) is above this counts as speech (as in the caller)."""
-
 MAX_ERRORS_PER_CALL: Final = 20
 """Errors kept verbatim per call; a server that sends garbage every frame would otherwise make
 the result grow by 50 strings a second per call. The rest are counted in one summary line."""
@@ -103,7 +102,6 @@ SILENCE: Final = -1
 """`CallerState.tick` result: send the silence frame."""
 
 _BACKLOG_CHECK_FRAMES: Final = 50
-_FULL_SCALE: Final = 32768.0
 _AUDIO_PREFIX: Final = b'{"Kind":"AudioData"'
 _STOP_PREFIX: Final = b'{"Kind":"StopAudio"'
 
@@ -182,7 +180,7 @@ class EncodedAudio:
 def encode_audio(clip: np.ndarray, sample_rate: int) -> EncodedAudio:
     """Cut `clip` into 20 ms frames and encode every message a caller will send."""
     fmt = AudioFormat.for_rate(sample_rate)  # raises UnsupportedFormat for rates ACS lacks
-    frames = _frames(_checked_clip(clip), fmt.frame_samples)
+    frames = to_frames(_checked_clip(clip), fmt.frame_samples)
     onset = _onset_index(frames)
     if onset is None:
         raise ValueError(f"the clip has no frame above {ONSET_DBFS:.0f} dBFS: it is not speech")
@@ -204,16 +202,8 @@ def _checked_clip(clip: np.ndarray) -> np.ndarray:
     return pcm
 
 
-def _frames(pcm: np.ndarray, samples_per_frame: int) -> np.ndarray:
-    """(n, samples_per_frame) frames; the tail is zero-padded so the clip's end is not lost."""
-    padded = np.zeros(-(-pcm.size // samples_per_frame) * samples_per_frame, dtype=np.int16)
-    padded[: pcm.size] = pcm
-    return padded.reshape(-1, samples_per_frame)
-
-
 def _onset_index(frames: np.ndarray) -> int | None:
-    rms = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1))
-    loud = np.flatnonzero(rms > _FULL_SCALE * 10.0 ** (ONSET_DBFS / 20.0))
+    loud = np.flatnonzero(loud_frames(frames))
     return int(loud[0]) if loud.size else None
 
 
