@@ -31,6 +31,9 @@ class RecordingSink:
     def on_final(self, event: Final) -> None:
         self.seen.append(("final", event, threading.current_thread().name))
 
+    def on_recognition_failed(self, message: str) -> None:
+        self.seen.append(("failed", message, threading.current_thread().name))
+
 
 async def test_bridge_delivers_on_the_loop_in_order_and_coalesces_partials() -> None:
     sink = RecordingSink()

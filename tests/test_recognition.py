@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -76,3 +77,24 @@ async def test_noise_and_tones_start_no_utterance() -> None:
     audio = np.clip(np.concatenate([white, ringback]), -32768, 32767).astype(np.int16)
     sink = await run_recognition(audio, expect_final=False)
     assert sink.seen == []
+
+
+async def test_an_engine_failure_reaches_the_loop_through_the_bridge() -> None:
+    def broken() -> PocketsphinxRecognizer:
+        raise RuntimeError("model files missing")
+
+    sink = RecordingSink()
+    thread = RecognitionThread(
+        call_id="broken", input_rate=16000, vads=VADS, recognizers=recognizer_pool(broken, 1),
+        bridge=ThreadBridge(asyncio.get_running_loop(), sink), config=SegmenterConfig(),
+    )
+    thread.start()
+    assert thread.submit(bytes(640), time.monotonic())  # still accepted (and discarded)
+    deadline = time.monotonic() + 5
+    while not sink.seen and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    thread.stop()
+    thread.join(5)
+    assert [(kind, name) for kind, _, name in sink.seen] == [("failed", threading.current_thread().name)]
+    assert "model files missing" in sink.seen[0][1]
+    assert not thread.alive

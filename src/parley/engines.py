@@ -25,7 +25,7 @@ class Engines:
     warm_count: int = 2
 
     def warm(self) -> None:
-        """Pre-load per-call engines so the first calls do not pay for (GIL-holding) model loads."""
+        """Pre-load per-call engines so the first calls do not pay for model loads."""
         self.vads.warm(self.warm_count)
         self.recognizers.warm(self.warm_count)
 

@@ -1,8 +1,9 @@
 """Pools of per-call engine instances (VAD, recognizer), reused from call to call.
 
-Loading a pocketsphinx model takes ~0.5 s and Silero ~0.2 s, and both hold the GIL while they do:
-creating them at call start would stall the event loop, and every other call's audio, for that
-long. Instances are created ahead of time (warm-up at startup), handed to a call's recognition
+Loading a pocketsphinx model takes ~0.5 s of CPU and Silero ~0.2 s. Paid at every call start, that
+delays the call's first recognition and competes for the CPU every other call needs (before the
+pool, with the Cython pocketsphinx binding, it stalled the event loop itself for hundreds of ms).
+Instances are created ahead of time (warm-up at startup), handed to a call's recognition
 thread, reset and returned when the call ends. Acquire/release are thread-safe.
 """
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from parley.benchmarks.common import Clip, load_clips, machine_info, pct
+from parley.benchmarks.common import Clip, load_clips, machine_info
 from parley.caller import CallOptions, CallReport, run_call
+from parley.stats import percentiles
 
 MISSED_AFTER_S = 2.0
 
@@ -90,8 +91,8 @@ def _summary(results: list[dict[str, Any]], noise: bool) -> dict[str, Any]:
         }
     else:
         summary.update(
-            onset_to_stop_ms=pct(onset),
-            decision_to_stop_ms=pct(decision),
+            onset_to_stop_ms=percentiles(onset),
+            decision_to_stop_ms=percentiles(decision),
             leaked_audio_ms=round(sum(r["leaked_audio_ms"] for r in results), 1),
             missed=sum(r["missed"] for r in results),
         )

@@ -29,7 +29,6 @@ from rich.console import Console
 from rich.table import Table
 
 from parley.audio import read_wav
-from parley.stats import percentiles
 
 CLIPS_DIR = Path(__file__).resolve().parent / "clips"
 _PACKAGES = (
@@ -180,10 +179,6 @@ def write_json(path: Path | None, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
     console.print(f"wrote {path}")
-
-
-def pct(values: list[float]) -> dict[str, float | None]:
-    return percentiles(values)
 
 
 def print_summary(title: str, rows: list[tuple[str, object]], machine: dict[str, Any]) -> None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from parley.benchmarks.common import load_clips, machine_info, pct
+from parley.benchmarks.common import load_clips, machine_info
 from parley.caller import CallOptions, CallReport, run_call
+from parley.stats import percentiles
 
 STAGES = ("speech_ended", "final", "agent_text", "first_audio_ready", "first_audio_sent")
 STAGE_KEYS = {
@@ -65,9 +66,9 @@ def _stage_ms(events: list[dict[str, Any]], stage: str, end: float, final: dict[
 
 def _summary(results: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {"benchmark": "latency", "trials": len(results), "machine": machine_info()}
-    summary["voice_to_voice_ms"] = pct([r["voice_to_voice_ms"] for r in results if r["voice_to_voice_ms"]])
+    summary["voice_to_voice_ms"] = percentiles([r["voice_to_voice_ms"] for r in results if r["voice_to_voice_ms"]])
     summary["server_breakdown_ms"] = {
-        key: pct([r[key] for r in results if r.get(key) is not None]) for key in STAGE_KEYS.values()
+        key: percentiles([r[key] for r in results if r.get(key) is not None]) for key in STAGE_KEYS.values()
     }
     summary["no_answer"] = sum(r["voice_to_voice_ms"] is None for r in results)
     summary["errors"] = sum(len(r["errors"]) for r in results)

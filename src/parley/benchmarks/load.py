@@ -13,8 +13,11 @@ import asyncio
 import time
 from typing import Any
 
-from parley.benchmarks.common import Clip, ServerUnderTest, console, machine_info, pct
+from parley.benchmarks.common import Clip, ServerUnderTest, console, machine_info
 from parley.benchmarks.loadgen import LoadPlan, run_load
+from parley.stats import percentiles
+
+# LoadPlan, run_load
 
 LAG_P99_LIMIT_MS = 20.0
 BARGE_IN_P95_LIMIT_MS = 250.0
@@ -35,8 +38,8 @@ async def run_point(server: ServerUnderTest, calls: int, seconds: float, clip: C
         "calls": calls,
         "seconds": seconds,
         "loop_lag_ms": after["loop_lag_ms"],
-        "pacing_jitter_ms": pct(result.jitter_ms()),
-        "onset_to_stop_ms": pct(result.onset_to_stop_ms()),
+        "pacing_jitter_ms": percentiles(result.jitter_ms()),
+        "onset_to_stop_ms": percentiles(result.onset_to_stop_ms()),
         "barge_ins": len(result.onset_to_stop_ms()),
         "missed": result.missed(),
         "cpu_percent": round(100 * (after["cpu_seconds"] - before["cpu_seconds"]) / wall, 1),

@@ -55,6 +55,8 @@ class SpeechSink:
 
     def on_final(self, event: Final) -> None: ...
 
+    def on_recognition_failed(self, message: str) -> None: ...
+
 
 class ThreadBridge:
     def __init__(self, loop: asyncio.AbstractEventLoop, sink: SpeechSink) -> None:
@@ -63,7 +65,6 @@ class ThreadBridge:
         self._lock = threading.Lock()
         self._pending_partial: Partial | None = None
         self._closed = False
-        self.partials_replaced = 0
 
     # --- called on the recognition thread; never blocks ------------------------------------------
     def schedule_barge_in(self, event: SpeechStarted) -> None:
@@ -76,9 +77,7 @@ class ThreadBridge:
                 return
             replacing = self._pending_partial is not None
             self._pending_partial = event
-        if replacing:
-            self.partials_replaced += 1  # the queued delivery will carry this newer text
-        else:
+        if not replacing:  # else the delivery already queued will carry this newer text
             self._post(self._deliver_partial)
 
     def queue_speech_result(self, event: Final) -> None:
@@ -90,6 +89,10 @@ class ThreadBridge:
         with self._lock:
             self._pending_partial = None
         self._post(self._sink.on_final, event)
+
+    def report_failure(self, message: str) -> None:
+        """The recognizer or VAD failed; the call goes on without recognition."""
+        self._post(self._sink.on_recognition_failed, message)
 
     def close(self) -> None:
         with self._lock:

@@ -77,7 +77,6 @@ class MediaHandler:
         self._latest_utterance_id = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._hangup = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._end_reason = "caller_hangup"
         self._close_code = 1000
 
@@ -208,9 +207,8 @@ class MediaHandler:
     def _start_media(self, audio_format: acs.AudioFormat) -> None:
         self.format = audio_format
         assert self.writer is not None
-        self._loop = asyncio.get_running_loop()
         self.player = Player(self.writer, audio_format.frame_bytes, self.settings.playout_lead_ms)
-        self.bridge = ThreadBridge(self._loop, self)
+        self.bridge = ThreadBridge(asyncio.get_running_loop(), self)
         self.recognition = RecognitionThread(
             call_id=self.call_id,
             input_rate=audio_format.sample_rate,
@@ -225,7 +223,6 @@ class MediaHandler:
                 max_utterance_s=self.settings.max_utterance_s,
             ),
             capacity=self.settings.inbound_queue_frames,
-            on_error=self._recognition_failed_threadsafe,
         )
         self.recognition.start()
         self._spawn(self.route.run(), "route-turns")
@@ -239,15 +236,6 @@ class MediaHandler:
         if interruptible is None:
             interruptible = getattr(self.agent, "greeting_interruptible", True)
         self.inbox.put(Pending("greeting", None, 0, interruptible, say=text))
-
-    def _recognition_failed_threadsafe(self, message: str) -> None:
-        """Called on the recognition thread when its engines fail."""
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._recognition_failed, message)
-
-    def _recognition_failed(self, message: str) -> None:
-        self.events.emit("input_error", error=message)
-        self.inbox.release()  # never leave turns held waiting for a final that cannot come
 
     # ------------------------------------------------------------------ speech events (from the bridge)
     def on_speech_started(self, event: SpeechStarted) -> None:
@@ -272,6 +260,10 @@ class MediaHandler:
         if event.text.strip():
             self.inbox.put(Pending("speech", UserInput("speech", text=event.text), event.utterance_id))
         self.inbox.release()
+
+    def on_recognition_failed(self, message: str) -> None:
+        self.events.emit("input_error", error=message)
+        self.inbox.release()  # never leave turns held waiting for a final that cannot come
 
     def _on_dtmf(self, digits: str) -> None:
         self.events.emit("dtmf", digits=digits)
@@ -298,7 +290,7 @@ class MediaHandler:
         self.events.emit("barge_in_decided", t=now, turn_id=turn.id, trigger=trigger)
         turn.cancelled = True
         self.writer.stop_audio(turn.id)
-        track = self.player.current if self.player.current and self.player.current.turn_id == turn.id else None
+        track = self.player.track_of(turn.id)
         turn.heard_ms = track.heard_ms(now) if track else 0.0
         turn.heard_text = track.heard_text(now) if track else ""
         self.player.cut(now)

@@ -82,9 +82,9 @@ class Player:
         self.current = Track(turn_id, Framer(self._frame_bytes))
         return self.current
 
-    def audible(self, now: float | None = None) -> bool:
-        """Is agent audio still playing (or queued) at the caller?"""
-        return (time.monotonic() if now is None else now) < self._playout_end_t
+    def track_of(self, turn_id: int) -> Track | None:
+        """The track of `turn_id` if it is the one playing (a turn cancelled while thinking has none)."""
+        return self.current if self.current is not None and self.current.turn_id == turn_id else None
 
     async def play(self, track: Track, pcm: bytes, text: str | None = None) -> None:
         """Queue `pcm` (any length) for playout, sending whole frames as the clock allows."""

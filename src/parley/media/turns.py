@@ -53,12 +53,10 @@ class TurnInbox:
         self._capacity = capacity
         self._changed = asyncio.Event()
         self._held = False
-        self.merged = 0
 
     def put(self, item: Pending) -> None:
         if len(self._items) >= self._capacity and item.kind == "speech" and self._items[-1].kind == "speech":
             self._items[-1] = _merge(self._items[-1], item)
-            self.merged += 1
         else:
             self._items.append(item)
         self._changed.set()
