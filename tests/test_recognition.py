@@ -7,10 +7,15 @@ import threading
 import time
 
 import numpy as np
+import pytest
+from concurrent.futures import ThreadPoolExecutor
 
 from parley.media.bridge import ThreadBridge
-from parley.media.recognition import RecognitionThread, SegmenterConfig
+from parley.audio import read_wav
+from parley.benchmarks.common import CLIPS_DIR
+from parley.media.recognition import FinalPass, RecognitionThread, SegmenterConfig
 from parley.speech.pocketsphinx import PocketsphinxRecognizer
+from parley.speech.whisper import WhisperTranscriber
 from parley.speech.vad import SileroVad
 from parley.engines import recognizer_pool, vad_pool
 from tests.test_media_units import RecordingSink
@@ -25,12 +30,14 @@ def frames_of(pcm: np.ndarray, frame_samples: int) -> list[bytes]:
     return [data[i : i + size].ljust(size, b"\0") for i in range(0, len(data), size)]
 
 
-async def run_recognition(pcm: np.ndarray, rate: int = 16000, expect_final: bool = True) -> RecordingSink:
+async def run_recognition(
+    pcm: np.ndarray, rate: int = 16000, expect_final: bool = True, final_pass: FinalPass | None = None
+) -> RecordingSink:
     sink = RecordingSink()
     bridge = ThreadBridge(asyncio.get_running_loop(), sink)
     thread = RecognitionThread(
         call_id="test", input_rate=rate, vads=VADS, recognizers=RECOGNIZERS,
-        bridge=bridge, config=SegmenterConfig(),
+        bridge=bridge, config=SegmenterConfig(), final_pass=final_pass,
     )
     thread.start()
     silence = np.zeros(rate // 2, dtype=np.int16)
@@ -60,6 +67,7 @@ async def test_speech_gives_onset_partials_and_final(hours_pcm: np.ndarray) -> N
     final = next(event for kind, event, _ in sink.seen if kind == "final")
     assert "opening" in final.text
     assert kinds.count("speech") == 1 and kinds.count("final") == 1
+    assert kinds.count("continues") == 1  # 1.5 s of speech is more than a backchannel
 
 
 async def test_24khz_input_is_resampled_for_recognition(voice) -> None:  # type: ignore[no-untyped-def]
@@ -98,3 +106,58 @@ async def test_an_engine_failure_reaches_the_loop_through_the_bridge() -> None:
     assert [(kind, name) for kind, _, name in sink.seen] == [("failed", threading.current_thread().name)]
     assert "model files missing" in sink.seen[0][1]
     assert not thread.alive
+
+
+@pytest.fixture(scope="module")
+def whisper() -> WhisperTranscriber:
+    return WhisperTranscriber()
+
+
+async def test_two_pass_final_comes_from_whisper(whisper: WhisperTranscriber) -> None:
+    """Real read speech (LibriVox): partials from pocketsphinx, the final from Whisper."""
+    pcm = read_wav(CLIPS_DIR / "librivox-0930.wav", 16000)  # "he might even have been made amiable himself"
+    with ThreadPoolExecutor(1) as executor:
+        sink = await run_recognition(pcm, final_pass=FinalPass(whisper, executor))
+    kinds = [kind for kind, _, _ in sink.seen]
+    assert kinds[0] == "speech" and "partial" in kinds and kinds.count("final") == 1
+    final = next(event for kind, event, _ in sink.seen if kind == "final")
+    assert final.text == "He might even have been made amiable himself."
+    assert threading.current_thread().name == next(name for kind, _, name in sink.seen if kind == "final")
+
+
+class BrokenTranscriber:
+    sample_rate = 16000
+
+    def transcribe(self, pcm: bytes) -> str:
+        raise RuntimeError("out of memory")
+
+
+async def test_a_failed_second_pass_falls_back_to_the_streaming_text(hours_pcm: np.ndarray) -> None:
+    with ThreadPoolExecutor(1) as executor:
+        sink = await run_recognition(hours_pcm, final_pass=FinalPass(BrokenTranscriber(), executor))
+    final = next(event for kind, event, _ in sink.seen if kind == "final")
+    assert "opening" in final.text  # pocketsphinx's text: the caller is still answered
+
+
+def test_whisper_says_nothing_for_silence_and_noise(whisper: WhisperTranscriber) -> None:
+    rng = np.random.default_rng(3)
+    noise = (rng.normal(0, 0.05, 16000) * 32767).astype(np.int16)
+    assert whisper.transcribe(bytes(32000)) == ""
+    assert whisper.transcribe(noise.tobytes()) == ""
+    assert whisper.transcribe(b"") == ""
+
+
+def test_bundled_whisper_model_is_verified(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    from parley.speech.whisper import WhisperModelError, bundled_model_dir, verify_bundled_model
+
+    copy = tmp_path / "model"
+    shutil.copytree(bundled_model_dir(), copy)
+    verify_bundled_model(copy)
+    with open(copy / "config.json", "a") as config:
+        config.write(" ")
+    with pytest.raises(WhisperModelError, match="config.json"):
+        verify_bundled_model(copy)
+    with pytest.raises(WhisperModelError, match="not a CTranslate2 Whisper model"):
+        WhisperTranscriber(tmp_path)

@@ -31,6 +31,14 @@ class SpeechStarted:
 
 
 @dataclass(frozen=True, slots=True)
+class SpeechContinues:
+    """The open utterance has been voiced for `long_speech_ms`: more than a backchannel or cough."""
+
+    utterance_id: int
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
 class Partial:
     utterance_id: int
     text: str
@@ -51,6 +59,8 @@ class SpeechSink:
 
     def on_speech_started(self, event: SpeechStarted) -> None: ...
 
+    def on_speech_continues(self, event: SpeechContinues) -> None: ...
+
     def on_partial(self, event: Partial) -> None: ...
 
     def on_final(self, event: Final) -> None: ...
@@ -67,9 +77,13 @@ class ThreadBridge:
         self._closed = False
 
     # --- called on the recognition thread; never blocks ------------------------------------------
-    def schedule_barge_in(self, event: SpeechStarted) -> None:
-        """Speech onset: hand it to the loop at once, where the barge-in policy decides."""
-        self._post(self._sink.on_speech_started, event)
+    def schedule_barge_in(self, event: SpeechStarted | SpeechContinues) -> None:
+        """Speech onset (or sustained speech): hand it to the loop at once, where the barge-in
+        policy decides. Never dropped."""
+        if isinstance(event, SpeechStarted):
+            self._post(self._sink.on_speech_started, event)
+        else:
+            self._post(self._sink.on_speech_continues, event)
 
     def queue_partial(self, event: Partial) -> None:
         with self._lock:
@@ -83,11 +97,14 @@ class ThreadBridge:
     def queue_speech_result(self, event: Final) -> None:
         """A final result; it becomes the caller's input for the next turn. Never dropped.
 
-        An undelivered partial of the same utterance is superseded by the final; discarding it also
-        keeps order: a later utterance's partial can never be delivered ahead of this final.
+        An undelivered partial of the same utterance is superseded by the final. With a second
+        pass the final may be ready after the next utterance has begun: its partials are kept.
+        May be called from any thread (the second pass delivers from its executor).
         """
         with self._lock:
-            self._pending_partial = None
+            pending = self._pending_partial
+            if pending is not None and pending.utterance_id <= event.utterance_id:
+                self._pending_partial = None
         self._post(self._sink.on_final, event)
 
     def report_failure(self, message: str) -> None:

@@ -8,18 +8,21 @@ goes to the loop through the ThreadBridge.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
 from collections import deque
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import numpy as np
 
-from parley.audio import StreamResampler, pcm_to_float
-from parley.media.bridge import Final, Partial, SpeechStarted, ThreadBridge
+from parley.audio import SILENCE_DBFS, StreamResampler, pcm_to_float
+from parley.media.bridge import Final, Partial, SpeechContinues, SpeechStarted, ThreadBridge
+from parley.media.echo import EchoGate
 from parley.pool import EnginePool
-from parley.protocols import Recognizer, Vad
+from parley.protocols import Recognizer, Transcriber, Vad
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,11 @@ class SegmenterConfig:
     # Windows quieter than this are not speech whatever the model says, so the model is not run:
     # callers are silent most of a call and ACS sends (near-)digital silence then.
     silence_floor_dbfs: float = -65.0
+    # Two-pass: start the accurate pass this far into the closing silence, so its text is ready
+    # when the endpoint is declared (thrown away if the caller goes on speaking).
+    early_final_ms: int = 200
+    # Voiced speech this long within one utterance is "more than a backchannel" (SpeechContinues).
+    long_speech_ms: int = 600
 
     @property
     def release_threshold(self) -> float:
@@ -43,23 +51,51 @@ class SegmenterConfig:
         return max(0.05, self.threshold - 0.15)
 
 
+class FinalPass:
+    """The accurate second pass (Whisper) shared by every call of the process.
+
+    A bounded executor (`stt_workers` threads) runs it; recognition threads only submit and never
+    wait, so a slow final cannot delay barge-in detection.
+    """
+
+    def __init__(self, transcriber: Transcriber, executor: Executor) -> None:
+        self.transcriber = transcriber
+        self._executor = executor
+
+    def submit(self, pcm: bytes) -> Future[str]:
+        return self._executor.submit(self.transcriber.transcribe, pcm)
+
+
 class SpeechSegmenter:
     """Turns VAD windows into utterances and drives the recognizer. Runs on the recognition thread.
 
     An utterance starts after `speech_start_ms` of consecutive speech windows (that run, plus a
     pre-roll, is what the recognizer hears first) and ends after `endpoint_silence_ms` of silence.
+    The streaming recognizer gives partials; with a `final_pass` its text is only the fallback
+    and the final comes from the accurate pass over the whole utterance. With an `echo_gate`,
+    windows explained by the agent's own echo do not count towards a start.
     """
 
     def __init__(
-        self, vad: Vad, recognizer: Recognizer, bridge: ThreadBridge, config: SegmenterConfig
+        self,
+        vad: Vad,
+        recognizer: Recognizer,
+        bridge: ThreadBridge,
+        config: SegmenterConfig,
+        final_pass: FinalPass | None = None,
+        echo_gate: EchoGate | None = None,
     ) -> None:
         self._vad = vad
         self._recognizer = recognizer
         self._bridge = bridge
         self._config = config
+        self._final_pass = final_pass
+        self._echo_gate = echo_gate
         window_ms = 1000 * vad.window_samples / vad.sample_rate
         self._start_windows = max(1, round(config.speech_start_ms / window_ms))
         self._end_windows = max(1, round(config.endpoint_silence_ms / window_ms))
+        self._early_windows = max(1, round(config.early_final_ms / window_ms))
+        self._long_windows = max(1, round(config.long_speech_ms / window_ms))
         self._window_s = window_ms / 1000
         self._silence_power = 10 ** (config.silence_floor_dbfs / 10)  # mean square of a float window
         self._samples = np.zeros(0, dtype=np.float32)
@@ -71,6 +107,9 @@ class SpeechSegmenter:
         self._last_speech_t = 0.0
         self._utterance_id = 0
         self._utterance_started_t: float | None = None
+        self._audio = bytearray()  # the open utterance, for the final pass
+        self._early: Future[str] | None = None
+        self._voiced = 0  # speech windows in the open utterance
 
     @property
     def in_utterance(self) -> bool:
@@ -88,13 +127,19 @@ class SpeechSegmenter:
         size = self._vad.window_samples
         while self._samples.size >= size:
             window_t = self._samples_t
-            probability = self._probability(self._samples[:size])
+            probability = self._probability(self._samples[:size], window_t)
             self._samples = self._samples[size:]
             self._samples_t += self._window_s
             self._on_window(probability, window_t)
 
-    def _probability(self, window: np.ndarray) -> float:
-        if float(np.dot(window, window)) / window.size < self._silence_power:
+    def _probability(self, window: np.ndarray, window_t: float) -> float:
+        power = float(np.dot(window, window)) / window.size
+        gate = self._echo_gate
+        if gate is not None and not self.in_utterance:
+            level = 10 * math.log10(power) if power > 1e-12 else SILENCE_DBFS
+            if gate.explains(window_t, level, self._window_s):
+                return 0.0  # our own voice coming back: not the caller
+        if power < self._silence_power:
             return 0.0
         return self._vad.speech_probability(window)
 
@@ -110,8 +155,14 @@ class SpeechSegmenter:
         if probability >= self._config.release_threshold:
             self._silence = 0
             self._last_speech_t = window_t + self._window_s
+            self._voiced += 1
+            self._discard_early_final()
+            if self._voiced == self._long_windows:
+                self._bridge.schedule_barge_in(SpeechContinues(self._utterance_id, time.monotonic()))
         else:
             self._silence += 1
+            if self._silence == self._early_windows:
+                self._start_early_final()
         too_long = time.monotonic() - self._utterance_started_t > self._config.max_utterance_s
         if self._silence >= self._end_windows or too_long:
             self._end_utterance(self._last_speech_t)
@@ -131,6 +182,7 @@ class SpeechSegmenter:
         self._utterance_id += 1
         self._utterance_started_t = now
         self._silence = 0
+        self._voiced = self._run
         self._run = 0
         self._last_speech_t = now
         self._bridge.schedule_barge_in(SpeechStarted(self._utterance_id, self._run_start_t, now))
@@ -146,11 +198,37 @@ class SpeechSegmenter:
         endpoint_t = time.monotonic()
         text = self._recognizer.end()
         self._utterance_started_t = None
-        self._bridge.queue_speech_result(
-            Final(self._utterance_id, text, time.monotonic(), speech_end_t, endpoint_t)
-        )
+        utterance_id = self._utterance_id
+        if self._final_pass is None:
+            self._bridge.queue_speech_result(Final(utterance_id, text, time.monotonic(), speech_end_t, endpoint_t))
+            return
+        future = self._early or self._final_pass.submit(bytes(self._audio))
+        self._early = None
+        self._audio.clear()
+        bridge = self._bridge
+
+        def deliver(done: Future[str]) -> None:  # on an executor thread: only the bridge is touched
+            final_text = text
+            if not done.cancelled() and done.exception() is None:
+                final_text = done.result()
+            elif not done.cancelled():
+                log.error("final pass failed, using the streaming text: %s", done.exception())
+            bridge.queue_speech_result(Final(utterance_id, final_text, time.monotonic(), speech_end_t, endpoint_t))
+
+        future.add_done_callback(deliver)
+
+    def _start_early_final(self) -> None:
+        if self._final_pass is not None and self._early is None:
+            self._early = self._final_pass.submit(bytes(self._audio))
+
+    def _discard_early_final(self) -> None:
+        if self._early is not None:
+            self._early.cancel()  # a no-op once it runs; its result is simply not used
+            self._early = None
 
     def _feed_recognizer(self, pcm: bytes) -> None:
+        if self._final_pass is not None:
+            self._audio += pcm
         partial = self._recognizer.feed(pcm)
         if partial:
             self._bridge.queue_partial(Partial(self._utterance_id, partial, time.monotonic()))
@@ -173,6 +251,8 @@ class RecognitionThread:
         bridge: ThreadBridge,
         config: SegmenterConfig,
         capacity: int = 500,
+        final_pass: FinalPass | None = None,
+        echo_gate: EchoGate | None = None,
     ) -> None:
         # SimpleQueue (C, no Condition) costs the event loop a fraction of queue.Queue per frame;
         # the bound is enforced in `submit`.
@@ -182,6 +262,8 @@ class RecognitionThread:
         self._recognizers = recognizers
         self._bridge = bridge
         self._config = config
+        self._final_pass = final_pass
+        self.echo_gate = echo_gate
         self._input_rate = input_rate
         self._stopping = threading.Event()
         self.dropped_frames = 0
@@ -225,7 +307,9 @@ class RecognitionThread:
         try:
             vad = self._vads.acquire()
             recognizer = self._recognizers.acquire()
-            segmenter = SpeechSegmenter(vad, recognizer, self._bridge, self._config)
+            segmenter = SpeechSegmenter(
+                vad, recognizer, self._bridge, self._config, self._final_pass, self.echo_gate
+            )
             resampler = StreamResampler(self._input_rate, vad.sample_rate)
             self._consume(segmenter, resampler)
             segmenter.flush()
