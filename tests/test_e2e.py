@@ -50,8 +50,12 @@ async def test_barge_in_stops_the_agent_and_it_answers_the_interruption(server, 
     assert report.stop_audio_count == 1
     assert len(report.onset_to_stop_ms) == 1 and 0 < report.onset_to_stop_ms[0] < 1000
     assert report.leaked_audio_ms == 0
+    # Default 'pause' mode: StopAudio at the VAD gate, the turn cancelled once words confirm it.
+    paused = events_named(report, "barge_in_paused")
     decided = events_named(report, "barge_in_decided")
-    assert decided and decided[0]["trigger"] == "vad"
+    assert paused and decided and paused[0]["turn_id"] == decided[0]["turn_id"]
+    assert decided[0]["trigger"] in ("partial", "sustained_speech", "final")
+    assert events_named(report, "barge_in_resumed") == []
     cancelled = events_named(report, "turn_cancelled")
     assert cancelled[0]["turn_id"] == decided[0]["turn_id"]
     assert 800 < cancelled[0]["heard_ms"] < 1600  # the caller heard about barge_in_at of the greeting

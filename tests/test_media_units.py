@@ -10,7 +10,7 @@ import time
 import pytest
 
 from parley.media.bargein import ActiveTurn, BargeInPolicy, Signal
-from parley.media.bridge import Final, Partial, SpeechStarted, ThreadBridge
+from parley.media.bridge import SpeechContinues, Final, Partial, SpeechStarted, ThreadBridge
 from parley.media.events import EventLog
 from parley.media.player import Player
 from parley.media.turns import Pending, TurnInbox
@@ -24,6 +24,9 @@ class RecordingSink:
 
     def on_speech_started(self, event: SpeechStarted) -> None:
         self.seen.append(("speech", event, threading.current_thread().name))
+
+    def on_speech_continues(self, event: SpeechContinues) -> None:
+        self.seen.append(("continues", event, threading.current_thread().name))
 
     def on_partial(self, event: Partial) -> None:
         self.seen.append(("partial", event, threading.current_thread().name))
@@ -91,28 +94,63 @@ async def test_inbox_never_merges_dtmf() -> None:
     assert (await inbox.get()).user.digits == "2"
 
 
+SPEAKING = ActiveTurn(1, True, 1, state="speaking")
+PENDING = ActiveTurn(1, True, 1, state="speaking", pending=True, recent_text="our hours are eleven to ten")
+THINKING = ActiveTurn(1, True, 1, state="thinking")
+
+
 @pytest.mark.parametrize(
-    ("signal", "turn", "interrupt", "reason"),
+    ("signal", "turn", "action", "reason"),
     [
-        (Signal("vad", 2), None, False, "agent_idle"),
-        (Signal("vad", 2), ActiveTurn(1, False, 1), False, "not_interruptible"),
-        (Signal("vad", 1), ActiveTurn(1, True, 1), False, "same_utterance"),
-        (Signal("partial", 1, "trailing words"), ActiveTurn(1, True, 1), False, "same_utterance"),
-        (Signal("partial", 2, "uh"), ActiveTurn(1, True, 1), False, "partial_too_short"),
-        (Signal("partial", 2, "wait a moment"), ActiveTurn(1, True, 1), True, "partial"),
-        (Signal("vad", 2), ActiveTurn(1, True, 1), True, "vad"),
-        (Signal("dtmf"), ActiveTurn(1, True, 1), True, "dtmf"),
+        (Signal("vad", 2), None, "none", "agent_idle"),
+        (Signal("vad", 2), ActiveTurn(1, False, 1), "none", "not_interruptible"),
+        (Signal("dtmf"), ActiveTurn(1, False, 1), "none", "not_interruptible"),
+        (Signal("vad", 1), SPEAKING, "none", "same_utterance"),
+        (Signal("partial", 1, "trailing words"), SPEAKING, "none", "same_utterance"),
+        # speaking, default 'pause' mode: pause at the VAD gate, then wait for proof
+        (Signal("vad", 2), SPEAKING, "pause", "vad"),
+        (Signal("vad", 3), PENDING, "none", "already_pending"),
+        (Signal("partial", 2, "uh"), SPEAKING, "none", "backchannel"),
+        (Signal("partial", 2, "ok"), SPEAKING, "none", "backchannel"),
+        (Signal("partial", 2, "wait a moment"), PENDING, "none", "awaiting_final"),
+        (Signal("continues", 2), PENDING, "cancel", "sustained_speech"),
+        (Signal("final", 2, "Uh-huh."), PENDING, "resume", "backchannel"),
+        (Signal("final", 2, "Mm-hmm, okay."), PENDING, "resume", "backchannel"),
+        (Signal("final", 2, ""), PENDING, "resume", "no_words"),
+        (Signal("final", 2, "eleven to ten"), PENDING, "resume", "echo"),
+        (Signal("final", 2, "No, I want a large one."), PENDING, "cancel", "final"),
+        (Signal("final", 2, "Okay, cancel that"), PENDING, "cancel", "final"),
+        (Signal("timeout"), PENDING, "resume", "no_words"),
+        (Signal("timeout"), SPEAKING, "none", "not_pending"),
+        (Signal("dtmf"), SPEAKING, "cancel", "dtmf"),
+        # thinking: any real speech cancels the answer being prepared
+        (Signal("vad", 2), THINKING, "cancel", "vad"),
+        (Signal("partial", 2, "uh"), THINKING, "none", "partial_too_short"),
     ],
 )
-def test_barge_in_policy(signal: Signal, turn: ActiveTurn | None, interrupt: bool, reason: str) -> None:
+def test_barge_in_policy(signal: Signal, turn: ActiveTurn | None, action: str, reason: str) -> None:
     decision = BargeInPolicy(partial_min_chars=4).decide(signal, turn)
-    assert (decision.interrupt, decision.reason) == (interrupt, reason)
+    assert (decision.action, decision.reason) == (action, reason)
+
+
+def test_policy_modes() -> None:
+    assert BargeInPolicy(speaking="stop").decide(Signal("vad", 2), SPEAKING).action == "cancel"
+    assert BargeInPolicy(speaking="confirm").decide(Signal("vad", 2), SPEAKING).action == "hold"
+    confirm = BargeInPolicy(speaking="confirm")
+    assert confirm.decide(Signal("partial", 2, "o que"), PENDING).action == "none"
+    assert confirm.decide(Signal("partial", 2, "wait a moment"), PENDING).action == "cancel"
+    assert BargeInPolicy(speaking="stop").decide(Signal("partial", 2, "wait"), SPEAKING).action == "cancel"
+    assert BargeInPolicy(speaking="off").decide(Signal("continues", 2), SPEAKING).action == "none"
+    assert BargeInPolicy(thinking="off").decide(Signal("vad", 2), THINKING).action == "none"
+    custom = BargeInPolicy(backchannels=("go on",))
+    assert custom.decide(Signal("final", 2, "Go on."), PENDING).reason == "backchannel"
+    assert custom.decide(Signal("final", 2, "yeah"), PENDING).action == "cancel"
 
 
 def test_policy_can_disable_partial_and_dtmf_triggers() -> None:
-    policy = BargeInPolicy(partial_min_chars=0, on_dtmf=False)
-    assert not policy.decide(Signal("partial", 2, "a long partial"), ActiveTurn(1, True, 1)).interrupt
-    assert not policy.decide(Signal("dtmf"), ActiveTurn(1, True, 1)).interrupt
+    policy = BargeInPolicy(partial_min_chars=0, on_dtmf=False, speaking="stop")
+    assert not policy.decide(Signal("partial", 2, "a long partial"), PENDING).interrupt
+    assert not policy.decide(Signal("dtmf"), SPEAKING).interrupt
 
 
 class Socket:
@@ -162,3 +200,34 @@ async def test_writer_drops_cancelled_turn_audio_and_sends_stop_first() -> None:
     assert kinds == ["StopAudio", "AudioData"]  # turn 1's frames dropped, turn 2's sent
     assert writer.frames_dropped == 3
     assert [e["event"] for e in events.snapshot()] == ["stop_audio_sent", "first_audio_sent"]
+
+
+async def test_player_pause_stops_sending_and_resume_restarts_the_clause() -> None:
+    socket = Socket()
+    writer = OutboundWriter(socket.send_text, EventLog("t", to_log=False))
+    writer_task = asyncio.create_task(writer.run())
+    player = Player(writer, frame_bytes=640, lead_ms=40)
+    track = player.begin(1)
+
+    async def speak() -> None:
+        for text in ("one two", "three four", "five six"):
+            await player.play(track, bytes(640 * 10), text=text)  # 200 ms each
+        await player.finish(track)
+
+    speaking = asyncio.create_task(speak())
+    await asyncio.sleep(0.3)  # inside the second clause
+    writer.pause_audio(1)
+    heard = player.pause(track, time.monotonic())
+    assert 260 <= heard <= 360 and track.paused
+    await asyncio.sleep(0.02)
+    sent_at_pause = len(socket.sent)
+    await asyncio.sleep(0.2)
+    assert len(socket.sent) == sent_at_pause  # nothing while paused
+    assert not speaking.done()  # a paused reply does not complete
+    assert [m["Kind"] for _, m in socket.sent].count("StopAudio") == 1
+    assert player.resume(track) == 200.0  # the start of "three four"
+    await asyncio.wait_for(speaking, 2)
+    audio_after_stop = [m for _, m in socket.sent[sent_at_pause:] if m["Kind"] == "AudioData"]
+    assert len(audio_after_stop) == 20  # 400 ms: clauses two and three, from the start of two
+    assert track.heard_text(time.monotonic()) == "one two three four five six"
+    writer_task.cancel()

@@ -48,6 +48,19 @@ class Recognizer(Protocol):
 
 
 @runtime_checkable
+class Transcriber(Protocol):
+    """A whole-utterance recognizer: the accurate second pass that produces the final text.
+
+    `transcribe` is blocking CPU work; the recognition thread runs it on a bounded executor and
+    never waits for it. It must be safe to call from several threads.
+    """
+
+    sample_rate: int
+
+    def transcribe(self, pcm: bytes) -> str: ...
+
+
+@runtime_checkable
 class Synthesizer(Protocol):
     """Text to 16-bit mono PCM at the requested rate, streamed in chunks as it is produced.
 
@@ -68,9 +81,13 @@ class UserInput:
 
 @dataclass(frozen=True, slots=True)
 class Say:
-    """Agent output: text to speak. Agents may yield many of these per turn (streaming)."""
+    """Agent output: text to speak. Agents may yield many of these per turn (streaming).
+
+    `interruptible=False` plays the text through whatever the caller says (legal notices).
+    """
 
     text: str
+    interruptible: bool = True
 
 
 @dataclass(frozen=True, slots=True)

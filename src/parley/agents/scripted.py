@@ -140,6 +140,8 @@ class IntentSpec(BaseModel):
     reply: str | None = None
     replies: list[str] | None = None
     end_call: bool = False
+    # False plays the reply through anything the caller says (a legal notice, a disclosure).
+    interruptible: bool = True
 
     # Derived at validation time so every call shares the work done once at startup.
     _keywords: tuple[str, ...] = PrivateAttr(default=())
@@ -437,8 +439,9 @@ class ScriptedAgent:
         intent = self._match(user)
         self.last_intent = intent.name if intent is not None else None
         reply = self._next_reply(intent, user)
+        interruptible = intent.interruptible if intent is not None else True
         for sentence in split_sentences(_fill_placeholders(reply, user.text.strip(), user.digits)):
-            yield Say(sentence)
+            yield Say(sentence, interruptible=interruptible)
         if intent is not None and intent.end_call:
             yield Hangup(reason=f"intent:{intent.name}")
 

@@ -1,15 +1,41 @@
-"""Barge-in policy: decides whether a caller signal interrupts the agent. Pure; the handler acts.
+"""Barge-in policy: what a caller signal does to the agent's turn. Pure; the handler acts.
 
-Signals: the VAD's sustained-speech gate (the earliest reliable one), a recognizer partial (the
-seeds' trigger, useful when the VAD gate is set long), and a DTMF key.
+Signals, earliest first: the VAD's sustained-speech gate (`vad`, ~64 ms after onset), recognizer
+partials, `continues` (the utterance stayed voiced for `long_speech_ms`: more than a backchannel),
+the utterance's `final` text, a `timeout` of a pending interruption, and DTMF keys.
+
+Per agent state (the seeds treat every sound as an interruption; real phones need more care):
+- thinking (no audio out yet): `cancel` the turn (its input is answered with the new one) or `off`;
+- speaking, one of
+  - `pause` (default): StopAudio at the VAD gate, as fast as a hard stop, then wait for proof: more
+    speech or real words confirm (the turn is cancelled), while a backchannel ("uh-huh"), a cough,
+    our own echo or no words at all within `resume_after_ms` resume the reply where it was cut;
+  - `confirm`: keep talking until the same proof arrives (backchannels never interrupt at all,
+    at the cost of ~0.3-0.6 s slower real barge-ins);
+  - `stop`: the seeds' behaviour, any speech cancels at once;
+  - `off`.
+Non-interruptible turns and clauses (a greeting, a legal notice) ignore every signal, DTMF included.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Literal
 
-Trigger = Literal["vad", "partial", "dtmf"]
+Trigger = Literal["vad", "continues", "partial", "final", "timeout", "dtmf"]
+SpeakingMode = Literal["pause", "confirm", "stop", "off"]
+ThinkingMode = Literal["cancel", "off"]
+AgentState = Literal["thinking", "speaking"]
+Action = Literal["none", "pause", "hold", "cancel", "resume"]
+
+DEFAULT_BACKCHANNELS = (
+    "uh-huh", "mm-hmm", "mhm", "mm", "hmm", "uh", "um", "ah", "oh", "huh", "yeah", "yep", "okay",
+    "ok", "right", "alright", "sure", "i see", "got it", "cool", "nice", "wow",
+    # how Whisper spells a hummed "mm-hmm"
+    "um-hum", "uh-hum", "mm-hm", "hm", "hum", "mmm",
+)
+_ECHO_SHARE = 0.6  # at least this share of the words were in what the agent just said: echo
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,32 +52,110 @@ class ActiveTurn:
     turn_id: int
     interruptible: bool
     source_utterance_id: int  # the newest caller utterance this turn answers
+    state: AgentState = "speaking"
+    pending: bool = False  # an interruption is waiting for proof (paused or held)
+    recent_text: str = ""  # what the agent said in the last seconds (to recognise its echo)
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    interrupt: bool
+    action: Action
     reason: str
+
+    @property
+    def interrupt(self) -> bool:
+        return self.action == "cancel"
+
+
+def normalize_words(text: str) -> list[str]:
+    """Lower-case words without punctuation; hyphenated fillers kept whole ("uh-huh" -> "uhhuh")."""
+    return re.sub(r"[^a-z0-9' ]+", "", text.lower().replace("-", "")).split()
 
 
 @dataclass(frozen=True, slots=True)
 class BargeInPolicy:
     partial_min_chars: int = 4
     on_dtmf: bool = True
+    speaking: SpeakingMode = "pause"
+    thinking: ThinkingMode = "cancel"
+    backchannels: tuple[str, ...] = DEFAULT_BACKCHANNELS
+    _fillers: frozenset[str] = field(init=False, repr=False)
+    _phrases: frozenset[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        phrases = {" ".join(normalize_words(phrase)) for phrase in self.backchannels}
+        object.__setattr__(self, "_phrases", frozenset(phrases))
+        object.__setattr__(self, "_fillers", frozenset(p for p in phrases if " " not in p))
 
     def decide(self, signal: Signal, turn: ActiveTurn | None) -> Decision:
         if turn is None:
-            return Decision(False, "agent_idle")
+            return Decision("none", "agent_idle")
         if not turn.interruptible:
-            return Decision(False, "not_interruptible")
+            return Decision("none", "not_interruptible")
         if signal.trigger == "dtmf":
-            return Decision(self.on_dtmf, "dtmf" if self.on_dtmf else "dtmf_disabled")
+            return Decision("cancel", "dtmf") if self.on_dtmf else Decision("none", "dtmf_disabled")
+        if signal.trigger == "timeout":
+            return Decision("resume", "no_words") if turn.pending else Decision("none", "not_pending")
         if signal.utterance_id <= turn.source_utterance_id:
             # A late signal of the very utterance this turn answers (the seeds' "turn guard").
-            return Decision(False, "same_utterance")
-        if signal.trigger == "partial" and not self._partial_long_enough(signal.text):
-            return Decision(False, "partial_too_short")
-        return Decision(True, signal.trigger)
+            return Decision("none", "same_utterance")
+        if turn.state == "thinking":
+            return self._while_thinking(signal)
+        return self._while_speaking(signal, turn)
 
-    def _partial_long_enough(self, text: str) -> bool:
+    def _while_thinking(self, signal: Signal) -> Decision:
+        if self.thinking == "off":
+            return Decision("none", "thinking_not_interruptible")
+        if signal.trigger == "partial" and not self._long_enough(signal.text):
+            return Decision("none", "partial_too_short")
+        if signal.trigger == "final" and not signal.text.strip():
+            return Decision("none", "no_words")
+        return Decision("cancel", signal.trigger)
+
+    def _while_speaking(self, signal: Signal, turn: ActiveTurn) -> Decision:
+        mode = self.speaking
+        if mode == "off":
+            return Decision("none", "speaking_not_interruptible")
+        if signal.trigger == "vad":
+            if mode == "stop":
+                return Decision("cancel", "vad")
+            if turn.pending:
+                return Decision("none", "already_pending")
+            return Decision("pause" if mode == "pause" else "hold", "vad")
+        if signal.trigger == "continues":
+            return Decision("cancel", "sustained_speech")
+        words, reason = self._content_words(signal.text, turn.recent_text)
+        if signal.trigger == "partial":
+            return self._partial(words, reason, mode)
+        # final: the whole utterance is known
+        if words:
+            return Decision("cancel", "final")
+        return Decision("resume", reason) if turn.pending else Decision("none", reason)
+
+    def _partial(self, words: list[str], reason: str, mode: SpeakingMode) -> Decision:
+        """Streaming partials of short sounds are often wrong ("okay" -> "o que"). Paused, the
+        caller hears nothing more anyway: wait for the final or sustained speech. Still talking
+        (`confirm`), a partial of two words, eight letters or more confirms."""
+        if mode == "pause":
+            return Decision("none", reason or "awaiting_final")
+        text = " ".join(words)
+        if mode == "confirm" and (len(words) < 2 or len(text) < 8):
+            return Decision("none", reason or "partial_too_short")
+        if self._long_enough(text):
+            return Decision("cancel", "partial")
+        return Decision("none", reason or "partial_too_short")
+
+    def _content_words(self, text: str, recent_text: str) -> tuple[list[str], str]:
+        """Words that mean the caller wants the floor, and why there are none ('' if there are)."""
+        words = normalize_words(text)
+        if not words:
+            return [], "no_words"
+        if " ".join(words) in self._phrases or all(word in self._fillers for word in words):
+            return [], "backchannel"
+        spoken = set(normalize_words(recent_text))
+        if spoken and sum(word in spoken for word in words) >= _ECHO_SHARE * len(words):
+            return [], "echo"
+        return [word for word in words if word not in self._fillers], ""
+
+    def _long_enough(self, text: str) -> bool:
         return self.partial_min_chars > 0 and len(text.strip()) >= self.partial_min_chars

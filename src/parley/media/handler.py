@@ -19,22 +19,25 @@ from dataclasses import dataclass
 from starlette.websockets import WebSocket, WebSocketState
 
 from parley.engines import Engines
-from parley.media.bargein import ActiveTurn, BargeInPolicy, Signal
-from parley.media.bridge import Final, Partial, SpeechStarted, ThreadBridge
+from parley.media.bargein import ActiveTurn, BargeInPolicy, Decision, Signal
+from parley.media.bridge import Final, Partial, SpeechContinues, SpeechStarted, ThreadBridge
+from parley.media.echo import EchoGate, EchoReference
 from parley.media.events import CallRegistry, EventLog
-from parley.media.player import Player
+from parley.media.player import Player, Track
 from parley.media.recognition import RecognitionThread, SegmenterConfig
 from parley.media.turns import Pending, RouteTurnLoop, Turn, TurnInbox
 from parley.media.writer import OutboundWriter
 from parley.protocols import CallContext, Hangup, Say, UserInput
 from parley.settings import Settings
 from parley.transports import acs
+from parley.voice.clauses import quick_start, split_clauses
 
 log = logging.getLogger(__name__)
 
 _END = object()  # end of a turn's audio stream
 _MAX_CONSECUTIVE_ERRORS = 250  # 5 s of nothing but bad frames: the peer is not speaking ACS
 _LOGGED_ERRORS = 20  # log the first errors in full, then only every 100th
+_RECENT_WORDS = 16  # how much of the agent's speech its echo may repeat back
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +46,7 @@ class _Clip:
 
     text: str | None
     pcm: bytes
+    interruptible: bool = True
 
 
 class MediaHandler:
@@ -63,7 +67,13 @@ class MediaHandler:
         self.events = EventLog(call_id, to_log=settings.event_log)
         self.agent = engines.agent_factory(CallContext(call_id, correlation_id))
         self.synthesizer = engines.synthesizer_for(getattr(self.agent, "voice", None))
-        self.policy = BargeInPolicy(settings.bargein_partial_chars, settings.bargein_on_dtmf)
+        self.policy = BargeInPolicy(
+            partial_min_chars=settings.bargein_partial_chars,
+            on_dtmf=settings.bargein_on_dtmf,
+            speaking=settings.bargein_speaking,
+            thinking=settings.bargein_thinking,
+            backchannels=tuple(settings.backchannels),
+        )
         self.inbox = TurnInbox(settings.turn_queue_size)
         self.route = RouteTurnLoop(self.inbox, self._run_turn)
         self.format: acs.AudioFormat | None = None
@@ -71,6 +81,7 @@ class MediaHandler:
         self.player: Player | None = None
         self.bridge: ThreadBridge | None = None
         self.recognition: RecognitionThread | None = None
+        self.echo_reference = EchoReference() if settings.echo_gate else None
         self.frames_in = 0
         self.input_errors = 0
         self._consecutive_errors = 0
@@ -207,7 +218,9 @@ class MediaHandler:
     def _start_media(self, audio_format: acs.AudioFormat) -> None:
         self.format = audio_format
         assert self.writer is not None
-        self.player = Player(self.writer, audio_format.frame_bytes, self.settings.playout_lead_ms)
+        self.player = Player(
+            self.writer, audio_format.frame_bytes, self.settings.playout_lead_ms, self.echo_reference
+        )
         self.bridge = ThreadBridge(asyncio.get_running_loop(), self)
         self.recognition = RecognitionThread(
             call_id=self.call_id,
@@ -221,8 +234,12 @@ class MediaHandler:
                 endpoint_silence_ms=self.settings.endpoint_silence_ms,
                 preroll_ms=self.settings.preroll_ms,
                 max_utterance_s=self.settings.max_utterance_s,
+                early_final_ms=self.settings.early_final_ms,
+                long_speech_ms=self.settings.bargein_confirm_ms,
             ),
             capacity=self.settings.inbound_queue_frames,
+            final_pass=self.engines.final_pass,
+            echo_gate=EchoGate(self.echo_reference) if self.echo_reference else None,
         )
         self.recognition.start()
         self._spawn(self.route.run(), "route-turns")
@@ -246,6 +263,9 @@ class MediaHandler:
         self.inbox.hold()  # answer once the caller has finished, everything they said at once
         self._consider_barge_in(Signal("vad", event.utterance_id))
 
+    def on_speech_continues(self, event: SpeechContinues) -> None:
+        self._consider_barge_in(Signal("continues", event.utterance_id))
+
     def on_partial(self, event: Partial) -> None:
         self.events.emit("partial", t=event.t, utterance_id=event.utterance_id, text=event.text)
         self._consider_barge_in(Signal("partial", event.utterance_id, event.text))
@@ -257,13 +277,19 @@ class MediaHandler:
             "final", t=event.t, utterance_id=event.utterance_id, text=event.text,
             speech_end_t=event.speech_end_t,
         )
-        if event.text.strip():
+        decision = self._consider_barge_in(Signal("final", event.utterance_id, event.text))
+        said_over_agent = decision.reason in ("backchannel", "echo")  # not a request: not answered
+        if event.text.strip() and not said_over_agent:
             self.inbox.put(Pending("speech", UserInput("speech", text=event.text), event.utterance_id))
-        self.inbox.release()
+        if event.utterance_id >= self._latest_utterance_id:
+            self.inbox.release()  # (a second-pass final may arrive after the next utterance began)
 
     def on_recognition_failed(self, message: str) -> None:
         self.events.emit("input_error", error=message)
         self.inbox.release()  # never leave turns held waiting for a final that cannot come
+        turn = self.route.current
+        if turn is not None and turn.interruption_pending:
+            self._resume(turn, "recognition_failed")
 
     def _on_dtmf(self, digits: str) -> None:
         self.events.emit("dtmf", digits=digits)
@@ -271,26 +297,50 @@ class MediaHandler:
         self.inbox.put(Pending("dtmf", UserInput("dtmf", digits=digits), self._latest_utterance_id))
 
     # ------------------------------------------------------------------ barge-in
-    def _consider_barge_in(self, signal: Signal) -> None:
+    def _consider_barge_in(self, signal: Signal) -> Decision:
         turn = self.route.current
+        now = time.monotonic()
         active = None
         if turn is not None and not turn.cancelled:
-            active = ActiveTurn(turn.id, turn.interruptible, turn.source_utterance_id)
+            active = self._active_turn(turn, now)
         decision = self.policy.decide(signal, active)
-        if decision.interrupt and turn is not None:
+        if turn is None or active is None:
+            return decision
+        if decision.action == "cancel":
             self._barge_in(turn, decision.reason)
-        elif active is not None and signal.trigger != "partial":
+        elif decision.action in ("pause", "hold"):
+            self._hold(turn, now, pause=decision.action == "pause", utterance_id=signal.utterance_id)
+        elif decision.action == "resume":
+            self._resume(turn, decision.reason)
+        elif signal.trigger not in ("partial", "final", "timeout"):
             self.events.emit("barge_in_ignored", turn_id=active.turn_id, reason=decision.reason,
                              trigger=signal.trigger)
+        return decision
+
+    def _active_turn(self, turn: Turn, now: float) -> ActiveTurn:
+        track = self.player.track_of(turn.id) if self.player else None
+        interruptible = turn.interruptible
+        segment = track.segment_at(now) if track else None
+        if segment is not None and not segment.interruptible:
+            interruptible = False
+        speaking = track is not None and track.start_t is not None
+        recent = " ".join(track.played_text(now).split()[-_RECENT_WORDS:]) if track else ""
+        return ActiveTurn(
+            turn.id, interruptible, turn.source_utterance_id,
+            state="speaking" if speaking else "thinking",
+            pending=turn.interruption_pending, recent_text=recent,
+        )
 
     def _barge_in(self, turn: Turn, trigger: str) -> None:
         """Synchronous on purpose: StopAudio is queued before anything else can run on the loop."""
         assert self.writer is not None and self.player is not None
         now = time.monotonic()
         self.events.emit("barge_in_decided", t=now, turn_id=turn.id, trigger=trigger)
+        if turn.interruption_pending:
+            self.events.emit("barge_in_confirmed", t=now, turn_id=turn.id, reason=trigger)
         turn.cancelled = True
-        self.writer.stop_audio(turn.id)
         track = self.player.track_of(turn.id)
+        self.writer.stop_audio(turn.id, send_stop=not (track is not None and track.paused))
         turn.heard_ms = track.heard_ms(now) if track else 0.0
         turn.heard_text = track.heard_text(now) if track else ""
         self.player.cut(now)
@@ -300,6 +350,39 @@ class MediaHandler:
         if turn.heard_ms == 0 and turn.user is not None:
             # The caller heard none of this answer: answer that input together with what comes next.
             self.inbox.put_back(Pending(turn.kind, turn.user, turn.source_utterance_id))
+
+    def _hold(self, turn: Turn, now: float, *, pause: bool, utterance_id: int) -> None:
+        """A possible barge-in: stop the audio at once (pause) or keep talking (hold) until proof."""
+        assert self.writer is not None and self.player is not None
+        turn.interruption_pending = True
+        turn.pending_count += 1
+        heard = None
+        track = self.player.track_of(turn.id)
+        if pause and track is not None:
+            self.writer.pause_audio(turn.id)
+            heard = round(self.player.pause(track, now), 1)
+        self.events.emit("barge_in_paused" if pause else "barge_in_pending", t=now, turn_id=turn.id,
+                         utterance_id=utterance_id, heard_ms=heard)
+        asyncio.get_running_loop().call_later(
+            self.settings.resume_after_ms / 1000, self._on_pending_timeout, turn, turn.pending_count
+        )
+
+    def _on_pending_timeout(self, turn: Turn, pending_count: int) -> None:
+        if turn.cancelled or not turn.interruption_pending or turn.pending_count != pending_count:
+            return
+        if self.route.current is turn:
+            self._consider_barge_in(Signal("timeout"))
+
+    def _resume(self, turn: Turn, reason: str) -> None:
+        """A false interruption (no words, a backchannel, our echo): carry on with the reply."""
+        assert self.player is not None
+        turn.interruption_pending = False
+        track = self.player.track_of(turn.id)
+        position = None
+        if track is not None and track.paused:
+            position = round(self.player.resume(track), 1)
+        self.events.emit("barge_in_resumed", t=time.monotonic(), turn_id=turn.id, reason=reason,
+                         from_ms=position)
 
     # ------------------------------------------------------------------ one turn
     async def _run_turn(self, turn: Turn) -> None:
@@ -317,7 +400,7 @@ class MediaHandler:
                 if isinstance(item, Hangup):
                     hangup = item
                 elif isinstance(item, _Clip):
-                    await self.player.play(track, item.pcm, item.text)
+                    await self.player.play(track, item.pcm, item.text, item.interruptible)
             await producer
             await self.player.finish(track)
             self.events.emit("turn_completed", turn_id=turn.id, audio_ms=track.sent_ms,
@@ -345,13 +428,17 @@ class MediaHandler:
                 await clips.put(output)
                 break
             self.events.emit("agent_text", turn_id=turn.id, text=output.text)
-            text: str | None = output.text
-            async for pcm in self.synthesizer.stream(output.text, self.format.sample_rate):
-                if first_audio:
-                    self.events.emit("first_audio_ready", turn_id=turn.id)
-                    first_audio = False
-                await clips.put(_Clip(text, pcm))
-                text = None
+            # Clause by clause: the first clause plays while the next is synthesized, and a
+            # resumed reply restarts at a clause boundary.
+            clauses = split_clauses(output.text)
+            for clause in quick_start(clauses) if first_audio else clauses:
+                text: str | None = clause
+                async for pcm in self.synthesizer.stream(clause, self.format.sample_rate):
+                    if first_audio:
+                        self.events.emit("first_audio_ready", turn_id=turn.id)
+                        first_audio = False
+                    await clips.put(_Clip(text, pcm, output.interruptible))
+                    text = None
         await clips.put(_END)
 
     async def _agent_outputs(self, turn: Turn):  # type: ignore[no-untyped-def]

@@ -2,6 +2,10 @@
 
 Pacing at real time (instead of pushing a whole reply at once) is what makes StopAudio cheap (ACS
 has at most `lead` of audio queued to flush) and lets us know what the caller actually heard.
+
+A reply can be paused (a possible barge-in: StopAudio, nothing more is sent) and later resumed
+(it was a cough or an "uh-huh"): the track keeps its frames, and playout restarts at the start of
+the clause the caller was hearing, so they hear whole words again rather than a word cut in two.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from parley.audio import Framer
+from parley.audio import Framer, dbfs
+from parley.media.echo import EchoReference
 from parley.media.writer import OutboundWriter
 from parley.transports.acs import FRAME_MS, audio_data_message
 
@@ -19,11 +24,12 @@ _FRAME_S = FRAME_MS / 1000
 
 @dataclass
 class Segment:
-    """A piece of reply text and where its audio sits in the track (ms from track start)."""
+    """A piece of reply text (a clause) and where its audio sits in the track (ms from its start)."""
 
     text: str
     start_ms: float
     end_ms: float
+    interruptible: bool = True
 
 
 @dataclass
@@ -32,23 +38,45 @@ class Track:
 
     turn_id: int
     framer: Framer
-    start_t: float | None = None  # when the first frame plays at the caller (playout clock origin)
-    frames: int = 0
+    frames: list[bytes] = field(default_factory=list)  # every frame so far: a pause may rewind
+    next_frame: int = 0  # the next frame to send
+    origin_frame: int = 0  # the frame that plays at `start_t` (not 0 after a resume)
+    start_t: float | None = None  # when `origin_frame` plays at the caller
+    frames_sent: int = 0  # including frames sent again after a resume
     pushed_ms: float = 0.0  # audio handed to the player so far, sent or not
     segments: list[Segment] = field(default_factory=list)
+    paused_at_ms: float | None = None  # where the caller stopped hearing it, while paused
+    resumes: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # pause/resume wake the pump
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_at_ms is not None
 
     @property
     def sent_ms(self) -> float:
-        return self.frames * FRAME_MS
+        return self.frames_sent * FRAME_MS
 
     @property
     def end_t(self) -> float | None:
-        return None if self.start_t is None else self.start_t + self.frames * _FRAME_S
+        """When the last frame sent so far finishes playing."""
+        if self.start_t is None:
+            return None
+        return self.start_t + (self.next_frame - self.origin_frame) * _FRAME_S
+
+    @property
+    def audible(self) -> bool:
+        """Audio of this reply has reached the caller (and it is not paused)."""
+        return self.start_t is not None and not self.paused
 
     def heard_ms(self, now: float) -> float:
+        """How far into the reply the caller has heard (its position, in ms of reply audio)."""
+        if self.paused_at_ms is not None:
+            return self.paused_at_ms
         if self.start_t is None:
-            return 0.0
-        return max(0.0, min(self.sent_ms, (now - self.start_t) * 1000))
+            return self.origin_frame * FRAME_MS
+        played = min(self.next_frame - self.origin_frame, max(0.0, (now - self.start_t) / _FRAME_S))
+        return (self.origin_frame + played) * FRAME_MS
 
     def heard_text(self, now: float) -> str:
         """The reply text the caller has heard so far (cut at a word inside the current segment)."""
@@ -62,6 +90,18 @@ class Track:
                 parts.append(_prefix_words(segment.text, share))
         return " ".join(part for part in parts if part)
 
+    def played_text(self, now: float) -> str:
+        """The text of every clause that has started playing, whole (what an echo may repeat)."""
+        heard = self.heard_ms(now)
+        return " ".join(segment.text for segment in self.segments if segment.start_ms <= heard)
+
+    def segment_at(self, now: float) -> Segment | None:
+        heard = self.heard_ms(now)
+        for segment in self.segments:
+            if segment.start_ms <= heard < segment.end_ms:
+                return segment
+        return None
+
 
 def _prefix_words(text: str, share: float) -> str:
     words = text.split()
@@ -71,10 +111,17 @@ def _prefix_words(text: str, share: float) -> str:
 class Player:
     """Sends a call's agent audio. Turns play one after another on one playout clock."""
 
-    def __init__(self, writer: OutboundWriter, frame_bytes: int, lead_ms: int) -> None:
+    def __init__(
+        self,
+        writer: OutboundWriter,
+        frame_bytes: int,
+        lead_ms: int,
+        echo_reference: EchoReference | None = None,
+    ) -> None:
         self._writer = writer
         self._frame_bytes = frame_bytes
         self._lead_s = lead_ms / 1000
+        self._echo_reference = echo_reference
         self._playout_end_t = 0.0  # when the last frame sent (any turn) finishes playing
         self.current: Track | None = None
 
@@ -86,40 +133,89 @@ class Player:
         """The track of `turn_id` if it is the one playing (a turn cancelled while thinking has none)."""
         return self.current if self.current is not None and self.current.turn_id == turn_id else None
 
-    async def play(self, track: Track, pcm: bytes, text: str | None = None) -> None:
+    async def play(
+        self, track: Track, pcm: bytes, text: str | None = None, interruptible: bool = True
+    ) -> None:
         """Queue `pcm` (any length) for playout, sending whole frames as the clock allows."""
         if text:
-            track.segments.append(Segment(text, track.pushed_ms, track.pushed_ms))
+            track.segments.append(Segment(text, track.pushed_ms, track.pushed_ms, interruptible))
         track.pushed_ms += len(pcm) / self._frame_bytes * FRAME_MS
         if track.segments:
             track.segments[-1].end_ms = track.pushed_ms
-        await self._send_frames(track, track.framer.push(pcm))
+        track.frames.extend(track.framer.push(pcm))
+        await self._pump(track)
 
     async def finish(self, track: Track) -> None:
         """Send the padded tail frame and wait until the caller has heard everything."""
-        await self._send_frames(track, track.framer.flush())
-        if track.end_t is not None:
-            await _sleep_until(track.end_t)
+        track.frames.extend(track.framer.flush())
+        while True:
+            await self._pump(track)
+            end = track.end_t
+            if end is None or time.monotonic() >= end:
+                return
+            track.changed.clear()
+            try:  # a pause during the last frames must not let the turn complete
+                await asyncio.wait_for(track.changed.wait(), end - time.monotonic())
+            except TimeoutError:
+                if not track.paused:
+                    return
 
-    async def _send_frames(self, track: Track, frames: list[bytes]) -> None:
-        for frame in frames:
+    async def _pump(self, track: Track) -> None:
+        """Send the frames due, on the playout clock; while paused, wait for resume (or cancel)."""
+        while track.next_frame < len(track.frames) or track.paused:
+            if track.paused:
+                track.changed.clear()
+                await track.changed.wait()
+                continue
             now = time.monotonic()
             if track.start_t is None:
                 # Queue behind audio still playing from an earlier turn, else start now.
                 track.start_t = max(now, self._playout_end_t)
-            due = track.start_t + track.frames * _FRAME_S - self._lead_s
-            if due > now:
-                await _sleep_until(due)
+            play_t = track.start_t + (track.next_frame - track.origin_frame) * _FRAME_S
+            if play_t - self._lead_s > now:
+                track.changed.clear()
+                try:  # sleep until due, but wake at once if paused meanwhile
+                    await asyncio.wait_for(track.changed.wait(), play_t - self._lead_s - now)
+                except TimeoutError:
+                    pass
+                continue
+            frame = track.frames[track.next_frame]
             self._writer.send_audio(track.turn_id, audio_data_message(frame))
-            track.frames += 1
-            self._playout_end_t = max(self._playout_end_t, track.end_t or 0.0)
+            if self._echo_reference is not None:
+                self._echo_reference.add(play_t, dbfs(frame))
+            track.next_frame += 1
+            track.frames_sent += 1
+            self._playout_end_t = max(self._playout_end_t, play_t + _FRAME_S)
+
+    def pause(self, track: Track, now: float) -> float:
+        """StopAudio was sent for `track`: stop sending, remember what was heard. Returns it (ms)."""
+        heard = track.heard_ms(now)
+        track.paused_at_ms = heard
+        self.cut(now)
+        track.changed.set()
+        return heard
+
+    def resume(self, track: Track) -> float:
+        """Play `track` again from the start of the clause the caller was hearing. Returns that (ms)."""
+        if track.paused_at_ms is None:
+            return track.heard_ms(time.monotonic())
+        restart_ms = _clause_start(track.segments, track.paused_at_ms)
+        track.origin_frame = track.next_frame = min(len(track.frames), int(restart_ms // FRAME_MS))
+        track.start_t = None
+        track.paused_at_ms = None
+        track.resumes += 1
+        track.changed.set()
+        return track.origin_frame * FRAME_MS
 
     def cut(self, now: float | None = None) -> None:
         """StopAudio was sent: the caller's queue is flushed, nothing is playing any more."""
         self._playout_end_t = time.monotonic() if now is None else now
+        if self._echo_reference is not None:
+            self._echo_reference.cut(self._playout_end_t)
 
 
-async def _sleep_until(deadline: float) -> None:
-    delay = deadline - time.monotonic()
-    if delay > 0:
-        await asyncio.sleep(delay)
+def _clause_start(segments: list[Segment], heard_ms: float) -> float:
+    for segment in segments:
+        if segment.start_ms <= heard_ms < segment.end_ms:
+            return segment.start_ms
+    return heard_ms

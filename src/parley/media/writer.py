@@ -40,9 +40,22 @@ class OutboundWriter:
         self._pending.append((turn_id, message, False))
         self._wakeup.set()
 
-    def stop_audio(self, turn_id: int) -> None:
-        """Cancel `turn_id`'s audio and send StopAudio ahead of anything still queued."""
+    def stop_audio(self, turn_id: int, *, send_stop: bool = True) -> None:
+        """Cancel `turn_id`'s audio and send StopAudio ahead of anything still queued.
+
+        `send_stop=False` when the turn was paused: its StopAudio has been sent already.
+        """
         self._cancelled.add(turn_id)
+        if send_stop:
+            self._pending.appendleft((turn_id, stop_audio_message(), True))
+        self._wakeup.set()
+
+    def pause_audio(self, turn_id: int) -> None:
+        """Send StopAudio ahead of everything and drop `turn_id`'s frames not yet written, but keep
+        accepting its audio: a paused reply may resume (the player re-sends from where it was)."""
+        kept = deque(item for item in self._pending if item[0] != turn_id or item[2])
+        self.frames_dropped += len(self._pending) - len(kept)
+        self._pending = kept
         self._pending.appendleft((turn_id, stop_audio_message(), True))
         self._wakeup.set()
 
