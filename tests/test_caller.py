@@ -85,6 +85,7 @@ class FakeAgent:
     problems: list[str] = field(default_factory=list)
     frame_times: list[float] = field(default_factory=list)
     frame_sizes: set[int] = field(default_factory=set)
+    uplink: list[bytes] = field(default_factory=list)  # every AudioData frame's PCM, in order
     dtmf: list[tuple[float, str]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     rate: int = 0
@@ -147,6 +148,7 @@ class FakeAgent:
                 continue
             self.frame_times.append(at)
             self.frame_sizes.add(len(parsed.pcm))
+            self.uplink.append(parsed.pcm)
             if parsed.silent != (not any(parsed.pcm)):
                 self.problems.append("silent flag does not match the frame's content")
             if rms(parsed.pcm) > LOUD_RMS:
@@ -291,6 +293,46 @@ async def test_no_greeting_speaks_after_wait_and_events_failure_is_recorded() ->
     assert any(e.startswith("events fetch failed") for e in report.errors)
     assert report.agent_audio_ms == 0 and report.stretches == [] and report.voice_to_voice_ms is None
     assert report.frames_sent == len(agent.frame_times)
+
+
+async def test_speakerphone_echo_and_background_reach_the_server(tmp_path: Path) -> None:
+    agent = FakeAgent(greeting_s=0.5, stop_on_speech=False)
+    # A loud background (above the onset threshold) whose length is not a whole number of frames.
+    background = tone(0.0625, 16000, freq=1000, amplitude=3000)
+    out = tmp_path / "heard.wav"
+    report = await call(
+        agent, pcm=np.zeros(1600, np.int16), echo_db=-20.0, echo_delay_ms=40, background=background,
+        out=out, quiet_after_s=0.1, max_wait_s=0.1, greeting_wait_s=2.0,
+    )
+    assert agent.problems == []  # includes: silent=true only on all-zero frames
+    uplink = np.frombuffer(b"".join(agent.uplink), "<i2").astype(np.int64)
+    heard = read_wav(out, 16000).astype(np.float64)
+    # Frame i carries timeline samples [(i-1)*320, i*320): uplink sample k is timeline sample k - 320.
+    timeline = np.arange(uplink.size) - 320
+    delayed = timeline - 640  # 40 ms earlier
+    echo = np.where((delayed >= 0) & (delayed < heard.size), heard[np.clip(delayed, 0, heard.size - 1)], 0.0)
+    expected = np.clip(np.round(background[timeline % background.size] + 0.1 * echo), -32768, 32767)
+    assert np.abs(uplink - expected).max() <= 1
+    assert np.abs(echo).max() > 700  # the greeting's echo really was there, at a tenth of 8000
+    # Onset is the caller's own clip (silence here), never the background or the echo.
+    assert report.clip_started_t is not None and report.speech_onset_t is None
+
+
+def test_played_samples_reads_the_playout_timeline() -> None:
+    emu = PlayoutEmulator(t0=10.0, sample_rate=1000)
+    ramp = lambda a, b: np.arange(a, b, dtype="<i2").tobytes()  # sample values = positions
+    emu.receive(10.0, ramp(0, 100))
+    emu.receive(10.05, ramp(100, 150))  # queued right behind: positions 100..150
+    emu.receive(10.3, ramp(300, 400))  # after a gap: 300..400
+    assert emu.played_samples(90, 110).tolist() == list(range(90, 110))
+    window = emu.played_samples(140, 310)
+    assert window[:10].tolist() == list(range(140, 150)) and not window[10:160].any()
+    assert window[160:].tolist() == list(range(300, 310))
+    assert emu.played_samples(-5, 3).tolist() == [0] * 5 + [0, 1, 2]
+    assert not emu.played_samples(400, 420).any() and emu.played_samples(5, 5).size == 0
+    emu.stop(10.32)  # StopAudio cuts the last segment: nothing played after 320
+    assert emu.played_samples(315, 325).tolist() == [315, 316, 317, 318, 319, 0, 0, 0, 0, 0]
+    assert emu.played_between(10.095, 10.105).tolist() == list(range(95, 105))
 
 
 async def test_server_hang_up_ends_the_call_cleanly(tmp_path: Path) -> None:
@@ -456,3 +498,5 @@ async def test_options_are_checked_before_dialling() -> None:
         await run_call(CallOptions(url="ws://127.0.0.1:9/ws", pcm=np.zeros(10, np.float32)))
     with pytest.raises(ValueError):
         await run_call(CallOptions(url="ws://127.0.0.1:9/ws", pcm=np.zeros(10, np.int16), dtmf=[(0, "x")]))
+    with pytest.raises(ValueError, match="background"):
+        await run_call(CallOptions(url="ws://127.0.0.1:9/ws", pcm=np.zeros(10, np.int16), background=np.zeros(0, np.int16)))

@@ -5,7 +5,9 @@ AudioMetadata and then one 20 ms AudioData frame every 20 ms on an absolute real
 (silence when not speaking, as ACS does), speaks a clip at a chosen moment, and records the
 agent's audio. ACS queues the audio an app sends and plays it in real time, flushing the queue on
 StopAudio; `PlayoutEmulator` models that with a virtual playout clock, so the report and the `out`
-WAV reflect what a real caller would have heard, not merely what arrived on the socket.
+WAV reflect what a real caller would have heard, not merely what arrived on the socket. A caller
+on a speakerphone (`echo_db`) or in a noisy room (`background`) also sends the agent's own audio
+and the room noise back up the line (`UplinkMix`).
 
 Every timestamp is `time.monotonic()` seconds. The server logs its events on the same clock (same
 machine), so caller-side times (speech onset, StopAudio received) and server-side events
@@ -15,6 +17,7 @@ machine), so caller-side times (speech onset, StopAudio received) and server-sid
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import math
 import time
@@ -120,6 +123,11 @@ class CallOptions:
     fetch_events: bool = True
     end_after_stop_s: float | None = None  # hang up this long after a StopAudio (barge-in trials)
     end_after_answer_s: float | None = None  # hang up this long after the answer starts (latency trials)
+    # A speakerphone: every uplink frame also carries the agent audio that played echo_delay_ms
+    # earlier, at echo_db relative to it (None: a headset, no echo).
+    echo_db: float | None = None
+    echo_delay_ms: int = 40
+    background: np.ndarray | None = None  # int16 at sample_rate, looped under every uplink frame
 
 
 def _clip_samples(options: CallOptions) -> np.ndarray:
@@ -266,6 +274,29 @@ class PlayoutEmulator:
             if start_t >= t:
                 return start_t
         return None
+
+    def played_between(self, start: float, end: float) -> np.ndarray:
+        """The agent audio that played from `start` to `end` (zeros where nothing did), int16."""
+        return self.played_samples(round((start - self.t0) * self.rate), round((end - self.t0) * self.rate))
+
+    def played_samples(self, first: int, last: int) -> np.ndarray:
+        """Samples [first, last) of the playout timeline (positions since `t0`; may be negative).
+
+        Called every 20 ms for echo, so it touches only the segments overlapping the interval:
+        segments are sorted and never overlap, so a bisect finds the last one starting before
+        `last` and the scan stops at the first one ending by `first`.
+        """
+        out = np.zeros(max(0, last - first), dtype=np.int16)
+        index = bisect.bisect_left(self._segments, last, key=lambda segment: segment[0])
+        while index > 0:
+            index -= 1
+            start, pcm = self._segments[index]
+            end = start + len(pcm) // 2
+            if end <= first:
+                break
+            lo, hi = max(first, start), min(last, end)
+            out[lo - first : hi - first] = np.frombuffer(pcm, dtype="<i2", count=hi - lo, offset=2 * (lo - start))
+        return out
 
     def stretch_at(self, now: float) -> Stretch | None:
         """The latest stretch that has started by `now` (possibly already over)."""
@@ -510,6 +541,42 @@ class ClipProgress:
             self._progress.advance(self._task)
 
 
+class UplinkMix:
+    """What the caller's microphone picks up besides their own voice: a background noise bed and,
+    on a speakerphone, the agent's own audio (echo).
+
+    Frame i goes out at t0 + i*20 ms and carries the 20 ms before that, so the audio added to it
+    covers timeline samples [(i-1)*N, i*N): consecutive frames join sample-exactly even when the
+    sender runs late, and the echo is what played `echo_delay_ms` before each of those samples.
+    """
+
+    def __init__(self, options: CallOptions, playout: PlayoutEmulator, samples_per_frame: int) -> None:
+        self._playout = playout
+        self._n = samples_per_frame
+        self._echo_gain = None if options.echo_db is None else 10 ** (options.echo_db / 20)
+        self._echo_delay = round(options.echo_delay_ms * options.sample_rate / 1000)
+        self._background = options.background
+
+    @classmethod
+    def for_options(
+        cls, options: CallOptions, playout: PlayoutEmulator, samples_per_frame: int
+    ) -> UplinkMix | None:
+        if options.echo_db is None and options.background is None:
+            return None
+        return cls(options, playout, samples_per_frame)
+
+    def mix(self, own: np.ndarray, index: int) -> np.ndarray:
+        """The caller's own frame (int16) with background and echo added, clipped to int16."""
+        first = (index - 1) * self._n
+        mixed = own.astype(np.float32)
+        if self._background is not None:
+            mixed += np.take(self._background, np.arange(first, first + self._n), mode="wrap")
+        if self._echo_gain is not None:
+            echo = self._playout.played_samples(first - self._echo_delay, first - self._echo_delay + self._n)
+            mixed += echo * np.float32(self._echo_gain)
+        return np.clip(np.round(mixed), -32768, 32767).astype(np.int16)
+
+
 @dataclass(slots=True)
 class SendLog:
     """What the sender did, for the report."""
@@ -536,8 +603,10 @@ class Sender:
         script: Script,
         dtmf: Sequence[tuple[float, str]],
         progress: ClipProgress,
+        mix: UplinkMix | None = None,
     ) -> None:
         self.log = SendLog()
+        self._mix = mix
         self._ws = ws
         self._state = state
         self._clip = clip
@@ -545,6 +614,7 @@ class Sender:
         self._dtmf = sorted(dtmf)
         self._progress = progress
         self._silence = bytes(clip.frames.shape[1] * 2)
+        self._quiet = np.zeros(clip.frames.shape[1], dtype=np.int16)
 
     async def run(self) -> None:
         t0 = self._state.t0
@@ -562,7 +632,7 @@ class Sender:
             frame = self._script.tick(now)
             if frame is None:
                 return
-            await self._send_frame(frame)
+            await self._send_frame(frame, index)
             index += 1
 
     async def _send_due_dtmf(self, now: float) -> None:
@@ -571,8 +641,13 @@ class Sender:
             await self._ws.send(dtmf_message(digits))
             self.log.dtmf.append((now, digits))
 
-    async def _send_frame(self, frame: int) -> None:
-        if frame == SILENCE:
+    async def _send_frame(self, frame: int, index: int) -> None:
+        if self._mix is not None:
+            own = self._clip.frames[frame] if frame != SILENCE else self._quiet
+            mixed = self._mix.mix(own, index)
+            # Like ACS: silent=true only for a frame of digital silence, whatever made it.
+            pcm, silent = mixed.tobytes(), not mixed.any()
+        elif frame == SILENCE:
             pcm, silent = self._silence, True
         else:
             pcm, silent = self._clip.frames[frame].tobytes(), bool(self._clip.zero[frame])
@@ -853,7 +928,8 @@ async def _converse(
     script = Script(len(clip), _trigger(options, t0), state.playout, options, give_up_at)
     receiver = asyncio.create_task(_receive(ws, state))
     with ClipProgress(len(clip), options.progress) as progress:
-        sender = Sender(ws, state, clip, script, options.dtmf, progress)
+        mix = UplinkMix.for_options(options, state.playout, clip.frames.shape[1])
+        sender = Sender(ws, state, clip, script, options.dtmf, progress, mix)
         server_closed_first = False
         try:
             await sender.run()
@@ -933,6 +1009,12 @@ def _check_options(options: CallOptions) -> None:
     """Fail before dialling, not in the middle of a timed call."""
     if options.barge_in_at is not None and options.barge_in_at < 0:
         raise ValueError("barge_in_at must be >= 0 seconds")
+    if options.echo_delay_ms < 0:
+        raise ValueError("echo_delay_ms must be >= 0")
+    if options.background is not None:
+        background = np.asarray(options.background)
+        if background.dtype != np.int16 or background.ndim != 1 or background.size == 0:
+            raise ValueError("CallOptions.background must be a non-empty 1-D int16 array at the call's rate")
     for at, digits in options.dtmf:
         if at < 0:
             raise ValueError(f"DTMF time {at} is negative")

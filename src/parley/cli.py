@@ -18,8 +18,10 @@ console = Console(stderr=True)
 
 def _add_bench() -> None:
     from parley.benchmarks.cli import bench
+    from parley.evaluation.cli import evaluate
 
     app.add_typer(bench, name="bench")
+    app.add_typer(evaluate, name="eval")
 
 
 _add_bench()
@@ -45,11 +47,25 @@ def serve(
     agent: str | None = typer.Option(None, help="Scripted agent: 'pizza', 'bank' or a YAML path."),
     greeting: str | None = typer.Option(None, help="Greeting text ('' for none)."),
     log_level: str | None = typer.Option(None, help="debug, info, warning or error."),
+    stt: str | None = typer.Option(
+        None, help="two-pass (default: pocketsphinx partials + Whisper finals), pocketsphinx or whisper."
+    ),
+    stt_model: str | None = typer.Option(
+        None, help="CTranslate2 Whisper model directory [default: bundled tiny.en]."
+    ),
+    tts: str | None = typer.Option(None, help="piper (default, natural) or espeak (light)."),
+    tts_voice: str | None = typer.Option(None, help="Piper .onnx path or espeak-ng voice name."),
+    bargein: str | None = typer.Option(
+        None, help="While the agent speaks: pause (default), confirm, stop or off."
+    ),
 ) -> None:
     """Run the server: ACS media WebSocket on /ws/acs (and /ws), health on /healthz."""
     from parley import logs, server
 
-    settings = _settings(host=host, port=port, agent=agent, greeting=greeting, log_level=log_level)
+    settings = _settings(
+        host=host, port=port, agent=agent, greeting=greeting, log_level=log_level, stt=stt,
+        stt_model=stt_model, tts=tts, tts_voice=tts_voice, bargein_speaking=bargein,
+    )
     logs.configure(settings.log_level)
     try:
         app_ = server.create_app(settings)

@@ -6,13 +6,17 @@ file, an unknown voice) and shares what can be shared (the synthesis executor, t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from parley.media.recognition import FinalPass
 from parley.pool import EnginePool
 from parley.protocols import AgentFactory, Recognizer, Synthesizer, Vad
 from parley.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -21,6 +25,7 @@ class Engines:
     recognizers: EnginePool[Recognizer]
     synthesizer_for: Callable[[str | None], Synthesizer]  # voice name (None = default) -> synthesizer
     agent_factory: AgentFactory
+    final_pass: FinalPass | None = None  # the accurate second pass (None: the recognizer's finals)
     executors: list[Executor] = field(default_factory=list)
     warm_count: int = 2
 
@@ -48,32 +53,71 @@ def recognizer_pool(create: Callable[[], Recognizer], max_idle: int) -> EnginePo
 
 
 def embedded_engines(settings: Settings) -> Engines:
-    """The offline default: Silero VAD, pocketsphinx, espeak-ng and the scripted YAML agent."""
+    """The offline default: Silero VAD, pocketsphinx partials + Whisper finals, Piper (or
+    espeak-ng) and the scripted YAML agent."""
     from parley.agents.scripted import scripted_agent_factory
-    from parley.speech.pocketsphinx import PocketsphinxRecognizer
     from parley.speech.vad import SileroVad
-    from parley.voice.espeak import EspeakSynthesizer
 
     agent_factory = scripted_agent_factory(settings.agent)
-    executor = ThreadPoolExecutor(settings.synth_workers, thread_name_prefix="synth")
-    default_voice = EspeakSynthesizer(executor, settings.tts_voice, settings.tts_rate_wpm)
-    voices: dict[str | None, EspeakSynthesizer] = {None: default_voice}
+    synth_executor = ThreadPoolExecutor(settings.synth_workers, thread_name_prefix="synth")
+    executors: list[Executor] = [synth_executor]
+    final_pass = None
+    if settings.stt in ("two-pass", "whisper"):
+        from parley.speech.whisper import WhisperTranscriber
+
+        transcriber = WhisperTranscriber(
+            settings.stt_model, language=settings.stt_language, cpu_threads=settings.stt_threads,
+            workers=settings.stt_workers, trim_context=settings.stt_trim_context,
+        )
+        stt_executor = ThreadPoolExecutor(settings.stt_workers, thread_name_prefix="stt-final")
+        executors.append(stt_executor)
+        final_pass = FinalPass(transcriber, stt_executor)
+    return Engines(
+        vads=vad_pool(SileroVad, settings.engine_pool_idle),
+        recognizers=recognizer_pool(_streaming_recognizer(settings), settings.engine_pool_idle),
+        synthesizer_for=_voices(settings, synth_executor),
+        agent_factory=agent_factory,
+        final_pass=final_pass,
+        executors=executors,
+        warm_count=settings.engine_pool_warm,
+    )
+
+
+def _streaming_recognizer(settings: Settings) -> Callable[[], Recognizer]:
+    if settings.stt == "whisper":
+        from parley.speech.silent import NoPartials
+
+        return NoPartials
+    from parley.speech.pocketsphinx import PocketsphinxRecognizer
+
+    return lambda: PocketsphinxRecognizer(settings.partial_interval_ms)
+
+
+def _voices(settings: Settings, executor: Executor) -> Callable[[str | None], Synthesizer]:
+    """voice name (None = the default voice) -> a synthesizer, each voice loaded once."""
+    if settings.tts == "piper":
+        from parley.voice.piper import PiperSynthesizer
+
+        default: Synthesizer = PiperSynthesizer(
+            executor, settings.tts_voice, rate=settings.tts_rate, intra_op_threads=settings.tts_threads
+        )
+    else:
+        from parley.voice.espeak import EspeakSynthesizer
+
+        default = EspeakSynthesizer(executor, settings.tts_voice or "en-us", settings.tts_rate_wpm)
+    voices: dict[str | None, Synthesizer] = {None: default}
 
     def synthesizer_for(voice: str | None) -> Synthesizer:
         if voice not in voices:
-            voices[voice] = default_voice.with_voice(voice)
+            try:
+                voices[voice] = default.with_voice(voice)  # type: ignore[attr-defined]
+            except Exception as exc:  # a voice of the other engine, a missing file: say so once
+                log.warning("voice %r is not usable with tts=%s (%s); using the default voice",
+                            voice, settings.tts, exc)
+                voices[voice] = default
         return voices[voice]
 
-    return Engines(
-        vads=vad_pool(SileroVad, settings.engine_pool_idle),
-        recognizers=recognizer_pool(
-            lambda: PocketsphinxRecognizer(settings.partial_interval_ms), settings.engine_pool_idle
-        ),
-        synthesizer_for=synthesizer_for,
-        agent_factory=agent_factory,
-        executors=[executor],
-        warm_count=settings.engine_pool_warm,
-    )
+    return synthesizer_for
 
 
 def plumbing_engines(settings: Settings) -> Engines:

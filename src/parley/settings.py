@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from parley.media.bargein import DEFAULT_BACKCHANNELS
+
 
 class SettingsError(ValueError):
     """Bad configuration, with a message naming each offending setting."""
@@ -62,13 +64,63 @@ class Settings(BaseSettings):
         4, ge=0, description="A partial this long also triggers barge-in (0 = partials never do)."
     )
     bargein_on_dtmf: bool = Field(True, description="A DTMF key interrupts the agent.")
+    bargein_speaking: Literal["pause", "confirm", "stop", "off"] = Field(
+        "pause",
+        description="Caller speech while the agent talks: 'pause' stops the audio at once and resumes"
+        " it if no real words follow (backchannel, cough, echo); 'confirm' keeps talking until words"
+        " or sustained speech confirm; 'stop' cancels at once (seeds); 'off' never interrupts.",
+    )
+    bargein_thinking: Literal["cancel", "off"] = Field(
+        "cancel", description="Caller speech before the agent's audio starts cancels that answer."
+    )
+    bargein_confirm_ms: int = Field(
+        600, ge=100, le=5000, description="Voiced speech this long confirms a barge-in (beyond a backchannel)."
+    )
+    resume_after_ms: int = Field(
+        2000, ge=200, le=20000, description="A pending barge-in with no words after this long resumes the reply."
+    )
+    backchannels: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_BACKCHANNELS),
+        description="Words/phrases that never interrupt the agent on their own (JSON list in env).",
+    )
+    echo_gate: bool = Field(
+        True, description="Ignore inbound audio explained by the echo of the agent's own voice."
+    )
 
     # --- recognition ------------------------------------------------------------------------------
+    stt: Literal["two-pass", "pocketsphinx", "whisper"] = Field(
+        "two-pass",
+        description="'two-pass': pocketsphinx partials + Whisper finals; 'pocketsphinx': fast, less"
+        " accurate; 'whisper': Whisper finals only (no partials).",
+    )
+    stt_model: str | None = Field(
+        None, description="CTranslate2 Whisper model directory (default: bundled tiny.en, hash-verified)."
+    )
+    stt_language: str = Field("en", description="Language for multilingual Whisper models.")
+    stt_workers: int = Field(1, ge=1, le=16, description="Whisper passes running at once (process-wide).")
+    stt_threads: int = Field(2, ge=1, le=64, description="CPU threads per Whisper pass.")
+    stt_trim_context: bool = Field(
+        True, description="Encode only the utterance (3-4x faster) instead of Whisper's 30 s window."
+    )
+    early_final_ms: int = Field(
+        200, ge=0, le=5000, description="Start the Whisper pass this far into the closing silence."
+    )
     partial_interval_ms: int = Field(100, ge=20, le=2000, description="How often partials update.")
 
     # --- synthesis and playout -------------------------------------------------------------------
-    tts_voice: str = Field("en-us", description="espeak-ng voice name (agent YAML may override).")
-    tts_rate_wpm: int = Field(175, ge=80, le=450)
+    tts: Literal["piper", "espeak"] = Field("piper", description="Text-to-speech engine.")
+    tts_voice: str | None = Field(
+        None,
+        description="Voice: Piper .onnx path (default: bundled en_US-joe-medium) or espeak-ng voice"
+        " name (default en-us). Agent YAML may override.",
+    )
+    tts_rate: float = Field(1.0, ge=0.25, le=4.0, description="Piper speaking-rate multiplier.")
+    tts_rate_wpm: int = Field(175, ge=80, le=450, description="espeak-ng words per minute.")
+    tts_threads: int = Field(
+        2, ge=1, le=64,
+        description="ONNX threads per Piper synthesis: 2 cuts first audio ~40 ms on an idle 2-core"
+        " machine; 1 uses ~20% less CPU per call and does better when the cores are busy.",
+    )
     synth_workers: int = Field(2, ge=1, le=64, description="Threads shared by all calls for TTS.")
     playout_lead_ms: int = Field(
         100, ge=0, le=2000, description="How far ahead of the playout clock audio may be sent."
@@ -90,6 +142,8 @@ class Settings(BaseSettings):
     def _check_consistency(self) -> Settings:
         if self.endpoint_silence_ms <= self.speech_start_ms:
             raise ValueError("endpoint_silence_ms must be longer than speech_start_ms")
+        if self.early_final_ms >= self.endpoint_silence_ms:
+            raise ValueError("early_final_ms must be shorter than endpoint_silence_ms")
         return self
 
 

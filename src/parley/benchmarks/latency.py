@@ -50,6 +50,9 @@ def breakdown(report: CallReport) -> dict[str, Any]:
     for stage in STAGES:
         row[STAGE_KEYS[stage]] = _stage_ms(report.events, stage, end, final, turn_id)
     row["final_text"] = final["text"]
+    synthesized = row.get(STAGE_KEYS["first_audio_ready"])
+    if synthesized is not None:  # the TTS share, per trial (a difference of medians would not be)
+        row["final_to_first_audio_ms"] = round(synthesized - row[STAGE_KEYS["final"]], 1)
     return row
 
 
@@ -68,7 +71,8 @@ def _summary(results: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {"benchmark": "latency", "trials": len(results), "machine": machine_info()}
     summary["voice_to_voice_ms"] = percentiles([r["voice_to_voice_ms"] for r in results if r["voice_to_voice_ms"]])
     summary["server_breakdown_ms"] = {
-        key: percentiles([r[key] for r in results if r.get(key) is not None]) for key in STAGE_KEYS.values()
+        key: percentiles([r[key] for r in results if r.get(key) is not None])
+        for key in (*STAGE_KEYS.values(), "final_to_first_audio_ms")
     }
     summary["no_answer"] = sum(r["voice_to_voice_ms"] is None for r in results)
     summary["errors"] = sum(len(r["errors"]) for r in results)
