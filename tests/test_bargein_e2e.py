@@ -74,6 +74,8 @@ async def test_the_agents_own_echo_never_interrupts_it(server) -> None:  # type:
     assert report.errors == []
     for name in ("barge_in_paused", "barge_in_decided", "speech_started"):
         assert events_named(report, name) == [], name
+    echo = events_named(report, "call_ended")[0]["echo"]
+    assert echo["state"] == "echo" and abs(echo["loss_db"] - 20) < 4 and echo["suppressed_windows"] > 0
     assert GREETING_TURN in [e["turn_id"] for e in events_named(report, "turn_completed")]
 
 

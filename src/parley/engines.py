@@ -33,6 +33,9 @@ class Engines:
         """Pre-load per-call engines so the first calls do not pay for model loads."""
         self.vads.warm(self.warm_count)
         self.recognizers.warm(self.warm_count)
+        if self.final_pass is not None:
+            # CTranslate2 allocates its buffers on the first pass: ~100 ms the first caller would pay.
+            self.final_pass.transcriber.transcribe(bytes(2 * 16000))
 
     def close(self) -> None:
         self.vads.close()

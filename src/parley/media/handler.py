@@ -151,9 +151,18 @@ class MediaHandler:
             frames_sent=self.writer.frames_sent if self.writer else 0,
             dropped_frames=self.dropped_frames,
             input_errors=self.input_errors,
+            echo=self._echo_summary(),
         )
         if self.registry:
             self.registry.ended(self)
+
+    def _echo_summary(self) -> dict[str, object] | None:
+        """What the echo gate learnt about this line (read after the recognition thread ended)."""
+        gate = self.recognition.echo_gate if self.recognition else None
+        if gate is None:
+            return None
+        return {"state": gate.state.value, "loss_db": round(gate.loss_db, 1),
+                "lag_ms": round(gate.lag_s * 1000), "suppressed_windows": gate.suppressed}
 
     @property
     def dropped_frames(self) -> int:
