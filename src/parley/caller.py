@@ -90,6 +90,8 @@ _SERVER_EVENTS_IN_TIMELINE: Final = frozenset(
         "partial",
         "final",
         "turn_started",
+        "barge_in_paused",
+        "barge_in_resumed",
         "barge_in_decided",
         "stop_audio_sent",
         "turn_cancelled",
@@ -742,10 +744,17 @@ def onset_to_stop_ms(
 
 
 def decision_to_stop_ms(events: Sequence[dict[str, Any]]) -> list[float]:
-    """Per barge-in: server's barge_in_decided -> its stop_audio_sent for the same turn."""
+    """Per barge-in: the server's decision to stop the audio (`barge_in_paused` in the default
+    pause mode, else `barge_in_decided`) -> its stop_audio_sent for the same turn."""
     stops = [e for e in events if e["event"] == "stop_audio_sent"]
     result = []
-    for decided in (e for e in events if e["event"] == "barge_in_decided"):
+    paused_turns = {e.get("turn_id") for e in events if e["event"] == "barge_in_paused"}
+    decisions = [
+        e for e in events
+        if e["event"] == "barge_in_paused"
+        or (e["event"] == "barge_in_decided" and e.get("turn_id") not in paused_turns)
+    ]
+    for decided in decisions:
         match = next(
             (s for s in stops if s.get("turn_id") == decided.get("turn_id") and s["t"] >= decided["t"]),
             None,
@@ -868,6 +877,10 @@ def _describe_event(event: dict[str, Any]) -> str:
             return f"{name} {event.get('text', '')!r}"
         case "turn_started":
             return f"turn {turn} started ({event.get('kind', '?')})"
+        case "barge_in_paused":
+            return f"barge-in: turn {turn} paused"
+        case "barge_in_resumed":
+            return f"turn {turn} resumed ({event.get('reason', '?')})"
         case "barge_in_decided":
             return f"barge-in decided, turn {turn} (trigger {event.get('trigger', '?')})"
         case "stop_audio_sent":

@@ -36,6 +36,13 @@ DEFAULT_BACKCHANNELS = (
     "um-hum", "uh-hum", "mm-hm", "hm", "hum", "mmm",
 )
 _ECHO_SHARE = 0.6  # at least this share of the words were in what the agent just said: echo
+_FUNCTION_WORDS = frozenset(
+    "i i'm im me my a an the and or but so to of on in at it it's its is was be this that they"
+    " them we you he she his her there".split()
+)
+"""Words that carry no request on their own: a final made only of these ("I'm on.", "and them")
+is a misheard hum or the start of a sentence the caller abandoned, not a reason to cut the agent.
+"no", "stop", "wait" and every other content word still interrupt."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +162,10 @@ class BargeInPolicy:
         spoken = set(normalize_words(recent_text))
         if spoken and sum(word in spoken for word in words) >= _ECHO_SHARE * len(words):
             return [], "echo"
-        return [word for word in words if word not in self._fillers], ""
+        content = [word for word in words if word not in self._fillers]
+        if all(word in _FUNCTION_WORDS for word in content):
+            return [], "no_content"
+        return content, ""
 
     def _long_enough(self, text: str) -> bool:
         return self.partial_min_chars > 0 and len(text.strip()) >= self.partial_min_chars

@@ -72,8 +72,11 @@ class EchoConfig:
     active_db: float = -50.0  # playout frames quieter than this teach nothing
     floor_db: float = -65.0  # inbound windows quieter than this are line silence
     min_active: int = 20  # windows with the agent audible needed for an estimate
-    # Declaring "no echo" opens the gate, so it needs more evidence (~1.6 s of agent speech).
-    min_active_for_none: int = 50
+    # Declaring "no echo" opens the gate. A line that stays silent while the agent is loud says so
+    # quickly; a noisy line needs longer to show that its level does not follow the agent's.
+    min_active_for_none: int = 35
+    min_active_silent: int = 10  # ~0.3 s of the agent loud on a silent line
+    silent_share: float = 0.1
     max_spread_db: float = 5.0  # median deviation of (in - out) at the lag for "consistent"
     min_correlation: float = 0.5
     none_correlation: float = 0.25
@@ -122,24 +125,27 @@ class EchoGate:
 
     def _estimate(self) -> None:
         c = self._config
-        if len(self._inbound) < c.min_active:
+        if len(self._inbound) < c.min_active_silent:
             return
         in_t, in_db = (np.asarray(column) for column in zip(*self._inbound, strict=True))
         ref_t, ref_db = self._reference.snapshot(in_t[0] - c.max_lag_s - 0.04)
-        if ref_t.size < c.min_active:
+        if ref_t.size < c.min_active_silent:
             return
         lags = np.arange(c.min_lag_s, c.max_lag_s + 1e-9, c.lag_step_s)
         best: tuple[float, float, float, float] | None = None  # (spread, lag, loss, correlation)
         max_correlation = -1.0
         most_active = 0
+        silent_at_every_lag = True  # of the lags with enough evidence
         for lag in lags:
             played = _levels_at(ref_t, ref_db, in_t - lag)
             active = played > c.active_db
             most_active = max(most_active, int(active.sum()))
-            if active.sum() < c.min_active:
+            if active.sum() < c.min_active_silent:
                 continue
             heard = in_db[active]
-            if (heard > c.floor_db).mean() < 0.3:
+            audible = float((heard > c.floor_db).mean())
+            silent_at_every_lag &= audible < c.silent_share
+            if active.sum() < c.min_active or audible < 0.3:
                 continue  # the line stays silent while the agent is loud: no echo at this lag
             correlation = _correlation(heard, played[active])
             max_correlation = max(max_correlation, correlation)
@@ -150,6 +156,8 @@ class EchoGate:
                 best = (spread, float(lag), -median, correlation)
         if best is not None and best[0] <= c.max_spread_db and best[3] >= c.min_correlation:
             self.state, self.lag_s, self.loss_db = EchoState.ECHO, best[1], best[2]
+        elif most_active >= c.min_active_silent and silent_at_every_lag and self.state is EchoState.UNKNOWN:
+            self.state = EchoState.NONE
         elif most_active >= c.min_active_for_none and (best is None or max_correlation < c.none_correlation):
             self.state = EchoState.NONE
         # otherwise inconclusive (the caller is talking over the agent): keep what we knew

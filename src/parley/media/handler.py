@@ -287,7 +287,8 @@ class MediaHandler:
             speech_end_t=event.speech_end_t,
         )
         decision = self._consider_barge_in(Signal("final", event.utterance_id, event.text))
-        said_over_agent = decision.reason in ("backchannel", "echo")  # not a request: not answered
+        # Said over the agent and not a request: not answered either.
+        said_over_agent = decision.reason in ("backchannel", "echo", "no_content")
         if event.text.strip() and not said_over_agent:
             self.inbox.put(Pending("speech", UserInput("speech", text=event.text), event.utterance_id))
         if event.utterance_id >= self._latest_utterance_id:

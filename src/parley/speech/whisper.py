@@ -157,10 +157,8 @@ class WhisperTranscriber:
         text = self._tokenizer.decode(tokens).strip()
         if result.no_speech_prob > _NO_SPEECH_PROB and avg_logprob < _LOW_LOGPROB:
             text = ""
-        elif _looks_like_a_loop(text):
-            text = ""
         else:
-            text = _without_repeated_sentences(text)
+            text = _without_repeated_sentences(_without_loops(text))
         compute_ms = (time.perf_counter() - started) * 1000
         return Transcript(text, float(result.no_speech_prob), float(avg_logprob), compute_ms)
 
@@ -180,10 +178,17 @@ class WhisperTranscriber:
         return np.ascontiguousarray(mel[None], dtype=np.float32)
 
 
-def _looks_like_a_loop(text: str) -> bool:
-    """Whisper's failure mode on hums and breaths: one word over and over ("and and and and")."""
-    words = text.lower().split()
-    return len(words) >= 4 and len(set(words)) <= len(words) // 3
+def _without_loops(text: str) -> str:
+    """Whisper's failure mode on short sounds: a word or two over and over. One word repeated
+    ("Yeah. Yeah. Yeah. Yeah" for one "yeah") is said once; a short loop ("and them, and them,
+    and them") is noise, not words."""
+    words = re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
+    if len(words) < 3 or len(set(words)) > len(words) // 3 and len(set(words)) > 1:
+        return text
+    if len(set(words)) == 1:
+        first = re.search(r"[\w']+", text)
+        return f"{first.group(0)}." if first else ""
+    return ""
 
 
 def _without_repeated_sentences(text: str) -> str:
