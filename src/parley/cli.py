@@ -51,7 +51,7 @@ def serve(
         None, help="two-pass (default: pocketsphinx partials + Whisper finals), pocketsphinx or whisper."
     ),
     stt_model: str | None = typer.Option(
-        None, help="CTranslate2 Whisper model directory [default: bundled tiny.en]."
+        None, help="CTranslate2 Whisper model directory (default: the bundled tiny.en)."
     ),
     tts: str | None = typer.Option(None, help="piper (default, natural) or espeak (light)."),
     tts_voice: str | None = typer.Option(None, help="Piper .onnx path or espeak-ng voice name."),
