@@ -13,27 +13,17 @@ from functools import lru_cache
 import numpy as np
 
 from parley.protocols import AgentOutput, CallContext, Say, UserInput
+from parley.speech.silent import NoPartials
 
 DOUBLE_UTTERANCE = "plumbing test utterance"
 _MS_PER_CHAR = 60  # how long the synthesizer double "speaks" a text
 
 
-class RecognizerDouble:
+class RecognizerDouble(NoPartials):
     """Recognises every VAD-detected utterance as the same fixed text; no partials."""
-
-    sample_rate = 16000
-
-    def begin(self) -> None:
-        pass
-
-    def feed(self, pcm: bytes) -> str | None:
-        return None
 
     def end(self) -> str:
         return DOUBLE_UTTERANCE
-
-    def close(self) -> None:
-        pass
 
 
 class AgentDouble:

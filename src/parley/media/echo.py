@@ -46,8 +46,13 @@ class EchoReference:
 
     def snapshot(self, since: float) -> tuple[np.ndarray, np.ndarray]:
         """(times, levels) of frames playing from `since` on, in time order."""
-        with self._lock:
-            recent = [frame for frame in self._frames if frame[0] >= since]
+        recent: list[tuple[float, float]] = []
+        with self._lock:  # newest first, stopping at `since`: called for every VAD window
+            for frame in reversed(self._frames):
+                if frame[0] < since:
+                    break
+                recent.append(frame)
+        recent.reverse()
         if not recent:
             return np.zeros(0), np.zeros(0)
         times, levels = zip(*recent, strict=True)

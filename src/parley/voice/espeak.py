@@ -16,7 +16,7 @@ import espeakng_loader
 import numpy as np
 
 from parley.audio import StreamResampler
-from parley.voice.threaded import Emit, stream_from_executor
+from parley.voice.threaded import Emit, produce_all, stream_from_executor
 
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _INITIALIZE_DONT_EXIT = 0x8000
@@ -115,9 +115,7 @@ class EspeakSynthesizer:
 
     def synthesize_blocking(self, text: str, sample_rate: int) -> bytes:
         """Whole utterance at once (tests and test-audio generation)."""
-        out = bytearray()
-        self._produce(text, sample_rate, lambda chunk: out.extend(chunk) or True)
-        return bytes(out)
+        return produce_all(lambda emit: self._produce(text, sample_rate, emit))
 
     def _produce(self, text: str, sample_rate: int, emit: Emit) -> None:
         resampler = StreamResampler(self._engine.sample_rate, sample_rate)

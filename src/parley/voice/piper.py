@@ -35,7 +35,7 @@ from piper.config import PiperConfig
 from parley.audio import StreamResampler
 from parley.integrity import IntegrityError, verify_sha256
 from parley.voice.clauses import split_clauses
-from parley.voice.threaded import Emit, stream_from_executor
+from parley.voice.threaded import Emit, produce_all, stream_from_executor
 
 DEFAULT_VOICE = "en_US-joe-medium"
 BUNDLED_VOICE_PINS: dict[str, tuple[str, int]] = {
@@ -193,9 +193,7 @@ class PiperSynthesizer:
 
     def synthesize_blocking(self, text: str, sample_rate: int) -> bytes:
         """Whole utterance at once (tests and test-audio generation)."""
-        out = bytearray()
-        self.produce(text, sample_rate, lambda chunk: out.extend(chunk) or True)
-        return bytes(out)
+        return produce_all(lambda emit: self.produce(text, sample_rate, emit))
 
     def produce(self, text: str, sample_rate: int, emit: Emit) -> None:
         """Blocking: emit one chunk per clause as soon as it is rendered; stop once emit says so.

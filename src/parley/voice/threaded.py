@@ -50,3 +50,16 @@ async def stream_from_executor(
         if not future.done():
             # The engine aborts at its next chunk (milliseconds); wait so no work outlives the turn.
             await asyncio.wait([future])
+
+
+def produce_all(produce: Callable[[Emit], None]) -> bytes:
+    """Run a chunk-producing engine to the end on this thread and join its chunks (tests and
+    test-audio generation; never on the event loop)."""
+    out = bytearray()
+
+    def keep(chunk: bytes) -> bool:
+        out.extend(chunk)
+        return True
+
+    produce(keep)
+    return bytes(out)
