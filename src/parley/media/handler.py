@@ -12,6 +12,7 @@ through the one writer, cancel the turn's task; cleanup is awaited afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -356,10 +357,18 @@ class MediaHandler:
         self.player.cut(now)
         if turn.task is not None:
             turn.task.cancel()
+        self._tell_agent_what_was_heard(turn)
         self.inbox.drop_greetings()
         if turn.heard_ms == 0 and turn.user is not None:
             # The caller heard none of this answer: answer that input together with what comes next.
             self.inbox.put_back(Pending(turn.kind, turn.user, turn.source_utterance_id))
+
+    def _tell_agent_what_was_heard(self, turn: Turn) -> None:
+        """An agent that keeps history (an LLM) remembers only the part of its reply the caller
+        heard; if none was heard the input is answered again, so it forgets that too."""
+        truncate = getattr(self.agent, "truncate_last_reply", None)
+        if truncate is not None and turn.agent_started:
+            truncate(turn.heard_text, forget_input=turn.heard_ms == 0 and turn.user is not None)
 
     def _hold(self, turn: Turn, now: float, *, pause: bool, utterance_id: int) -> None:
         """A possible barge-in: stop the audio at once (pause) or keep talking (hold) until proof."""
@@ -430,10 +439,19 @@ class MediaHandler:
             self.end_call(hangup.reason)
 
     async def _produce_audio(self, turn: Turn, clips: asyncio.Queue[object]) -> None:
-        """Agent text -> synthesized clips, running ahead of playout (the next clause while one plays)."""
+        """Agent text -> synthesized clips, running ahead of playout (the next clause while one plays).
+
+        `aclosing`: a cancelled turn closes the agent's stream (an LLM's HTTP response) at once,
+        not whenever the garbage collector finalises the generator."""
+        async with contextlib.aclosing(self._agent_outputs(turn)) as outputs:
+            await self._synthesize(turn, outputs, clips)
+        await clips.put(_END)
+
+    async def _synthesize(self, turn: Turn, outputs, clips: asyncio.Queue[object]) -> None:  # type: ignore[no-untyped-def]
+        """Each Say cut into clauses, each clause synthesized as soon as the previous is queued."""
         assert self.format is not None
         first_audio = True
-        async for output in self._agent_outputs(turn):
+        async for output in outputs:
             if isinstance(output, Hangup):
                 await clips.put(output)
                 break
@@ -449,17 +467,18 @@ class MediaHandler:
                         first_audio = False
                     await clips.put(_Clip(text, pcm, output.interruptible))
                     text = None
-        await clips.put(_END)
 
     async def _agent_outputs(self, turn: Turn):  # type: ignore[no-untyped-def]
         if turn.say is not None:
             yield Say(turn.say)
             return
         assert turn.user is not None
-        async for output in self.agent.respond(turn.user):
-            if isinstance(output, Say) and not output.text.strip():
-                continue
-            yield output
+        turn.agent_started = True
+        async with contextlib.aclosing(self.agent.respond(turn.user)) as outputs:
+            async for output in outputs:
+                if isinstance(output, Say) and not output.text.strip():
+                    continue
+                yield output
 
 
 async def _join_thread(recognition: RecognitionThread, timeout: float = 5.0) -> None:

@@ -30,6 +30,7 @@ class Turn:
     cancelled: bool = False
     heard_ms: float = 0.0  # set when cancelled: how much of this answer the caller heard
     heard_text: str = ""
+    agent_started: bool = False  # the agent was asked (a greeting or fixed text is not)
     interruption_pending: bool = False  # paused or held, waiting for proof of a real barge-in
     pending_count: int = 0  # identifies the pending interruption a timeout belongs to
     task: asyncio.Task[None] | None = field(default=None, repr=False)
