@@ -64,6 +64,9 @@ class ActiveTurn:
     recent_text: str = ""  # what the agent said in the last seconds (to recognise its echo)
 
 
+_NOT_A_REQUEST = frozenset({"backchannel", "echo", "no_content"})
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     action: Action
@@ -72,6 +75,11 @@ class Decision:
     @property
     def interrupt(self) -> bool:
         return self.action == "cancel"
+
+    @property
+    def said_over_agent(self) -> bool:
+        """The caller's words were a backchannel, our echo or no request: not to be answered."""
+        return self.reason in _NOT_A_REQUEST
 
 
 def normalize_words(text: str) -> list[str]:

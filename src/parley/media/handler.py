@@ -288,9 +288,7 @@ class MediaHandler:
             speech_end_t=event.speech_end_t,
         )
         decision = self._consider_barge_in(Signal("final", event.utterance_id, event.text))
-        # Said over the agent and not a request: not answered either.
-        said_over_agent = decision.reason in ("backchannel", "echo", "no_content")
-        if event.text.strip() and not said_over_agent:
+        if event.text.strip() and not decision.said_over_agent:
             self.inbox.put(Pending("speech", UserInput("speech", text=event.text), event.utterance_id))
         if event.utterance_id >= self._latest_utterance_id:
             self.inbox.release()  # (a second-pass final may arrive after the next utterance began)

@@ -46,7 +46,6 @@ class Track:
     pushed_ms: float = 0.0  # audio handed to the player so far, sent or not
     segments: list[Segment] = field(default_factory=list)
     paused_at_ms: float | None = None  # where the caller stopped hearing it, while paused
-    resumes: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # pause/resume wake the pump
 
     @property
@@ -63,11 +62,6 @@ class Track:
         if self.start_t is None:
             return None
         return self.start_t + (self.next_frame - self.origin_frame) * _FRAME_S
-
-    @property
-    def audible(self) -> bool:
-        """Audio of this reply has reached the caller (and it is not paused)."""
-        return self.start_t is not None and not self.paused
 
     def heard_ms(self, now: float) -> float:
         """How far into the reply the caller has heard (its position, in ms of reply audio)."""
@@ -96,11 +90,9 @@ class Track:
         return " ".join(segment.text for segment in self.segments if segment.start_ms <= heard)
 
     def segment_at(self, now: float) -> Segment | None:
+        """The clause the caller is hearing (or was, when paused)."""
         heard = self.heard_ms(now)
-        for segment in self.segments:
-            if segment.start_ms <= heard < segment.end_ms:
-                return segment
-        return None
+        return next((s for s in self.segments if s.start_ms <= heard < s.end_ms), None)
 
 
 def _prefix_words(text: str, share: float) -> str:
@@ -199,11 +191,11 @@ class Player:
         """Play `track` again from the start of the clause the caller was hearing. Returns that (ms)."""
         if track.paused_at_ms is None:
             return track.heard_ms(time.monotonic())
-        restart_ms = _clause_start(track.segments, track.paused_at_ms)
+        clause = track.segment_at(time.monotonic())  # paused: its position is frozen
+        restart_ms = clause.start_ms if clause is not None else track.paused_at_ms
         track.origin_frame = track.next_frame = min(len(track.frames), int(restart_ms // FRAME_MS))
         track.start_t = None
         track.paused_at_ms = None
-        track.resumes += 1
         track.changed.set()
         return track.origin_frame * FRAME_MS
 
@@ -213,9 +205,3 @@ class Player:
         if self._echo_reference is not None:
             self._echo_reference.cut(self._playout_end_t)
 
-
-def _clause_start(segments: list[Segment], heard_ms: float) -> float:
-    for segment in segments:
-        if segment.start_ms <= heard_ms < segment.end_ms:
-            return segment.start_ms
-    return heard_ms

@@ -178,17 +178,22 @@ class WhisperTranscriber:
         return np.ascontiguousarray(mel[None], dtype=np.float32)
 
 
+def _words(text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
+
+
 def _without_loops(text: str) -> str:
     """Whisper's failure mode on short sounds: a word or two over and over. One word repeated
     ("Yeah. Yeah. Yeah. Yeah" for one "yeah") is said once; a short loop ("and them, and them,
     and them") is noise, not words."""
-    words = re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
-    if len(words) < 3 or len(set(words)) > len(words) // 3 and len(set(words)) > 1:
-        return text
-    if len(set(words)) == 1:
+    words = _words(text)
+    distinct = len(set(words))
+    if len(words) >= 3 and distinct == 1:
         first = re.search(r"[\w']+", text)
         return f"{first.group(0)}." if first else ""
-    return ""
+    if len(words) >= 3 and distinct <= len(words) // 3:
+        return ""
+    return text
 
 
 def _without_repeated_sentences(text: str) -> str:
@@ -199,7 +204,7 @@ def _without_repeated_sentences(text: str) -> str:
     kept: list[str] = []
     openings: list[list[str]] = []
     for sentence in re.findall(r"[^.!?]+[.!?]*", text):
-        words = re.sub(r"[^a-z0-9' ]+", " ", sentence.lower()).split()
+        words = _words(sentence)
         if not words:
             continue
         head = words[:4]
