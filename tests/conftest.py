@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from parley.audio import write_wav
 from parley.server import BackgroundServer
 from parley.settings import load_settings
+from parley.testing.fake_llm import FakeLlm, ServerThread
 from parley.voice.espeak import EspeakSynthesizer
 
 # Phrases the pocketsphinx default recognises well enough from espeak-ng's en-us voice
@@ -54,3 +56,13 @@ def server():
     srv = make_server(greeting=TEST_GREETING)
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def fake_server() -> Iterator[FakeLlm]:
+    """A local fake OpenAI-compatible server (real HTTP + SSE), one per test module."""
+    app = FakeLlm()
+    server = ServerThread(app)
+    app.url = server.start()
+    yield app
+    server.stop()

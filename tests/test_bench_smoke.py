@@ -56,3 +56,10 @@ def test_soak_smoke(tmp_path: Path) -> None:
     for key in ("rss_mb_start", "rss_mb_end", "rss_growth_mb", "threads_start", "threads_end"):
         assert key in data
     assert data["errors"] == 0 and data["live_calls_end"] == 0
+
+
+def test_llm_smoke(tmp_path: Path) -> None:
+    data = bench(tmp_path, "llm", "--trials", "2", "--server", "inprocess")
+    for key in ("first_clause_to_audio_ms", "cancel_to_stream_closed_ms", "cancel_to_server_saw_close_ms"):
+        assert set(data[key]) == PERCENTILE_KEYS
+    assert data["errors"] == 0 and data["trials"] == 2

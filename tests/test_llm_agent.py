@@ -1,29 +1,17 @@
-"""LlmAgent and speakable text, against a local fake OpenAI-compatible server.
-
-The fake server is a real HTTP server (uvicorn on a background thread) streaming real SSE chunks,
-and the agent uses the real openai SDK: what is tested is what runs in production, minus the model.
-Each test queues per-request plans (deltas with delays, error statuses, a mid-stream error event,
-a dropped connection, a stream that never ends) and inspects the recorded requests, including when
-the server saw the client disconnect.
-"""
+"""LlmAgent and speakable text, against a local fake OpenAI-compatible server
+(parley.testing.fake_llm: real HTTP, real SSE, the real openai SDK on the client side)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import statistics
-import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
-from urllib.parse import parse_qsl
+from typing import Any
 
 import pytest
-import uvicorn
 
 from parley.agents.llm import (
     DEFAULT_FALLBACK,
@@ -35,6 +23,7 @@ from parley.agents.llm import (
 )
 from parley.agents.speakable import SpeakableStream, clean_inline, to_speakable
 from parley.protocols import Agent, CallContext, Say, UserInput
+from parley.testing.fake_llm import Chunk, FakeLlm, Plan, deltas
 from parley.voice.clauses import split_clauses
 
 # --------------------------------------------------------------------------------------------
@@ -128,203 +117,6 @@ def test_speakable_stream_passes_text_on_at_once() -> None:
     assert stream.flush() == "."
     assert stream.push("1") == ""  # reset: "1" may be a list number
     assert stream.push("0 people") == "10 people"
-
-
-# --------------------------------------------------------------------------------------------
-# The fake OpenAI-compatible server
-
-
-@dataclass
-class Chunk:
-    """One SSE event: a content delta (or a tool-call delta, or a raw payload) after a delay."""
-
-    content: str | None = None
-    delay: float = 0.0
-    tool_call: dict[str, Any] | None = None
-    raw: dict[str, Any] | None = None
-
-
-@dataclass
-class Plan:
-    """How the server answers one request."""
-
-    chunks: list[Chunk] = field(default_factory=list)
-    status: int = 200
-    header_delay: float = 0.0
-    end: Literal["done", "disconnect", "hang"] = "done"
-    """done: finish_reason + [DONE]; disconnect: drop the connection; hang: wait for the client."""
-
-
-@dataclass
-class Recorded:
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]
-    body: dict[str, Any]
-    received_t: float
-    finished_t: float | None = None  # when the last byte was written
-    disconnected_t: float | None = None  # when the server saw the client go (mid-response)
-    disconnected: threading.Event = field(default_factory=threading.Event)
-
-
-def deltas(*texts: str, gap: float = 0.0, first_delay: float = 0.0) -> list[Chunk]:
-    return [Chunk(text, first_delay if i == 0 else gap) for i, text in enumerate(texts)]
-
-
-class FakeLlm:
-    """A raw ASGI app: POST .../chat/completions answered by queued plans, every request recorded.
-
-    Raw ASGI rather than a framework so the test controls exactly when bytes go out and sees the
-    client's disconnect (uvicorn reports it through `receive()`) the moment it happens.
-    """
-
-    def __init__(self) -> None:
-        self.plans: deque[Plan] = deque()
-        self.requests: list[Recorded] = []
-        self.url = ""
-
-    def reset(self) -> None:
-        self.plans.clear()
-        self.requests.clear()
-
-    def queue(self, *plans: Plan) -> None:
-        self.plans.extend(plans)
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        record = Recorded(
-            path=scope["path"],
-            query=dict(parse_qsl(scope["query_string"].decode())),
-            headers={k.decode().lower(): v.decode() for k, v in scope["headers"]},
-            body=json.loads(body or b"{}"),
-            received_t=time.monotonic(),
-        )
-        self.requests.append(record)
-        if not scope["path"].endswith("/chat/completions"):
-            await _send_json(send, 404, {"error": {"message": "not found", "type": "invalid_request"}})
-            return
-        plan = self.plans.popleft() if self.plans else Plan(deltas("Hello there."))
-        watcher = asyncio.create_task(_watch_disconnect(receive, record))
-        try:
-            await self._answer(plan, record, send, watcher)
-        finally:
-            if plan.end != "hang":
-                watcher.cancel()
-
-    async def _answer(self, plan: Plan, record: Recorded, send: Any, watcher: asyncio.Task[None]) -> None:
-        if not await _pause(plan.header_delay, watcher):
-            return
-        if plan.status != 200:
-            error = {"message": f"fake status {plan.status}", "type": "server_error", "code": None}
-            await _send_json(send, plan.status, {"error": error})
-            record.finished_t = time.monotonic()
-            return
-        await send({
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
-        })
-        await _send_event(send, _chunk_json({"role": "assistant", "content": ""}))
-        for chunk in plan.chunks:
-            if not await _pause(chunk.delay, watcher):
-                return
-            await _send_event(send, chunk.raw if chunk.raw is not None else _chunk_json(_delta(chunk)))
-        if plan.end == "hang":
-            await watcher  # until the client goes away
-        elif plan.end == "done":
-            await _send_event(send, _chunk_json({}, finish_reason="stop"))
-            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
-            record.finished_t = time.monotonic()
-        # "disconnect": return without finishing the response: uvicorn closes the connection.
-
-
-async def _watch_disconnect(receive: Any, record: Recorded) -> None:
-    message = await receive()
-    if message["type"] == "http.disconnect" and record.finished_t is None:
-        record.disconnected_t = time.monotonic()
-        record.disconnected.set()
-
-
-async def _pause(delay: float, watcher: asyncio.Task[None]) -> bool:
-    """Sleep unless the client disconnects first; False if it did."""
-    if delay > 0:
-        await asyncio.wait([watcher], timeout=delay)
-    return not watcher.done()
-
-
-def _delta(chunk: Chunk) -> dict[str, Any]:
-    delta: dict[str, Any] = {}
-    if chunk.content is not None:
-        delta["content"] = chunk.content
-    if chunk.tool_call is not None:
-        delta["tool_calls"] = [chunk.tool_call]
-    return delta
-
-
-def _chunk_json(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-    return {
-        "id": "chatcmpl-fake",
-        "object": "chat.completion.chunk",
-        "created": 1700000000,
-        "model": "fake-model",
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-    }
-
-
-async def _send_event(send: Any, payload: dict[str, Any]) -> None:
-    data = f"data: {json.dumps(payload)}\n\n".encode()
-    await send({"type": "http.response.body", "body": data, "more_body": True})
-
-
-async def _send_json(send: Any, status: int, payload: dict[str, Any]) -> None:
-    body = json.dumps(payload).encode()
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-    })
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-class ServerThread:
-    """uvicorn on its own thread and loop, as parley.server.BackgroundServer runs parley."""
-
-    def __init__(self, app: Any) -> None:
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, lifespan="off", log_level="critical",
-            access_log=False, timeout_graceful_shutdown=1,
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="fake-llm", daemon=True)
-
-    def start(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "fake server did not start"
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(5)
-
-
-@pytest.fixture(scope="module")
-def fake_server() -> Any:
-    app = FakeLlm()
-    server = ServerThread(app)
-    app.url = server.start()
-    yield app
-    server.stop()
 
 
 @pytest.fixture

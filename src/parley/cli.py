@@ -44,8 +44,13 @@ def _startup_error(exc: Exception) -> None:
 def serve(
     host: str | None = typer.Option(None, help="Interface to listen on [default: 127.0.0.1]."),
     port: int | None = typer.Option(None, help="TCP port [default: 8000]."),
-    agent: str | None = typer.Option(None, help="Scripted agent: 'pizza', 'bank' or a YAML path."),
+    agent: str | None = typer.Option(
+        None, help="Agent or scenario: pizza, bank (scripted), openai, pizza-llm, bank-llm (LLM) or a YAML path."
+    ),
     greeting: str | None = typer.Option(None, help="Greeting text ('' for none)."),
+    llm_provider: str | None = typer.Option(None, help="openai, azure, compatible or llama-cpp."),
+    llm_model: str | None = typer.Option(None, help="Model (Azure: deployment; llama-cpp: .gguf or name)."),
+    llm_base_url: str | None = typer.Option(None, help="compatible: e.g. http://localhost:11434/v1"),
     log_level: str | None = typer.Option(None, help="debug, info, warning or error."),
     stt: str | None = typer.Option(
         None, help="two-pass (default: pocketsphinx partials + Whisper finals), pocketsphinx or whisper."
@@ -64,6 +69,7 @@ def serve(
 
     settings = _settings(
         host=host, port=port, agent=agent, greeting=greeting, log_level=log_level, stt=stt,
+        llm_provider=llm_provider, llm_model=llm_model, llm_base_url=llm_base_url,
         stt_model=stt_model, tts=tts, tts_voice=tts_voice, bargein_speaking=bargein,
     )
     logs.configure(settings.log_level)

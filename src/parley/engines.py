@@ -57,11 +57,11 @@ def recognizer_pool(create: Callable[[], Recognizer], max_idle: int) -> EnginePo
 
 def embedded_engines(settings: Settings) -> Engines:
     """The offline default: Silero VAD, pocketsphinx partials + Whisper finals, Piper (or
-    espeak-ng) and the scripted YAML agent."""
-    from parley.agents.scripted import scripted_agent_factory
+    espeak-ng) and the agents of a YAML scenario (scripted offline, LLM when configured)."""
+    from parley.agents.scenario import scenario_agent_factory
     from parley.speech.vad import SileroVad
 
-    agent_factory = scripted_agent_factory(settings.agent)
+    agent_factory = scenario_agent_factory(settings.agent, settings.llm_config())
     synth_executor = ThreadPoolExecutor(settings.synth_workers, thread_name_prefix="synth")
     executors: list[Executor] = [synth_executor]
     final_pass = None

@@ -84,10 +84,13 @@ class Say:
     """Agent output: text to speak. Agents may yield many of these per turn (streaming).
 
     `interruptible=False` plays the text through whatever the caller says (legal notices).
+    `voice` names the voice to speak it in: None = the agent's own voice (its `voice` attribute),
+    "" = the server's default voice (a multi-agent scenario stamps each member's voice).
     """
 
     text: str
     interruptible: bool = True
+    voice: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +100,25 @@ class Hangup:
     reason: str = "agent_hangup"
 
 
-AgentOutput = Say | Hangup
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """Agent output: transfer the call to `target` (a phone number or user id) once what was said
+    before it has been played. Needs a transport that can transfer (ACS Call Automation)."""
+
+    target: str
+    reason: str = "agent_transfer"
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """Between the agents of a scenario only (the handler never sees it): the agent passes the
+    caller to the scenario agent named `to`. `handoff` is that agent's declared handoff entry."""
+
+    to: str
+    handoff: object = None
+
+
+AgentOutput = Say | Hangup | Transfer | Handoff
 
 
 @dataclass(frozen=True, slots=True)

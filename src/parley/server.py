@@ -69,10 +69,13 @@ def create_app(settings: Settings, engines: Engines | None = None) -> FastAPI:
             or f"local-{uuid.uuid4()}"
         )
         correlation_id = websocket.headers.get("x-ms-call-correlation-id", "")
+        # Who is calling is not part of ACS media streaming: whoever answered the call (Call
+        # Automation, a test caller) may pass it in the URL for the agents' prompts.
+        caller_id = websocket.query_params.get("callerId", "")[:64]
         await websocket.accept()
         log.info("call %s connected (correlation %s)", call_id, correlation_id or "-")
         handler = MediaHandler(
-            call_id=call_id, correlation_id=correlation_id, settings=settings,
+            call_id=call_id, correlation_id=correlation_id, caller_id=caller_id, settings=settings,
             engines=engines, registry=registry,
         )
         await handler.run(websocket)

@@ -6,12 +6,15 @@ The object is built once at startup and passed down; nothing deeper reads the en
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from parley.media.bargein import DEFAULT_BACKCHANNELS
+
+if TYPE_CHECKING:
+    from parley.agents.llm import LlmConfig
 
 
 class SettingsError(ValueError):
@@ -44,11 +47,43 @@ class Settings(BaseSettings):
     )
 
     # --- agent ------------------------------------------------------------------------------------
-    agent: str = Field("pizza", description="Scripted agent: a packaged example name or a YAML path.")
+    agent: str = Field(
+        "pizza",
+        description="Agent or scenario: a packaged example (pizza, bank: scripted, offline; openai,"
+        " pizza-llm, bank-llm: LLM agents) or a YAML path.",
+    )
     greeting: str | None = Field(None, description="Overrides the agent's greeting ('' = no greeting).")
     greeting_interruptible: bool | None = Field(
         None, description="Overrides the agent's setting: can the caller barge in on the greeting?"
     )
+
+    # --- LLM agents (defaults for every LLM agent; a scenario's `model:` overrides per agent) -------
+    llm_provider: Literal["openai", "azure", "compatible", "llama-cpp"] = Field(
+        "openai",
+        description="openai; azure (Azure OpenAI); compatible (Ollama, vLLM, llama.cpp server... at"
+        " llm_base_url); llama-cpp (in-process, the optional `llama` extra).",
+    )
+    llm_model: str = Field(
+        "gpt-4o-mini",
+        description="Model; Azure: the deployment name; llama-cpp: a .gguf path or smollm2 / qwen2.5-0.5b.",
+    )
+    llm_base_url: str | None = Field(None, description="compatible: e.g. http://localhost:11434/v1.")
+    llm_api_key: SecretStr | None = Field(
+        None, description="Default: OPENAI_API_KEY (AZURE_OPENAI_API_KEY for Azure)."
+    )
+    llm_azure_endpoint: str | None = Field(None, description="https://<resource>.openai.azure.com")
+    llm_api_version: str | None = Field(None, description="Azure OpenAI API version, e.g. 2024-10-21.")
+    llm_azure_auth: Literal["key", "entra"] = Field(
+        "key", description="Azure: an API key, or Entra ID (managed identity, az login; needs azure-identity)."
+    )
+    llm_temperature: float | None = Field(None, ge=0.0, le=2.0)
+    llm_max_tokens: int | None = Field(None, gt=0, description="Cap on one reply's tokens.")
+    llm_first_token_timeout_s: float = Field(
+        4.0, gt=0.0, description="No first token by then: the fallback line is spoken."
+    )
+    llm_total_timeout_s: float = Field(20.0, gt=0.0, description="A reply is cut after this long.")
+    llm_max_retries: int = Field(2, ge=0, le=10, description="On 429/5xx, before the first token only.")
+    llm_threads: int = Field(2, ge=1, le=64, description="llama-cpp: CPU threads.")
 
     # --- voice activity and barge-in ----------------------------------------------------------------
     vad_threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Silero speech probability.")
@@ -145,6 +180,29 @@ class Settings(BaseSettings):
         if self.early_final_ms >= self.endpoint_silence_ms:
             raise ValueError("early_final_ms must be shorter than endpoint_silence_ms")
         return self
+
+
+    def llm_config(self) -> LlmConfig:
+        """The LLM defaults as the agents' config (credentials are only checked when used)."""
+        from parley.agents.llm import LlmConfig, entra_token_provider
+
+        azure = self.llm_provider == "azure"
+        entra = azure and self.llm_azure_auth == "entra"
+        return LlmConfig(
+            provider=self.llm_provider,
+            model=self.llm_model,
+            base_url=None if azure else self.llm_base_url,
+            api_key=None if entra else self.llm_api_key,
+            azure_endpoint=self.llm_azure_endpoint if azure else None,
+            api_version=self.llm_api_version if azure else None,
+            azure_ad_token_provider=entra_token_provider() if entra else None,
+            temperature=self.llm_temperature,
+            max_tokens=self.llm_max_tokens,
+            first_token_timeout_s=self.llm_first_token_timeout_s,
+            total_timeout_s=self.llm_total_timeout_s,
+            max_retries=self.llm_max_retries,
+            threads=self.llm_threads,
+        )
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -16,7 +16,10 @@ chat-completions API (Ollama, vLLM, llama.cpp server...). What matters on a phon
   text; after a barge-in, `truncate_last_reply(heard_text)` cuts the last answer to what was
   actually played, so the model does not believe it said things the caller never heard.
 
-Tool calls are not part of this slice: their deltas are accumulated and ignored (debug log).
+- **Tools**: the agent's tools (parley.agents.tools) are offered to the model; their calls are
+  run (concurrently, each with a timeout) and answered, then the model continues, at most
+  `max_tool_rounds` times per turn (the last round forbids tools so the caller gets an answer).
+  A tool may end the call, transfer it or hand the caller to another agent of the scenario.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import openai
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from parley.agents.prompt import CallSession, PromptTemplate
 from parley.agents.speakable import SpeakableStream, clean_inline
+from parley.agents.tools import Toolbox
 from parley.protocols import AgentFactory, AgentOutput, CallContext, Say, UserInput
 from parley.voice.clauses import ClauseBuffer
 
@@ -63,8 +68,11 @@ class LlmConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    provider: Literal["openai", "azure", "compatible"] = "openai"
-    model: str = Field("gpt-4o-mini", min_length=1, description="Model name; for Azure the deployment.")
+    provider: Literal["openai", "azure", "compatible", "llama-cpp"] = "openai"
+    model: str = Field(
+        "gpt-4o-mini", min_length=1,
+        description="Model name; for Azure the deployment; for llama-cpp a GGUF path or a packaged model name.",
+    )
     base_url: str | None = Field(
         None, description="Compatible servers: e.g. http://localhost:11434/v1 (Ollama)."
     )
@@ -78,6 +86,7 @@ class LlmConfig(BaseModel):
         None, exclude=True, description="Azure: returns (or awaits) a fresh Entra ID token."
     )
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="None: the server's default.")
+    threads: int = Field(2, ge=1, le=64, description="llama-cpp: CPU threads for generation.")
     max_tokens: int | None = Field(None, gt=0)
     first_token_timeout_s: float = Field(4.0, gt=0.0)
     total_timeout_s: float = Field(20.0, gt=0.0)
@@ -124,6 +133,8 @@ def build_client(config: LlmConfig) -> openai.AsyncOpenAI | openai.AsyncAzureOpe
     )
     if config.provider == "azure":
         return _azure_client(config, timeout)
+    if config.provider == "llama-cpp":
+        return _llama_client(config)
     api_key = _secret(config.api_key) or os.environ.get("OPENAI_API_KEY")
     if config.provider == "compatible":
         api_key = api_key or COMPATIBLE_DUMMY_KEY
@@ -163,6 +174,13 @@ def _azure_client(config: LlmConfig, timeout: openai.Timeout) -> openai.AsyncAzu
     )
 
 
+def _llama_client(config: LlmConfig) -> Any:
+    """In-process llama.cpp (the optional `llama` extra): the same streaming interface, offline."""
+    from parley.agents.llama import LlamaCppClient, resolve_model
+
+    return LlamaCppClient(resolve_model(config.model), n_threads=config.threads)
+
+
 def entra_token_provider(scope: str = ENTRA_SCOPE) -> TokenProvider:
     """An Entra ID token provider from azure-identity's DefaultAzureCredential (managed identity,
     workload identity, az login...). azure-identity is optional: imported only when asked for."""
@@ -193,10 +211,11 @@ def _retryable(exc: BaseException) -> bool:
 
 @dataclass(eq=False)
 class _Reply:
-    """One assistant reply: its HTTP stream, the text received and said, its history entry."""
+    """One completion request of a turn: its HTTP stream, the text received and said, its
+    assistant message in history. A turn has more than one when the model calls tools."""
 
     started: float
-    user_entry: dict[str, Any] | None = None
+    tools_allowed: bool = False
     entry: dict[str, Any] | None = None  # its assistant message, once there is text
     stream: Any = None  # openai.AsyncStream[ChatCompletionChunk] while open
     parts: list[str] = field(default_factory=list)  # every content delta received
@@ -236,10 +255,21 @@ class _Reply:
             slot["arguments"] += getattr(function, "arguments", None) or ""
 
 
+@dataclass(eq=False)
+class _Turn:
+    """One caller input and every reply (completion request) that answered it."""
+
+    user_entry: dict[str, Any] | None = None
+    replies: list[_Reply] = field(default_factory=list)
+    ran_tools: bool = False
+
+
 class LlmAgent:
     """One call's conversation with a chat model (implements parley's Agent protocol).
 
     `client` may be shared between calls (one connection pool); the conversation is per agent.
+    In a scenario, `prompt` (a Jinja template), `session` (what the call's agents share),
+    `toolbox` and `name` come from the agent's YAML; alone, `config.system_prompt` is used as is.
     """
 
     def __init__(
@@ -248,22 +278,45 @@ class LlmAgent:
         client: openai.AsyncOpenAI | None = None,
         *,
         context: CallContext | None = None,
+        name: str = "assistant",
+        prompt: PromptTemplate | None = None,
+        session: CallSession | None = None,
+        toolbox: Toolbox | None = None,
+        max_tool_rounds: int = 3,
+        voice: str | None = None,
+        greeting_interruptible: bool = True,
+        on_event: Callable[..., None] | None = None,
     ) -> None:
         self.config = config
+        self._on_event = on_event
         self.client = client if client is not None else build_client(config)
-        self.context = context
+        self.name = name
+        self.voice = voice
+        self.greeting_interruptible = greeting_interruptible
+        self._owns_session = session is None
+        self.session = session if session is not None else CallSession(context or CallContext("-"))
+        self.context = self.session.context
+        if prompt is None and config.system_prompt:
+            prompt = PromptTemplate(config.system_prompt)
+        self.prompt = prompt
+        self.toolbox = toolbox or Toolbox([])
+        self.max_tool_rounds = max_tool_rounds
         self.messages: list[dict[str, Any]] = []
-        if config.system_prompt:
-            self.messages.append({"role": "system", "content": config.system_prompt})
+        if prompt is not None:
+            self.messages.append({"role": "system", "content": self._system_text()})
         self.last_stream_closed_t: float | None = None
         """time.monotonic() when the last reply's HTTP stream was closed (barge-in benchmarks)."""
         self.last_outcome: Outcome | None = None
-        self._reply: _Reply | None = None  # the latest reply (what truncate_last_reply acts on)
+        self._turn: _Turn | None = None  # the latest turn (what truncate_last_reply acts on)
         self._greeted = False
 
     @property
     def _call_id(self) -> str:
-        return self.context.call_id if self.context is not None else "-"
+        return self.context.call_id
+
+    def _system_text(self) -> str:
+        assert self.prompt is not None
+        return self.prompt.render(self.session.variables(self.name))
 
     def greeting(self) -> str | None:
         """The configured greeting. The handler asks for it when it speaks it, so it is recorded
@@ -271,40 +324,86 @@ class LlmAgent:
         text = self.config.greeting
         if text and not self._greeted:
             self._greeted = True
-            entry = {"role": "assistant", "content": text}
-            self.messages.append(entry)
-            self._reply = _Reply(time.monotonic(), entry=entry, outcome="greeting")
+            self.record_spoken(text)
         return text
+
+    def record_spoken(self, text: str) -> None:
+        """Something said in this agent's name outside a reply (a greeting, a handoff line)."""
+        entry = {"role": "assistant", "content": text}
+        self.messages.append(entry)
+        reply = _Reply(time.monotonic(), entry=entry, outcome="greeting", said=[text])
+        self._turn = _Turn(replies=[reply])
+
+    # ---------------------------------------------------------------------------------- history
+    def history(self, *, before_last_input: bool = False) -> list[dict[str, Any]]:
+        """The conversation as plain user/assistant text (no system prompt, no tool traffic), for
+        another agent taking over. `before_last_input` leaves out the latest caller input and
+        what followed it (the next agent answers that input itself)."""
+        messages = self.messages
+        if before_last_input and self._turn is not None and self._turn.user_entry is not None:
+            index = next((i for i, m in enumerate(messages) if m is self._turn.user_entry), None)
+            if index is not None:
+                messages = messages[:index]
+        return [
+            {"role": m["role"], "content": m["content"]}
+            for m in messages
+            if m["role"] in ("user", "assistant") and m.get("content")
+        ]
+
+    def adopt_history(self, messages: list[dict[str, Any]]) -> None:
+        """Continue a conversation another agent had (a handoff with shared history)."""
+        system = self.messages[:1] if self.messages and self.messages[0]["role"] == "system" else []
+        self.messages = system + [dict(m) for m in messages]
+        self._turn = None
 
     # ---------------------------------------------------------------------------------- a reply
     async def respond(self, user: UserInput) -> AsyncGenerator[AgentOutput, None]:
-        """Stream the model's answer as Say clauses. Cancelling (or closing) the iteration closes
-        the HTTP stream at once; consumers should iterate inside `contextlib.aclosing`."""
-        reply = self._begin(user)
-        try:
-            text = await self._first_text(reply)
-            while text is not None:
-                for say in self._speak(reply, text):
-                    yield say
-                text = await self._next_text(reply)
-            for say in self._finish(reply):
-                yield say
-        finally:
-            # Reached on completion, on cancellation at an await (CancelledError) and on aclose()
-            # at a yield (GeneratorExit): either way the stream is closed now, not read to its end.
-            await self._end(reply)
+        """Stream the model's answer as Say clauses, running tool calls between requests.
 
-    def _begin(self, user: UserInput) -> _Reply:
+        Cancelling (or closing) the iteration closes the HTTP stream at once; consumers should
+        iterate inside `contextlib.aclosing`."""
+        turn = self._begin(user)
+        for round_index in range(self.max_tool_rounds + 1):
+            tools_allowed = bool(self.toolbox) and round_index < self.max_tool_rounds
+            reply = _Reply(time.monotonic(), tools_allowed=tools_allowed)
+            turn.replies.append(reply)
+            try:
+                text = await self._first_text(reply)
+                while text is not None:
+                    for say in self._speak(reply, text):
+                        yield say
+                    text = await self._next_text(reply)
+            finally:
+                # Reached on completion, on cancellation at an await (CancelledError) and on
+                # aclose() at a yield (GeneratorExit): the stream is closed now, not read to its end.
+                await self._end(reply)
+            if reply.outcome != "completed" or not (reply.tool_calls and self.toolbox):
+                for say in self._finish(reply):
+                    yield say
+                return
+            for say in self._says(reply, self._flush(reply)):
+                yield say
+            if (filler := self._filler(reply)) is not None:
+                yield filler
+            action = await self._run_tools(turn, reply)
+            if action is not None:
+                yield action
+                return
+
+    def _begin(self, user: UserInput) -> _Turn:
+        if self._owns_session:
+            self.session.note(user)
         entry = {"role": "user", "content": _user_text(user)}
         self.messages.append(entry)
-        reply = _Reply(time.monotonic(), user_entry=entry)
-        self._reply = reply
-        return reply
+        turn = _Turn(user_entry=entry)
+        self._turn = turn
+        return turn
 
     async def _first_text(self, reply: _Reply) -> str | None:
         """The first content delta, opening (and retrying) the stream within the first-token budget.
 
-        None when there is none: timeout, a failure that retries did not cure, or an empty answer.
+        None when there is none: timeout, a failure that retries did not cure, or an answer with
+        no text (possibly only tool calls).
         """
         budget = min(self.config.first_token_timeout_s, self.config.total_timeout_s)
         try:
@@ -323,16 +422,17 @@ class LlmAgent:
         attempt = 0
         while True:
             try:
-                reply.stream = await self.client.chat.completions.create(**self._request())
+                reply.stream = await self.client.chat.completions.create(**self._request(reply))
                 while True:
                     text = reply.absorb(await anext(reply.stream))
                     if text:
                         return text
             except StopAsyncIteration:
-                reply.outcome = "completed"  # the model answered nothing at all
+                reply.outcome = "completed"  # no text at all (maybe only tool calls)
                 return None
             except Exception as exc:
                 await self._close_stream(reply)
+                reply.tool_calls.clear()  # fragments of a failed attempt
                 if attempt >= self.config.max_retries or not _retryable(exc):
                     raise
                 attempt += 1
@@ -340,7 +440,9 @@ class LlmAgent:
                 log.info("call %s: %s; retry %d in %.2f s", self._call_id, _describe(exc), attempt, delay)
                 await asyncio.sleep(delay)
 
-    def _request(self) -> dict[str, Any]:
+    def _request(self, reply: _Reply) -> dict[str, Any]:
+        if self.prompt is not None and self.messages and self.messages[0]["role"] == "system":
+            self.messages[0]["content"] = self._system_text()  # time, DTMF and state move on
         request: dict[str, Any] = {
             "model": self.config.model,
             "messages": [dict(message) for message in self.messages],
@@ -350,6 +452,10 @@ class LlmAgent:
             request["temperature"] = self.config.temperature
         if self.config.max_tokens is not None:
             request["max_tokens"] = self.config.max_tokens
+        if self.toolbox:
+            request["tools"] = self.toolbox.definitions()
+            # The last round forbids tools: the caller must get an answer, not another lookup.
+            request["tool_choice"] = "auto" if reply.tools_allowed else "none"
         return request
 
     async def _next_text(self, reply: _Reply) -> str | None:
@@ -391,10 +497,13 @@ class LlmAgent:
                 says.append(Say(spoken))
         return says
 
+    @staticmethod
+    def _flush(reply: _Reply) -> list[str]:
+        return reply.clauses.push(reply.markdown.flush()) + reply.clauses.flush()
+
     def _finish(self, reply: _Reply) -> list[Say]:
         if reply.outcome == "completed":
-            tail = reply.clauses.push(reply.markdown.flush()) + reply.clauses.flush()
-            says = self._says(reply, tail)
+            says = self._says(reply, self._flush(reply))
             if reply.said:
                 return says
             log.warning("call %s: the model's answer had nothing to say", self._call_id)
@@ -422,11 +531,8 @@ class LlmAgent:
         if reply.outcome == "pending":
             reply.outcome = "cancelled"
         self.last_outcome = reply.outcome
-        if reply.tool_calls:
-            log.debug("call %s: ignored tool calls (not supported yet): %s", self._call_id,
-                      list(reply.tool_calls.values()))
-        log.debug("call %s: reply %s after %.3f s: %r", self._call_id, reply.outcome,
-                  time.monotonic() - reply.started, reply.text)
+        log.debug("call %s: reply %s after %.3f s: %r, tools %s", self._call_id, reply.outcome,
+                  time.monotonic() - reply.started, reply.text, list(reply.tool_calls.values()))
 
     async def _close_stream(self, reply: _Reply) -> None:
         stream, reply.stream = reply.stream, None
@@ -438,32 +544,90 @@ class LlmAgent:
             log.debug("call %s: closing the stream: %s", self._call_id, _describe(exc))
         self.last_stream_closed_t = time.monotonic()
 
+    # ---------------------------------------------------------------------------------- tools
+    def _filler(self, reply: _Reply) -> Say | None:
+        """A tool's 'One moment.' when the model went straight to the tool without a word."""
+        if reply.said:
+            return None
+        for slot in reply.tool_calls.values():
+            if text := self.toolbox.filler(slot["name"]):
+                reply.said.append(text)
+                self._record(reply, text)
+                return Say(text)
+        return None
+
+    async def _run_tools(self, turn: _Turn, reply: _Reply) -> AgentOutput | None:
+        """Run the reply's tool calls at once and record them with their results in history.
+
+        Recorded only when every result is in: a request with a tool call and no result is
+        rejected by the API, so a barge-in during the tools leaves the history as it was."""
+        calls = [
+            (slot.get("id") or f"call_{len(self.messages)}_{index}", slot["name"], slot["arguments"])
+            for index, slot in sorted(reply.tool_calls.items())
+        ]
+        context = self.session.tool_context(self.name)
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(self.toolbox.call(name, arguments, context) for _, name, arguments in calls)
+        )
+        if self._on_event is not None:
+            for (_, name, _), result in zip(calls, results, strict=True):
+                self._on_event("tool_called", agent=self.name, tool=name,
+                               ms=round((time.monotonic() - started) * 1000, 1),
+                               ok=not result.content.startswith('{"error"'))
+        turn.ran_tools = True
+        entry = reply.entry or {"role": "assistant", "content": None}
+        entry["tool_calls"] = [
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+            for call_id, name, arguments in calls
+        ]
+        if reply.entry is None:
+            reply.entry = entry
+            self.messages.append(entry)
+        for (call_id, name, _), result in zip(calls, results, strict=True):
+            self.messages.append({"role": "tool", "tool_call_id": call_id, "content": result.content})
+            log.info("call %s: agent %s called %s -> %s", self._call_id, self.name, name,
+                     result.content[:120])
+        return next((r.action for r in results if r.action is not None), None)
+
     # ---------------------------------------------------------------------------------- barge-in
     def truncate_last_reply(self, heard_text: str, *, forget_input: bool = False) -> None:
-        """The caller interrupted the last reply having heard only `heard_text` of it.
+        """The caller interrupted the last turn having heard only `heard_text` of it.
 
-        Its history entry becomes the heard text, or is dropped when nothing was heard. Safe to
-        call right after cancelling the reply's task, before its cleanup has run: later deltas
-        no longer touch the history. `forget_input=True` (nothing heard and the handler will
-        answer the same input again, merged with the next) also drops the user message, so the
-        model does not see it twice.
+        Each reply's history entry becomes the part of the heard text it said, or is dropped
+        when none of it was heard (an entry with tool calls keeps them: they ran). Safe to call
+        right after cancelling the reply's task, before its cleanup has run: later deltas no
+        longer touch the history. `forget_input=True` (nothing heard and the handler will answer
+        the same input again, merged with the next) also drops the user message so the model
+        does not see it twice, unless tools ran for it (their results must stay explained).
         """
-        reply = self._reply
-        if reply is None:
+        turn = self._turn
+        if turn is None:
             return
-        reply.interrupted = True
-        heard = " ".join(heard_text.split())
-        if reply.entry is not None:
-            if heard:
-                reply.entry["content"] = heard
-            else:
-                self._forget(reply.entry)
-                reply.entry = None
-        if forget_input and not heard and reply.user_entry is not None:
-            self._forget(reply.user_entry)
-            reply.user_entry = None
+        heard = heard_text.split()
+        for reply in turn.replies:
+            reply.interrupted = True
+            count = min(len(heard), len(" ".join(reply.said).split()))
+            self._set_heard(reply, " ".join(heard[:count]))
+            heard = heard[count:]
+        nothing_heard = not heard_text.split()
+        if forget_input and nothing_heard and not turn.ran_tools and turn.user_entry is not None:
+            self._forget(turn.user_entry)
+            turn.user_entry = None
 
     on_interrupted = truncate_last_reply
+
+    def _set_heard(self, reply: _Reply, heard: str) -> None:
+        entry = reply.entry
+        if entry is None:
+            return
+        if heard:
+            entry["content"] = heard
+        elif entry.get("tool_calls"):
+            entry["content"] = None
+        else:
+            self._forget(entry)
+            reply.entry = None
 
     def _forget(self, entry: dict[str, Any]) -> None:
         # By identity: two turns may hold equal dicts ("yes" twice).

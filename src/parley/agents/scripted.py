@@ -6,8 +6,8 @@ The input usually comes from a weak offline recognizer (lowercase, no punctuatio
 misrecognitions), so matching is a forgiving "count the keywords that appear" score rather than
 anything strict.
 
-The YAML models are strict (unknown keys are errors) because the same file format is meant to be
-reused by other agent kinds later, and a silently ignored typo is the worst failure on a phone line.
+The same YAML format describes a scripted agent alone or as one agent of a scenario
+(parley.agents.scenario), where an intent can hand the caller to another agent (`handoff:`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -28,7 +27,9 @@ from pydantic import (
     model_validator,
 )
 
-from parley.protocols import AgentFactory, AgentOutput, CallContext, Hangup, Say, UserInput
+from parley.agents.handoff import HandoffSpec
+from parley.agents.loading import AgentConfigError, describe_validation_error, read_yaml_mapping
+from parley.protocols import AgentFactory, AgentOutput, CallContext, Hangup, Handoff, Say, UserInput
 
 __all__ = [
     "EXAMPLES_DIR",
@@ -56,8 +57,8 @@ _NON_WORD = re.compile(r"[\W_]+")
 _PLACEHOLDER = re.compile(r"\{(text|digits)\}")
 
 
-class ScriptError(ValueError):
-    """A script could not be found, parsed or validated. The message names the file and problem."""
+ScriptError = AgentConfigError
+"""A script could not be found, parsed or validated. The message names the file and problem."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,6 +141,7 @@ class IntentSpec(BaseModel):
     reply: str | None = None
     replies: list[str] | None = None
     end_call: bool = False
+    handoff: str | None = Field(None, description="After the reply, hand the caller to this agent.")
     # False plays the reply through anything the caller says (a legal notice, a disclosure).
     interruptible: bool = True
 
@@ -168,6 +170,8 @@ class IntentSpec(BaseModel):
         self._check_replies()
         self._keywords = self._normalized_keywords()
         self._patterns = self._compiled_patterns()
+        if self.end_call and self.handoff:
+            raise ValueError("an intent cannot both end the call and hand it off")
         if not (self._keywords or self._patterns or self.dtmf):
             raise ValueError(
                 "needs at least one of keywords, patterns or dtmf, or it can never match"
@@ -227,13 +231,16 @@ class ScriptSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    kind: Literal["scripted"] = "scripted"
     name: str = Field(min_length=1)
+    description: str = ""
     voice: str | None = None
     greeting: str | None = None
     greeting_interruptible: bool = True
     intents: list[IntentSpec]
     fallback: str = Field(min_length=1)
     fallback_dtmf: str | None = None
+    handoffs: list[HandoffSpec] = Field(default_factory=list)
 
     @field_validator("voice", "greeting", "fallback_dtmf", mode="before")
     @classmethod
@@ -260,7 +267,17 @@ class ScriptSpec(BaseModel):
         # Duplicates would make the later intent unreachable for DTMF and ambiguous in logs.
         _reject_duplicates("intent name", [(i, it.name) for i, it in enumerate(self.intents)])
         _reject_duplicates("dtmf", [(i, it.dtmf) for i, it in enumerate(self.intents) if it.dtmf])
+        declared = {handoff.to for handoff in self.handoffs}
+        for intent in self.intents:
+            if intent.handoff is not None and intent.handoff not in declared:
+                raise ValueError(
+                    f"intent {intent.name!r} hands off to {intent.handoff!r}, which is not in "
+                    f"this agent's handoffs ({', '.join(sorted(declared)) or 'none declared'})"
+                )
         return self
+
+    def handoff_to(self, name: str) -> HandoffSpec:
+        return next(h for h in self.handoffs if h.to == name)
 
     @property
     def dtmf_fallback(self) -> str:
@@ -320,94 +337,13 @@ def resolve_script_path(name_or_path: str) -> Path:
 
 
 def load_script(path: str | Path) -> ScriptSpec:
-    """Read and validate a YAML script; any problem raises ScriptError naming the file."""
+    """Read and validate a single scripted agent's YAML; any problem raises ScriptError naming the file."""
     path = Path(path)
-    data = _read_yaml(path)
-    if data is None:
-        raise ScriptError(f"{path}: script is empty")
-    if not isinstance(data, dict):
-        raise ScriptError(
-            f"{path}: top level must be a mapping (name:, intents:, fallback:, ...), "
-            f"got {type(data).__name__}"
-        )
+    data = read_yaml_mapping(path)
     try:
         return ScriptSpec.model_validate(data)
     except ValidationError as exc:
-        raise ScriptError(_describe_validation_error(path, data, exc)) from None
-
-
-def _read_yaml(path: Path) -> Any:
-    try:
-        source = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ScriptError(f"{path}: script file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ScriptError(f"{path}: cannot read script: {exc}") from None
-    try:
-        return yaml.safe_load(source)
-    except yaml.YAMLError as exc:
-        where = _yaml_position(exc)
-        raise ScriptError(f"{path}: YAML syntax error{where}: {_yaml_problem(exc)}") from None
-
-
-def _yaml_position(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    if mark is None:
-        return ""
-    return f" at line {mark.line + 1}, column {mark.column + 1}"  # marks are 0-based
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
-    text = ", ".join(p for p in parts if p)
-    return text or str(exc)
-
-
-def _describe_validation_error(path: Path, data: dict[str, Any], exc: ValidationError) -> str:
-    problems = [_describe_one_error(data, err) for err in exc.errors()]
-    if len(problems) == 1:
-        return f"{path}: {problems[0]}"
-    return f"{path}: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems)
-
-
-def _describe_one_error(data: dict[str, Any], err: Any) -> str:
-    loc: tuple[Any, ...] = tuple(err["loc"])
-    where = _describe_location(data, loc)
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        model = IntentSpec if len(loc) > 1 and loc[0] == "intents" else ScriptSpec
-        allowed = ", ".join(model.model_fields)
-        return f"{where}: unknown key {loc[-1]!r} (allowed keys: {allowed})"
-    if kind == "missing":
-        return f"{where}: required field is missing"
-    if kind == "value_error":
-        # Our own message, without pydantic's "Value error," prefix.
-        message = str(err["ctx"]["error"])
-    else:
-        message = err["msg"]
-    return f"{where}: {message}" if where else message
-
-
-def _describe_location(data: dict[str, Any], loc: tuple[Any, ...]) -> str:
-    """Render ("intents", 2, "reply") as "intents[2] (hours).reply", naming the intent if known."""
-    text = ""
-    for index, part in enumerate(loc):
-        if isinstance(part, int):
-            text += f"[{part}]"
-            if index == 1 and loc[0] == "intents":
-                text += _intent_label(data, part)
-        else:
-            text += f".{part}" if text else str(part)
-    return text
-
-
-def _intent_label(data: dict[str, Any], index: int) -> str:
-    intents = data.get("intents")
-    if isinstance(intents, list) and index < len(intents) and isinstance(intents[index], dict):
-        name = intents[index].get("name")
-        if isinstance(name, str) and name:
-            return f" ({name})"
-    return ""
+        raise ScriptError(describe_validation_error(path, data, exc, ScriptSpec)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,14 +351,19 @@ def _intent_label(data: dict[str, Any], index: int) -> str:
 
 
 class ScriptedAgent:
-    """Answers each turn from a ScriptSpec. One instance per call: it keeps reply rotation state."""
+    """Answers each turn from a ScriptSpec. One instance per call: it keeps reply rotation state
+    and the conversation (so an LLM agent taking over in a scenario knows what was said)."""
 
     def __init__(self, spec: ScriptSpec, context: CallContext) -> None:
         self.spec = spec
         self.context = context
+        self.name = spec.name
         # Name of the intent that answered the last turn; None when the fallback answered.
         self.last_intent: str | None = None
         self._turns_by_intent: dict[str, int] = {}
+        self.messages: list[dict[str, Any]] = []
+        self._last_user: dict[str, Any] | None = None
+        self._last_reply: dict[str, Any] | None = None
 
     @property
     def greeting_interruptible(self) -> bool:
@@ -433,17 +374,22 @@ class ScriptedAgent:
         return self.spec.voice
 
     def greeting(self) -> str | None:
+        if self.spec.greeting:
+            self.record_spoken(self.spec.greeting)
         return self.spec.greeting
 
     async def respond(self, user: UserInput) -> AsyncIterator[AgentOutput]:
         intent = self._match(user)
         self.last_intent = intent.name if intent is not None else None
-        reply = self._next_reply(intent, user)
+        reply = _fill_placeholders(self._next_reply(intent, user), user.text.strip(), user.digits)
+        self._record_turn(user, reply)
         interruptible = intent.interruptible if intent is not None else True
-        for sentence in split_sentences(_fill_placeholders(reply, user.text.strip(), user.digits)):
+        for sentence in split_sentences(reply):
             yield Say(sentence, interruptible=interruptible)
         if intent is not None and intent.end_call:
             yield Hangup(reason=f"intent:{intent.name}")
+        elif intent is not None and intent.handoff is not None:
+            yield Handoff(intent.handoff, self.spec.handoff_to(intent.handoff))
 
     def _match(self, user: UserInput) -> IntentSpec | None:
         if user.kind == "dtmf":
@@ -458,6 +404,48 @@ class ScriptedAgent:
         turn = self._turns_by_intent.get(intent.name, 0)
         self._turns_by_intent[intent.name] = turn + 1
         return replies[turn % len(replies)]
+
+    # ------------------------------------------------------------------ conversation memory
+    def _record_turn(self, user: UserInput, reply: str) -> None:
+        text = user.text.strip() if user.kind == "speech" else "The caller pressed: " + " ".join(user.digits)
+        self._last_user = {"role": "user", "content": text}
+        self._last_reply = {"role": "assistant", "content": reply}
+        self.messages += [self._last_user, self._last_reply]
+
+    def record_spoken(self, text: str) -> None:
+        self._last_user = None
+        self._last_reply = {"role": "assistant", "content": text}
+        self.messages.append(self._last_reply)
+
+    def truncate_last_reply(self, heard_text: str, *, forget_input: bool = False) -> None:
+        """Remember only what the caller heard of the last reply (see LlmAgent)."""
+        heard = " ".join(heard_text.split())
+        if self._last_reply is not None:
+            if heard:
+                self._last_reply["content"] = heard
+            else:
+                self._forget(self._last_reply)
+                self._last_reply = None
+        if forget_input and not heard and self._last_user is not None:
+            self._forget(self._last_user)
+            self._last_user = None
+
+    def history(self, *, before_last_input: bool = False) -> list[dict[str, Any]]:
+        messages = self.messages
+        if before_last_input and self._last_user is not None:
+            index = next((i for i, m in enumerate(messages) if m is self._last_user), len(messages))
+            messages = messages[:index]
+        return [dict(m) for m in messages if m.get("content")]
+
+    def adopt_history(self, messages: list[dict[str, Any]]) -> None:
+        self.messages = [dict(m) for m in messages]
+        self._last_user = self._last_reply = None
+
+    def _forget(self, entry: dict[str, Any]) -> None:
+        for index in range(len(self.messages) - 1, -1, -1):
+            if self.messages[index] is entry:
+                del self.messages[index]
+                return
 
 
 def scripted_agent_factory(name_or_path: str) -> AgentFactory:

@@ -10,7 +10,7 @@ import typer
 from parley.benchmarks import common
 
 bench = typer.Typer(add_completion=False, no_args_is_help=True,
-                    help="Benchmarks: barge-in, latency, load, soak (see bench/README.md).")
+                    help="Benchmarks: barge-in, latency, llm, load, soak (see bench/README.md).")
 
 UrlOption = typer.Option(None, "--url", help="ws://.../ws/acs of a running server [default: start one].")
 ServerOption = typer.Option("subprocess", "--server", help="Where to start the server: subprocess or inprocess.")
@@ -53,6 +53,20 @@ def latency(
     with common.server_under_test(url, server, greeting="") as sut:
         result = asyncio.run(module.run(sut.url, trials, clip))
     _finish("parley bench latency", result, module.summary_rows(result), json_path)
+
+
+@bench.command()
+def llm(
+    trials: int = typer.Option(20, min=1, help="Calls: one streamed answer and one barge-in each."),
+    server: str = ServerOption,
+    json_path: Path | None = JsonOption,
+) -> None:
+    """LLM agent: first streamed clause -> first audio; barge-in -> LLM stream closed (fake model)."""
+    from parley.benchmarks import llm as module
+
+    with module.fake_llm() as fake, common.server_under_test(None, server, **module.server_settings(fake)) as sut:
+        result = asyncio.run(module.run(sut.url, trials, fake))
+    _finish("parley bench llm", result, module.summary_rows(result), json_path)
 
 
 @bench.command()

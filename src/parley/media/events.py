@@ -40,6 +40,10 @@ EVENT_NAMES = frozenset(
         "input_error",
         "agent_text",
         "first_audio_ready",
+        "agent_stream_closed",
+        "agent_handoff",
+        "tool_called",
+        "transfer_requested",
         "call_ended",
     }
 )

@@ -28,7 +28,7 @@ from parley.media.player import Player, Track
 from parley.media.recognition import RecognitionThread, SegmenterConfig
 from parley.media.turns import Pending, RouteTurnLoop, Turn, TurnInbox
 from parley.media.writer import OutboundWriter
-from parley.protocols import CallContext, Hangup, Say, UserInput
+from parley.protocols import CallContext, Hangup, Say, Transfer, UserInput
 from parley.settings import Settings
 from parley.transports import acs
 from parley.voice.clauses import quick_start, split_clauses
@@ -58,6 +58,7 @@ class MediaHandler:
         settings: Settings,
         engines: Engines,
         correlation_id: str = "",
+        caller_id: str = "",
         registry: CallRegistry | None = None,
     ) -> None:
         self.call_id = call_id
@@ -66,8 +67,10 @@ class MediaHandler:
         self.engines = engines
         self.registry = registry
         self.events = EventLog(call_id, to_log=settings.event_log)
-        self.agent = engines.agent_factory(CallContext(call_id, correlation_id))
-        self.synthesizer = engines.synthesizer_for(getattr(self.agent, "voice", None))
+        self.agent = engines.agent_factory(CallContext(call_id, correlation_id, caller_id))
+        listen = getattr(self.agent, "listen", None)
+        if callable(listen):  # agents that report handoffs and tool calls into the call's events
+            listen(self._agent_event)
         self.policy = BargeInPolicy(
             partial_min_chars=settings.bargein_partial_chars,
             on_dtmf=settings.bargein_on_dtmf,
@@ -177,6 +180,10 @@ class MediaHandler:
         self._end_reason = reason
         self._close_code = close_code
         self._hangup.set()
+
+    def _agent_event(self, name: str, **fields: object) -> None:
+        if name in ("agent_handoff", "tool_called"):
+            self.events.emit(name, **fields)
 
     # ------------------------------------------------------------------ inbound messages
     def on_message(self, data: str | bytes, arrival_t: float) -> None:
@@ -350,6 +357,8 @@ class MediaHandler:
         turn.cancelled = True
         track = self.player.track_of(turn.id)
         self.writer.stop_audio(turn.id, send_stop=not (track is not None and track.paused))
+        if turn.agent_task is not None:
+            turn.agent_task.cancel()  # the agent's stream closes next, whatever TTS is doing
         turn.heard_ms = track.heard_ms(now) if track else 0.0
         turn.heard_text = track.heard_text(now) if track else ""
         self.player.cut(now)
@@ -411,10 +420,10 @@ class MediaHandler:
         track = self.player.begin(turn.id)
         clips: asyncio.Queue[object] = asyncio.Queue(maxsize=64)
         producer = asyncio.create_task(self._produce_audio(turn, clips), name=f"produce-{turn.id}")
-        hangup: Hangup | None = None
+        hangup: Hangup | Transfer | None = None
         try:
             while (item := await clips.get()) is not _END:
-                if isinstance(item, Hangup):
+                if isinstance(item, Hangup | Transfer):
                     hangup = item
                 elif isinstance(item, _Clip):
                     await self.player.play(track, item.pcm, item.text, item.interruptible)
@@ -433,38 +442,79 @@ class MediaHandler:
         finally:
             producer.cancel()
             await asyncio.wait([producer])
-        if hangup is not None:
+        if isinstance(hangup, Transfer):
+            self._transfer(hangup)
+        elif hangup is not None:
             self.end_call(hangup.reason)
+
+    def _transfer(self, transfer: Transfer) -> None:
+        """The media socket cannot move a call: Call Automation does that (when configured, it is
+        told here); without it the call ends, saying why."""
+        self.events.emit("transfer_requested", target=transfer.target, reason=transfer.reason)
+        control = getattr(self.engines, "call_control", None)
+        if control is not None:
+            control.transfer(self.call_id, transfer.target)
+            return
+        log.warning("call %s: the agent asked to transfer to %s, but no call control (ACS Call "
+                    "Automation) is configured; ending the call", self.call_id, transfer.target)
+        self.end_call(f"transfer_unavailable:{transfer.target}")
 
     async def _produce_audio(self, turn: Turn, clips: asyncio.Queue[object]) -> None:
         """Agent text -> synthesized clips, running ahead of playout (the next clause while one plays).
 
-        `aclosing`: a cancelled turn closes the agent's stream (an LLM's HTTP response) at once,
-        not whenever the garbage collector finalises the generator."""
-        async with contextlib.aclosing(self._agent_outputs(turn)) as outputs:
-            await self._synthesize(turn, outputs, clips)
+        The agent is read by a task of its own, as fast as it writes, so a barge-in closes its
+        stream (an LLM's HTTP response) at once instead of after the clause being synthesized."""
+        outputs: asyncio.Queue[object] = asyncio.Queue()
+        turn.agent_task = asyncio.create_task(self._read_agent(turn, outputs), name=f"agent-{turn.id}")
+        try:
+            await self._synthesize(turn, _until_end(outputs), clips)
+        finally:
+            turn.agent_task.cancel()
+            await asyncio.wait([turn.agent_task])
         await clips.put(_END)
+
+    async def _read_agent(self, turn: Turn, outputs: asyncio.Queue[object]) -> None:
+        try:
+            # aclosing: a cancelled read closes the agent's generator (and its HTTP stream) now,
+            # not whenever the garbage collector finalises it.
+            async with contextlib.aclosing(self._agent_outputs(turn)) as agent_outputs:
+                async for output in agent_outputs:
+                    outputs.put_nowait(output)
+        except asyncio.CancelledError:
+            if turn.agent_started:
+                self.events.emit("agent_stream_closed", turn_id=turn.id)
+            raise
+        except Exception as exc:  # noqa: BLE001 - fails the turn, on the synthesis side
+            outputs.put_nowait(_AgentFailed(exc))
+            return
+        outputs.put_nowait(_END)
 
     async def _synthesize(self, turn: Turn, outputs, clips: asyncio.Queue[object]) -> None:  # type: ignore[no-untyped-def]
         """Each Say cut into clauses, each clause synthesized as soon as the previous is queued."""
         assert self.format is not None
         first_audio = True
         async for output in outputs:
-            if isinstance(output, Hangup):
+            if isinstance(output, Hangup | Transfer):
                 await clips.put(output)
                 break
             self.events.emit("agent_text", turn_id=turn.id, text=output.text)
+            synthesizer = self._synthesizer(output)
             # Clause by clause: the first clause plays while the next is synthesized, and a
             # resumed reply restarts at a clause boundary.
             clauses = split_clauses(output.text)
             for clause in quick_start(clauses) if first_audio else clauses:
                 text: str | None = clause
-                async for pcm in self.synthesizer.stream(clause, self.format.sample_rate):
+                async for pcm in synthesizer.stream(clause, self.format.sample_rate):
                     if first_audio:
                         self.events.emit("first_audio_ready", turn_id=turn.id)
                         first_audio = False
                     await clips.put(_Clip(text, pcm, output.interruptible))
                     text = None
+
+    def _synthesizer(self, say: Say):  # type: ignore[no-untyped-def]
+        """The voice a Say names (None: the agent's current voice; "": the server default)."""
+        voice = say.voice if say.voice is not None else getattr(self.agent, "voice", None)
+        return self.engines.synthesizer_for(voice or None)
 
     async def _agent_outputs(self, turn: Turn):  # type: ignore[no-untyped-def]
         if turn.say is not None:
@@ -476,7 +526,23 @@ class MediaHandler:
             async for output in outputs:
                 if isinstance(output, Say) and not output.text.strip():
                     continue
+                if not isinstance(output, Say | Hangup | Transfer):  # a Handoff outside a scenario
+                    log.warning("call %s: ignoring agent output %r", self.call_id, output)
+                    continue
                 yield output
+
+
+@dataclass(frozen=True, slots=True)
+class _AgentFailed:
+    error: Exception
+
+
+async def _until_end(outputs: asyncio.Queue[object]):  # type: ignore[no-untyped-def]
+    """The agent's outputs as the reader task queued them; its failure is raised here."""
+    while (item := await outputs.get()) is not _END:
+        if isinstance(item, _AgentFailed):
+            raise item.error
+        yield item
 
 
 async def _join_thread(recognition: RecognitionThread, timeout: float = 5.0) -> None:

@@ -34,6 +34,7 @@ class Turn:
     interruption_pending: bool = False  # paused or held, waiting for proof of a real barge-in
     pending_count: int = 0  # identifies the pending interruption a timeout belongs to
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    agent_task: asyncio.Task[None] | None = field(default=None, repr=False)  # reads the agent's output
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,1 @@
+"""Test doubles of paid services that parley's tests and benchmarks run against."""
