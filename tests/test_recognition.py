@@ -121,7 +121,8 @@ async def test_two_pass_final_comes_from_whisper(whisper: WhisperTranscriber) ->
     kinds = [kind for kind, _, _ in sink.seen]
     assert kinds[0] == "speech" and "partial" in kinds and kinds.count("final") == 1
     final = next(event for kind, event, _ in sink.seen if kind == "final")
-    assert final.text == "He might even have been made amiable himself."
+    # Whisper (capitals; the closing period depends on how much silence the early pass saw).
+    assert final.text.rstrip(".") == "He might even have been made amiable himself"
     assert threading.current_thread().name == next(name for kind, _, name in sink.seen if kind == "final")
 
 
@@ -161,3 +162,21 @@ def test_bundled_whisper_model_is_verified(tmp_path) -> None:  # type: ignore[no
         verify_bundled_model(copy)
     with pytest.raises(WhisperModelError, match="not a CTranslate2 Whisper model"):
         WhisperTranscriber(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("decoded", "kept"),
+    [
+        ("I lost my card I lost my card I lost my", "I lost my card"),
+        ("Yes please, yes please", "Yes please"),
+        ("Yeah. Yeah. Yeah. Yeah.", "Yeah."),
+        ("and them, and them, and them, and them", ""),
+        ("He was not there. He was not there at all", "He was not there."),
+        ("I want a large pizza and a large coke", "I want a large pizza and a large coke"),
+        ("my card my card is lost", "my card my card is lost"),
+    ],
+)
+def test_whisper_repetition_guards(decoded: str, kept: str) -> None:
+    from parley.speech.whisper import _without_loops, _without_phrase_loop, _without_repeated_sentences
+
+    assert _without_repeated_sentences(_without_phrase_loop(_without_loops(decoded))) == kept

@@ -90,6 +90,10 @@ _SERVER_EVENTS_IN_TIMELINE: Final = frozenset(
         "partial",
         "final",
         "turn_started",
+        "agent_text",
+        "agent_handoff",
+        "tool_called",
+        "transfer_requested",
         "barge_in_paused",
         "barge_in_resumed",
         "barge_in_decided",
@@ -877,6 +881,15 @@ def _describe_event(event: dict[str, Any]) -> str:
             return f"{name} {event.get('text', '')!r}"
         case "turn_started":
             return f"turn {turn} started ({event.get('kind', '?')})"
+        case "agent_text":
+            return f"says {event.get('text', '')!r}"
+        case "agent_handoff":
+            mode = "announced" if event.get("announced") else "silent"
+            return f"handoff {event.get('source')} -> {event.get('target')} ({mode}, {event.get('history')} history)"
+        case "tool_called":
+            return f"tool {event.get('tool')} ({event.get('ms')} ms{'' if event.get('ok') else ', failed'})"
+        case "transfer_requested":
+            return f"transfer to {event.get('target')} requested"
         case "barge_in_paused":
             return f"barge-in: turn {turn} paused"
         case "barge_in_resumed":

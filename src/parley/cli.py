@@ -94,6 +94,9 @@ def call(
     json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON here."),
     sample_rate: int = typer.Option(16000, help="Call sample rate: 16000 or 24000."),
     agent: str | None = typer.Option(None, help="Agent of the in-process server."),
+    dtmf: list[str] = typer.Option(
+        None, "--dtmf", help="Press keys at a time into the call: SECONDS:DIGITS (repeatable), e.g. 6.5:1."
+    ),
     max_wait: float = typer.Option(15.0, help="Seconds to wait for the agent's answer."),
     quiet: bool = typer.Option(False, help="Print only the summary."),
 ) -> None:
@@ -114,7 +117,7 @@ def call(
         url = server.url  # type: ignore[union-attr]
     options = caller.CallOptions(
         url=url, audio=audio, sample_rate=sample_rate, barge_in_at=barge_in_at, out=out,
-        max_wait_s=max_wait, progress=sys.stderr.isatty(),
+        max_wait_s=max_wait, progress=sys.stderr.isatty(), dtmf=_key_presses(dtmf or []),
     )
     try:
         report = asyncio.run(caller.run_call(options))
@@ -128,6 +131,17 @@ def call(
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report.to_dict(), indent=2, default=str))
+
+
+def _key_presses(values: list[str]) -> list[tuple[float, str]]:
+    presses = []
+    for value in values:
+        at, _, digits = value.partition(":")
+        try:
+            presses.append((float(at), digits.strip()))
+        except ValueError:
+            _startup_error(ValueError(f"--dtmf {value!r}: expected SECONDS:DIGITS, e.g. 6.5:1"))
+    return presses
 
 
 def main() -> None:

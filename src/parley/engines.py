@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from parley.media.recognition import FinalPass
 from parley.pool import EnginePool
-from parley.protocols import AgentFactory, Recognizer, Synthesizer, Vad
+from parley.protocols import AgentFactory, CallControl, Recognizer, Synthesizer, Vad
 from parley.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ class Engines:
     synthesizer_for: Callable[[str | None], Synthesizer]  # voice name (None = default) -> synthesizer
     agent_factory: AgentFactory
     final_pass: FinalPass | None = None  # the accurate second pass (None: the recognizer's finals)
+    call_control: CallControl | None = None  # hang up / transfer real calls (ACS Call Automation)
     executors: list[Executor] = field(default_factory=list)
     warm_count: int = 2
 

@@ -142,3 +142,16 @@ class Agent(Protocol):
 
 class AgentFactory(Protocol):
     def __call__(self, context: CallContext) -> Agent: ...
+
+
+@runtime_checkable
+class CallControl(Protocol):
+    """Acts on the phone call itself, beyond its media stream (ACS Call Automation).
+
+    `call_id` is the call connection id the media stream carries. Both return once the request
+    was accepted; the media socket closes when the call leaves this server.
+    """
+
+    async def hang_up(self, call_id: str) -> None: ...
+
+    async def transfer(self, call_id: str, target: str) -> None: ...

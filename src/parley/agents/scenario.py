@@ -30,15 +30,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from parley.agents.handoff import HandoffSpec
 from parley.agents.llm import LlmAgent, LlmConfig, build_client
-from parley.agents.loading import AgentConfigError, describe_validation_error, read_yaml_mapping
+from parley.agents.loading import (
+    AgentConfigError,
+    describe_validation_error,
+    read_yaml_mapping,
+)
 from parley.agents.prompt import CallSession, PromptError, PromptTemplate, timezone
 from parley.agents.scripted import ScriptedAgent, ScriptSpec, resolve_script_path
-from parley.agents.tools import Tool, Toolbox, ToolError, ToolSpec, build_tool, handoff_tool
-from parley.protocols import Agent, AgentFactory, AgentOutput, CallContext, Handoff, Say, UserInput
+from parley.agents.tools import (
+    Tool,
+    Toolbox,
+    ToolError,
+    ToolSpec,
+    build_tool,
+    handoff_tool,
+)
+from parley.protocols import (
+    Agent,
+    AgentFactory,
+    AgentOutput,
+    CallContext,
+    Handoff,
+    Say,
+    UserInput,
+)
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,20 @@ from pydantic import (
 )
 
 from parley.agents.handoff import HandoffSpec
-from parley.agents.loading import AgentConfigError, describe_validation_error, read_yaml_mapping
-from parley.protocols import AgentFactory, AgentOutput, CallContext, Hangup, Handoff, Say, UserInput
+from parley.agents.loading import (
+    AgentConfigError,
+    describe_validation_error,
+    read_yaml_mapping,
+)
+from parley.protocols import (
+    AgentFactory,
+    AgentOutput,
+    CallContext,
+    Handoff,
+    Hangup,
+    Say,
+    UserInput,
+)
 
 __all__ = [
     "EXAMPLES_DIR",

@@ -91,6 +91,7 @@ class MediaHandler:
         self._consecutive_errors = 0
         self._latest_utterance_id = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._control_requests: list[asyncio.Task[None]] = []
         self._hangup = asyncio.Event()
         self._end_reason = "caller_hangup"
         self._close_code = 1000
@@ -143,6 +144,8 @@ class MediaHandler:
             self.bridge.close()
         if self.recognition:
             self.recognition.stop()
+        if self._control_requests:  # a hang-up request must reach ACS, not die with the call
+            await asyncio.wait(self._control_requests, timeout=10)
         for task in reversed(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -445,19 +448,39 @@ class MediaHandler:
         if isinstance(hangup, Transfer):
             self._transfer(hangup)
         elif hangup is not None:
-            self.end_call(hangup.reason)
+            self._hang_up(hangup)
+
+    def _hang_up(self, hangup: Hangup) -> None:
+        """End the call: for everyone through Call Automation when configured, and the media here."""
+        control = self.engines.call_control
+        if control is not None:
+            self._request(control.hang_up(self.call_id), "hang up")
+        self.end_call(hangup.reason)
 
     def _transfer(self, transfer: Transfer) -> None:
-        """The media socket cannot move a call: Call Automation does that (when configured, it is
-        told here); without it the call ends, saying why."""
+        """The media socket cannot move a call: Call Automation does (the media stream then ends
+        and the socket closes). Without it the call ends here, saying why."""
         self.events.emit("transfer_requested", target=transfer.target, reason=transfer.reason)
-        control = getattr(self.engines, "call_control", None)
+        control = self.engines.call_control
         if control is not None:
-            control.transfer(self.call_id, transfer.target)
+            self._request(control.transfer(self.call_id, transfer.target), "transfer")
             return
         log.warning("call %s: the agent asked to transfer to %s, but no call control (ACS Call "
                     "Automation) is configured; ending the call", self.call_id, transfer.target)
         self.end_call(f"transfer_unavailable:{transfer.target}")
+
+    def _request(self, request, what: str) -> None:  # type: ignore[no-untyped-def]
+        """A call-control request runs to its end even when the call ends now (shutdown waits)."""
+        task = asyncio.create_task(self._call_control(request, what), name=f"{what}-{self.call_id}")
+        self._control_requests.append(task)
+
+    async def _call_control(self, request, what: str) -> None:  # type: ignore[no-untyped-def]
+        try:
+            await request
+        except Exception as exc:  # noqa: BLE001 - a failed request must not take the call down
+            log.error("call %s: %s failed: %s", self.call_id, what, exc)
+            self.events.emit("input_error", error=f"{what} failed: {exc}")
+            self.end_call(f"{what}_failed")
 
     async def _produce_audio(self, turn: Turn, clips: asyncio.Queue[object]) -> None:
         """Agent text -> synthesized clips, running ahead of playout (the next clause while one plays).

@@ -158,7 +158,7 @@ class WhisperTranscriber:
         if result.no_speech_prob > _NO_SPEECH_PROB and avg_logprob < _LOW_LOGPROB:
             text = ""
         else:
-            text = _without_repeated_sentences(_without_loops(text))
+            text = _without_repeated_sentences(_without_phrase_loop(_without_loops(text)))
         compute_ms = (time.perf_counter() - started) * 1000
         return Transcript(text, float(result.no_speech_prob), float(avg_logprob), compute_ms)
 
@@ -193,6 +193,18 @@ def _without_loops(text: str) -> str:
         return f"{first.group(0)}." if first else ""
     if len(words) >= 3 and distinct <= len(words) // 3:
         return ""
+    return text
+
+
+def _without_phrase_loop(text: str) -> str:
+    """The same failure without punctuation: the utterance's opening phrase over and over ("I lost
+    my card I lost my card I lost my" for one "I lost my card"). Text that is nothing but its first
+    few words repeated (at least twice) is said once."""
+    tokens = list(re.finditer(r"[\w']+", text))
+    words = [token.group(0).lower() for token in tokens]
+    for period in range(2, len(words) // 2 + 1):
+        if all(words[i] == words[i - period] for i in range(period, len(words))):
+            return text[: tokens[period - 1].end()]
     return text
 
 
