@@ -170,6 +170,11 @@ def test_quick_start_cuts_a_long_first_clause_before_a_phrase() -> None:
     assert quick_start(split_clauses(text)) == [
         "We're open every day", "from eleven in the morning until ten at night."
     ]
+    opener = "Sure, we're open every day from eleven in the morning."
+    assert quick_start(split_clauses(opener)) == ["Sure,", "we're open every day from eleven in the morning."]
+    # An opener is only cut off when enough follows it.
+    assert quick_start(["Of course, we deliver pizzas anywhere in town."]) == [
+        "Of course,", "we deliver pizzas anywhere in town."]
     short = split_clauses("Hi, thanks for calling. How can I help?")
     assert quick_start(short) == short
     assert quick_start([]) == []

@@ -25,7 +25,7 @@ from parley.agents.scenario import (
 from parley.agents.scripted import packaged_script_names
 from parley.agents.tools import ToolContext
 from parley.protocols import AgentOutput, CallContext, Hangup, Say, Transfer, UserInput
-from parley.testing.fake_llm import FakeLlm, Plan, ServerThread, deltas, tool_call
+from parley.testing.fake_llm import FakeLlm, Plan, ServerThread, deltas, read_body, tool_call
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -385,12 +385,7 @@ class Webhook:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         self.requests.append({"path": scope["path"], "headers": headers, "body": json.loads(body or b"{}")})
         payload = json.dumps({"status": "shipped", "eta": "tomorrow"}).encode()

@@ -70,11 +70,11 @@ def describe_validation_error(
 
 def _describe_one_error(data: dict[str, Any], err: Any, root: type[BaseModel]) -> str:
     raw = tuple(err["loc"])
-    loc = _data_path(raw, root)
+    loc, _ = _walk(root, raw)
     where = _describe_location(data, loc)
     kind = err["type"]
     if kind == "extra_forbidden":
-        model = _model_at(root, raw[:-1])
+        model = _as_model(_walk(root, raw[:-1])[1])
         allowed = f" (allowed keys: {', '.join(model.model_fields)})" if model is not None else ""
         where = _describe_location(data, loc[:-1])
         problem = f"unknown key {loc[-1]!r}{allowed}"
@@ -88,32 +88,24 @@ def _describe_one_error(data: dict[str, Any], err: Any, root: type[BaseModel]) -
     return f"{where}: {message}" if where else message
 
 
-def _data_path(loc: tuple[Any, ...], root: type[BaseModel]) -> tuple[Any, ...]:
-    """The error location without the union tags pydantic inserts ('agents', 0, 'llm', ...)."""
+def _walk(root: type[BaseModel], loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any]:
+    """Follow a raw pydantic error location through the models: the location as the YAML reads
+    (without the union tags pydantic inserts: 'agents', 0, 'llm', ...) and the type reached."""
     path: list[Any] = []
     annotation: Any = root
     for part in loc:
         members = _union_members(annotation)
         if members and isinstance(part, str) and part in members:
-            annotation = members[part]
+            annotation = members[part]  # the tag picks the member
             continue
         path.append(part)
         annotation = _child_annotation(annotation, part)
-    return tuple(path)
+    return tuple(path), annotation
 
 
-def _model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The model at a raw pydantic location (union tags included, they pick the member)."""
-    annotation: Any = root
-    for part in loc:
-        members = _union_members(annotation)
-        if members and isinstance(part, str) and part in members:
-            annotation = members[part]
-            continue
-        annotation = _child_annotation(annotation, part)
+def _as_model(annotation: Any) -> type[BaseModel] | None:
     annotation = _strip_optional(annotation)
-    members = _union_members(annotation)
-    if members:
+    if _union_members(annotation):
         return None  # which member is ambiguous here: do not guess the allowed keys
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 

@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl
 
 import uvicorn
 
-__all__ = ["Chunk", "FakeLlm", "Plan", "Recorded", "ServerThread", "deltas", "tool_call"]
+__all__ = ["Chunk", "FakeLlm", "Plan", "Recorded", "ServerThread", "deltas", "read_body", "tool_call"]
 
 
 @dataclass
@@ -100,12 +100,7 @@ class FakeLlm:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         record = Recorded(
             path=scope["path"],
             query=dict(parse_qsl(scope["query_string"].decode())),
@@ -151,6 +146,16 @@ class FakeLlm:
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
             record.finished_t = time.monotonic()
         # "disconnect": return without finishing the response: uvicorn closes the connection.
+
+
+async def read_body(receive: Any) -> bytes:
+    """The whole body of an ASGI HTTP request."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
 
 
 async def _watch_disconnect(receive: Any, record: Recorded) -> None:

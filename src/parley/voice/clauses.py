@@ -182,8 +182,13 @@ _PHRASE_STARTERS = frozenset(
 """Words a spoken phrase starts with: a cut before one sounds like a breath, not a stumble."""
 
 
+_OPENER = re.compile(r"^([^,]{2,14},) ")
+"""A short opening phrase ending in a comma: "Sure,", "Of course,", "Hi Sam,"."""
+
+
 def quick_start(clauses: list[str], *, over_chars: int = 40, min_chars: int = 16) -> list[str]:
-    """Cut a long FIRST clause before its first phrase-starting word after `min_chars`.
+    """Cut a long FIRST clause after a short opener ("Sure,") or else before its first
+    phrase-starting word after `min_chars`.
 
     Time to first audio is the synthesis time of the first clause (~55 ms per second of speech
     for Piper here), and a reply's first sentence often has no comma: "We're open every day |
@@ -192,6 +197,11 @@ def quick_start(clauses: list[str], *, over_chars: int = 40, min_chars: int = 16
     if not clauses or len(clauses[0]) <= over_chars:
         return clauses
     first = clauses[0]
+    opener = _OPENER.match(first)
+    if opener is not None and len(first) - opener.end() >= min_chars:
+        # "Sure, ..." / "Of course, ...": the opener is a phrase of its own, said in ~80 ms of
+        # synthesis, and its comma is where a speaker pauses while the rest renders.
+        return [opener.group(1), first[opener.end():], *clauses[1:]]
     for match in re.finditer(r" (\w+)", first):
         if match.start() >= min_chars and match.group(1).lower() in _PHRASE_STARTERS:
             if len(first) - match.start() < min_chars:
