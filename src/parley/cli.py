@@ -53,13 +53,19 @@ def serve(
     llm_base_url: str | None = typer.Option(None, help="compatible: e.g. http://localhost:11434/v1"),
     log_level: str | None = typer.Option(None, help="debug, info, warning or error."),
     stt: str | None = typer.Option(
-        None, help="two-pass (default: pocketsphinx partials + Whisper finals), pocketsphinx or whisper."
+        None,
+        help="two-pass (default: pocketsphinx partials + Whisper finals), pocketsphinx, whisper or"
+        " azure (Azure AI Speech: PARLEY_AZURE_SPEECH_*).",
     ),
     stt_model: str | None = typer.Option(
         None, help="CTranslate2 Whisper model directory (default: the bundled tiny.en)."
     ),
-    tts: str | None = typer.Option(None, help="piper (default, natural) or espeak (light)."),
-    tts_voice: str | None = typer.Option(None, help="Piper .onnx path or espeak-ng voice name."),
+    tts: str | None = typer.Option(
+        None, help="piper (default, natural), espeak (light) or azure (Azure AI Speech)."
+    ),
+    tts_voice: str | None = typer.Option(
+        None, help="Piper .onnx path, espeak-ng voice name or Azure voice (en-US-JennyNeural;style=cheerful)."
+    ),
     bargein: str | None = typer.Option(
         None, help="While the agent speaks: pause (default), confirm, stop or off."
     ),

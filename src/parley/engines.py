@@ -10,11 +10,15 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from parley.media.recognition import FinalPass
 from parley.pool import EnginePool
 from parley.protocols import AgentFactory, CallControl, Recognizer, Synthesizer, Vad
 from parley.settings import Settings
+
+if TYPE_CHECKING:
+    from parley.speech.azure import AzureSpeechOptions
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +32,7 @@ class Engines:
     final_pass: FinalPass | None = None  # the accurate second pass (None: the recognizer's finals)
     call_control: CallControl | None = None  # hang up / transfer real calls (ACS Call Automation)
     executors: list[Executor] = field(default_factory=list)
+    closers: list[Callable[[], None]] = field(default_factory=list)  # e.g. cloud synthesizer pools
     warm_count: int = 2
 
     def warm(self) -> None:
@@ -43,6 +48,8 @@ class Engines:
         self.recognizers.close()
         for executor in self.executors:
             executor.shutdown(wait=False, cancel_futures=True)
+        for close in self.closers:
+            close()
 
 
 def vad_pool(create: Callable[[], Vad], max_idle: int) -> EnginePool[Vad]:
@@ -51,9 +58,19 @@ def vad_pool(create: Callable[[], Vad], max_idle: int) -> EnginePool[Vad]:
 
 def recognizer_pool(create: Callable[[], Recognizer], max_idle: int) -> EnginePool[Recognizer]:
     return EnginePool(
-        "recognizer", create, recycle=lambda rec: rec.end(), dispose=lambda rec: rec.close(),
+        "recognizer", create, recycle=_close_open_utterance, dispose=lambda rec: rec.close(),
         max_idle=max_idle,
     )
+
+
+def _close_open_utterance(recognizer: Recognizer) -> None:
+    recognizer.end()
+
+
+def per_call_recognizer_pool(create: Callable[[], Recognizer]) -> EnginePool[Recognizer]:
+    """Recognizers never reused across calls (a cloud session belongs to one call): each is
+    created when its call starts and closed when it ends."""
+    return EnginePool("recognizer", create, dispose=lambda rec: rec.close(), max_idle=0)
 
 
 def embedded_engines(settings: Settings) -> Engines:
@@ -76,14 +93,59 @@ def embedded_engines(settings: Settings) -> Engines:
         stt_executor = ThreadPoolExecutor(settings.stt_workers, thread_name_prefix="stt-final")
         executors.append(stt_executor)
         final_pass = FinalPass(transcriber, stt_executor)
+    closers: list[Callable[[], None]] = []
     return Engines(
         vads=vad_pool(SileroVad, settings.engine_pool_idle),
-        recognizers=recognizer_pool(_streaming_recognizer(settings), settings.engine_pool_idle),
-        synthesizer_for=_voices(settings, synth_executor),
+        recognizers=_recognizers(settings),
+        synthesizer_for=_voices(settings, synth_executor, closers),
         agent_factory=agent_factory,
         final_pass=final_pass,
         executors=executors,
+        closers=closers,
         warm_count=settings.engine_pool_warm,
+    )
+
+
+def _recognizers(settings: Settings) -> EnginePool[Recognizer]:
+    if settings.stt == "azure":
+        options = azure_speech_options(settings)
+        from parley.speech.azure import AzureRecognizer
+
+        # The segmenter's closing silence tells the recognizer where each utterance's speech ended.
+        return per_call_recognizer_pool(
+            lambda: AzureRecognizer(options, trailing_silence_ms=settings.endpoint_silence_ms)
+        )
+    return recognizer_pool(_streaming_recognizer(settings), settings.engine_pool_idle)
+
+
+def azure_speech_options(settings: Settings) -> AzureSpeechOptions:
+    """Settings -> the Speech SDK connection options (the SDK is imported only when Azure is used)."""
+    try:
+        from parley.speech.azure import AzureSpeechOptions
+    except ImportError as exc:
+        raise ValueError(
+            "stt/tts=azure needs the Speech SDK: pip install 'parley[azure]' (azure-cognitiveservices-speech)"
+        ) from exc
+
+    credential = None
+    if settings.azure_speech_auth == "entra":
+        try:
+            from azure.identity import DefaultAzureCredential
+        except ImportError as exc:
+            raise ValueError(
+                "azure_speech_auth=entra needs the azure-identity package (pip install azure-identity)"
+            ) from exc
+        credential = DefaultAzureCredential()
+    key = settings.azure_speech_key
+    return AzureSpeechOptions(
+        key=key.get_secret_value() if key is not None else None,
+        region=settings.azure_speech_region,
+        endpoint=settings.azure_speech_endpoint,
+        credential=credential,
+        language=settings.azure_speech_language,
+        languages=tuple(settings.azure_speech_languages),
+        phrases=tuple(settings.azure_speech_phrases),
+        segmentation_silence_ms=settings.azure_speech_segmentation_silence_ms,
     )
 
 
@@ -97,12 +159,21 @@ def _streaming_recognizer(settings: Settings) -> Callable[[], Recognizer]:
     return lambda: PocketsphinxRecognizer(settings.partial_interval_ms)
 
 
-def _voices(settings: Settings, executor: Executor) -> Callable[[str | None], Synthesizer]:
+def _voices(
+    settings: Settings, executor: Executor, closers: list[Callable[[], None]]
+) -> Callable[[str | None], Synthesizer]:
     """voice name (None = the default voice) -> a synthesizer, each voice loaded once."""
-    if settings.tts == "piper":
+    if settings.tts == "azure":
+        options = azure_speech_options(settings)
+        from parley.voice.azure import AzureSynthesizer
+
+        azure = AzureSynthesizer(options, settings.tts_voice or settings.azure_tts_voice)
+        closers.append(azure.close)
+        default: Synthesizer = azure
+    elif settings.tts == "piper":
         from parley.voice.piper import PiperSynthesizer
 
-        default: Synthesizer = PiperSynthesizer(
+        default = PiperSynthesizer(
             executor, settings.tts_voice, rate=settings.tts_rate, intra_op_threads=settings.tts_threads
         )
     else:

@@ -7,6 +7,7 @@ The media handler only knows these shapes; it never imports an engine. Engines a
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -34,6 +35,9 @@ class Recognizer(Protocol):
     `begin` opens an utterance, `feed` takes 16-bit mono PCM at `sample_rate` and may return a new
     partial hypothesis (or None when nothing changed), `end` closes the utterance and returns its
     final text ("" when nothing was recognised). Calls never overlap; they must not block on I/O.
+    A recognizer whose final comes later (a cloud service) returns a `concurrent.futures.Future`
+    of the text from `end` instead; it is delivered when resolved, from whichever thread resolves it,
+    like the accurate second pass's finals (and no second pass runs for that utterance).
     """
 
     sample_rate: int
@@ -42,7 +46,7 @@ class Recognizer(Protocol):
 
     def feed(self, pcm: bytes) -> str | None: ...
 
-    def end(self) -> str: ...
+    def end(self) -> str | Future[str]: ...
 
     def close(self) -> None: ...
 

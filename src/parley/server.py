@@ -7,37 +7,63 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, WebSocket
 
 from parley import __version__
+from parley.acs.config import is_loopback
 from parley.engines import Engines, build_engines
 from parley.media.events import CallRegistry
 from parley.media.handler import MediaHandler
+from parley.security import (
+    AcsTokenValidator,
+    JwksError,
+    build_acs_validator,
+    check_websocket,
+)
 from parley.settings import Settings
+
+if TYPE_CHECKING:
+    from parley.acs.service import CallAutomation
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, engines: Engines | None = None) -> FastAPI:
-    engines = engines if engines is not None else build_engines(settings)
+def create_app(
+    settings: Settings, engines: Engines | None = None, *, acs_client_options: Mapping[str, Any] | None = None
+) -> FastAPI:
+    """The app. `acs_client_options` go to the ACS SDK client (azure-core transport options, e.g.
+    `connection_verify` to trust a private CA); unused without ACS."""
     registry = CallRegistry(settings.recent_calls_kept)
+    # ACS first: a configuration problem there stops startup before any model is loaded.
+    validator = _acs_validator(settings)
+    call_automation = _call_automation(settings, registry, acs_client_options or {})
+    engines = engines if engines is not None else build_engines(settings)
+    if call_automation is not None and engines.call_control is None:
+        engines.call_control = call_automation  # the agents' Hangup / Transfer reach the phone call
 
     @asynccontextmanager
     async def lifespan(app_: FastAPI):  # type: ignore[no-untyped-def]
         app_.state.loop = asyncio.get_running_loop()  # tests and benchmarks inspect the call tasks
+        if validator is not None:
+            await _prefetch_signing_keys(validator)
         await asyncio.to_thread(engines.warm)
         monitor = asyncio.create_task(registry.stats.monitor.run(), name="loop-lag-monitor")
         yield
         monitor.cancel()
+        if call_automation is not None:
+            await call_automation.close()
         engines.close()
 
     app = FastAPI(title="parley", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.engines = engines
     app.state.registry = registry
+    app.state.call_automation = call_automation
 
     @app.get("/healthz")
     async def healthz() -> dict[str, object]:
@@ -63,6 +89,9 @@ def create_app(settings: Settings, engines: Engines | None = None) -> FastAPI:
             return {"call_id": call_id, "events": events.snapshot()}
 
     async def media_socket(websocket: WebSocket) -> None:
+        # Before accept(): a refused token closes the handshake (HTTP 403), no call is started.
+        if not await check_websocket(websocket, validator):
+            return
         call_id = (
             websocket.headers.get("x-ms-call-connection-id")
             or websocket.query_params.get("callId")
@@ -78,13 +107,62 @@ def create_app(settings: Settings, engines: Engines | None = None) -> FastAPI:
             call_id=call_id, correlation_id=correlation_id, caller_id=caller_id, settings=settings,
             engines=engines, registry=registry,
         )
+        if call_automation is not None:  # ties the stream to the call ACS answered or placed
+            call_automation.media_connected(call_id, websocket.query_params.get("callId", ""), handler.events)
         await handler.run(websocket)
         log.info("call %s ended: %s", call_id, handler.end_reason)
 
     # /ws is the path Microsoft's samples give ACS; /ws/acs names the transport.
     app.add_api_websocket_route("/ws/acs", media_socket)
     app.add_api_websocket_route("/ws", media_socket)
+    if call_automation is not None:
+        from parley.acs.routes import acs_router, redact_uvicorn_request_logs
+
+        redact_uvicorn_request_logs()  # the webhook secret and callers' numbers travel in URLs
+        app.include_router(acs_router(call_automation, settings, validator))
     return app
+
+
+def _acs_validator(settings: Settings) -> AcsTokenValidator | None:
+    """The ACS JWT check for the media socket and Call Automation callbacks (None: off)."""
+    config = settings.acs_auth_config()
+    # Only an explicit `acs_auth_enabled=false` goes through build_acs_validator's warning; with
+    # nothing ACS configured, checks are simply off (local development, tests, benchmarks).
+    validator = build_acs_validator(config) if config.enabled or settings.acs_auth_enabled is False else None
+    if validator is None and not is_loopback(settings.host):
+        log.warning(
+            "!!! ACS token checks are OFF while listening on %s: anyone who reaches this server can open"
+            " media sessions%s. Set PARLEY_ACS_RESOURCE_ID (and keep PARLEY_ACS_AUTH_ENABLED unset)"
+            " on any host reachable from outside. !!!",
+            settings.host, " and post call events" if settings.acs_configured else "",
+        )
+    return validator
+
+
+def _call_automation(
+    settings: Settings, registry: CallRegistry, client_options: Mapping[str, Any]
+) -> CallAutomation | None:
+    if not settings.acs_configured:
+        return None
+    # Imported here: the Azure SDK loads only when ACS is on.
+    from parley.acs.service import CallAutomation
+
+    service = CallAutomation.from_settings(settings, registry, **client_options)
+    if settings.acs_incoming_code is None:
+        log.warning("PARLEY_ACS_INCOMING_CODE is not set: anyone may post IncomingCall events to"
+                    " /api/acs/incoming (each costs an answer request to ACS); see docs/azure.md")
+    return service
+
+
+async def _prefetch_signing_keys(validator: AcsTokenValidator) -> None:
+    """Load ACS's signing keys before the first call. An unreachable URL is not fatal (the keys are
+    fetched again when the first token arrives); a broken local file is a configuration error."""
+    try:
+        await validator.prefetch()
+    except JwksError as exc:
+        if validator.config.jwks_file is not None:
+            raise RuntimeError(f"ACS signing keys: {exc} (PARLEY_ACS_AUTH_JWKS_FILE)") from exc
+        log.warning("ACS signing keys not loaded at startup (%s); retrying when the first token comes", exc)
 
 
 def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
@@ -102,9 +180,12 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
 class BackgroundServer:
     """A real uvicorn server on its own thread and loop (for `parley call`, tests and benchmarks)."""
 
-    def __init__(self, settings: Settings, engines: Engines | None = None) -> None:
+    def __init__(
+        self, settings: Settings, engines: Engines | None = None, *,
+        acs_client_options: Mapping[str, Any] | None = None,
+    ) -> None:
         self.settings = settings
-        self.app = create_app(settings, engines)
+        self.app = create_app(settings, engines, acs_client_options=acs_client_options)
         config = uvicorn_config(self.app, settings)
         self._server = uvicorn.Server(config)
         self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

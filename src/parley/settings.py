@@ -6,12 +6,15 @@ The object is built once at startup and passed down; nothing deeper reads the en
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from parley.acs import config as acs_config
 from parley.media.bargein import DEFAULT_BACKCHANNELS
+from parley.security.acs_auth import ACS_ISSUER, ACS_JWKS_URL, AcsAuthConfig
 
 if TYPE_CHECKING:
     from parley.agents.llm import LlmConfig
@@ -123,10 +126,10 @@ class Settings(BaseSettings):
     )
 
     # --- recognition ------------------------------------------------------------------------------
-    stt: Literal["two-pass", "pocketsphinx", "whisper"] = Field(
+    stt: Literal["two-pass", "pocketsphinx", "whisper", "azure"] = Field(
         "two-pass",
         description="'two-pass': pocketsphinx partials + Whisper finals; 'pocketsphinx': fast, less"
-        " accurate; 'whisper': Whisper finals only (no partials).",
+        " accurate; 'whisper': Whisper finals only (no partials); 'azure': Azure AI Speech (cloud).",
     )
     stt_model: str | None = Field(
         None, description="CTranslate2 Whisper model directory (default: bundled tiny.en, hash-verified)."
@@ -143,7 +146,9 @@ class Settings(BaseSettings):
     partial_interval_ms: int = Field(100, ge=20, le=2000, description="How often partials update.")
 
     # --- synthesis and playout -------------------------------------------------------------------
-    tts: Literal["piper", "espeak"] = Field("piper", description="Text-to-speech engine.")
+    tts: Literal["piper", "espeak", "azure"] = Field(
+        "piper", description="Text-to-speech engine ('azure': Azure AI Speech, cloud)."
+    )
     tts_voice: str | None = Field(
         None,
         description="Voice: Piper .onnx path (default: bundled en_US-joe-medium) or espeak-ng voice"
@@ -157,6 +162,54 @@ class Settings(BaseSettings):
         " machine; 1 uses ~20% less CPU per call and does better when the cores are busy.",
     )
     synth_workers: int = Field(2, ge=1, le=64, description="Threads shared by all calls for TTS.")
+
+    # --- Azure AI Speech (stt=azure, tts=azure) -----------------------------------------------------
+    azure_speech_key: SecretStr | None = Field(None, description="Speech resource key (with a region).")
+    azure_speech_region: str | None = Field(None, description="Speech resource region, e.g. westeurope.")
+    azure_speech_endpoint: str | None = Field(
+        None,
+        description="wss://<resource>.cognitiveservices.azure.com (serves STT and TTS), or a full"
+        " ws(s):// STT or TTS endpoint; replaces the region.",
+    )
+    azure_speech_auth: Literal["key", "entra"] = Field(
+        "key", description="A key, or Entra ID (needs azure-identity and the custom-domain endpoint)."
+    )
+    azure_speech_language: str = Field("en-US", description="Recognition language.")
+    azure_speech_languages: list[str] = Field(
+        default_factory=list,
+        description="Two or more locales: continuous language identification among them (JSON list).",
+    )
+    azure_speech_phrases: list[str] = Field(
+        default_factory=list, description="Phrase list: names and terms to favour (JSON list)."
+    )
+    azure_speech_segmentation_silence_ms: int | None = Field(
+        None, ge=100, le=5000, description="Silence that ends an Azure phrase (service default if unset)."
+    )
+    azure_tts_voice: str = Field(
+        "en-US-JennyNeural",
+        description="Azure voice: NAME[;style=STYLE][;degree=D][;rate=R]; tts_voice overrides it.",
+    )
+
+    @model_validator(mode="after")
+    def _check_azure_speech(self) -> Settings:
+        if "azure" not in (self.stt, self.tts):
+            return self
+        if self.azure_speech_auth == "entra" and not self.azure_speech_endpoint:
+            raise ValueError(
+                "azure_speech_auth=entra needs azure_speech_endpoint (the resource's custom domain)"
+            )
+        if not self.azure_speech_endpoint and not (self.azure_speech_key and self.azure_speech_region):
+            raise ValueError(
+                "Azure Speech (stt/tts=azure) needs azure_speech_key and azure_speech_region"
+                " (PARLEY_AZURE_SPEECH_KEY, PARLEY_AZURE_SPEECH_REGION), or azure_speech_endpoint"
+                " (PARLEY_AZURE_SPEECH_ENDPOINT)"
+            )
+        endpoint = self.azure_speech_endpoint
+        if endpoint and not endpoint.startswith(("wss://", "ws://", "https://")):
+            raise ValueError(f"azure_speech_endpoint must be a wss://, ws:// or https:// URL (got {endpoint!r})")
+        if len(self.azure_speech_languages) == 1:
+            raise ValueError("azure_speech_languages needs two or more locales (or use azure_speech_language)")
+        return self
     playout_lead_ms: int = Field(
         100, ge=0, le=2000, description="How far ahead of the playout clock audio may be sent."
     )
@@ -172,6 +225,147 @@ class Settings(BaseSettings):
         500, ge=50, description="Audio frames buffered for the recognition thread (500 = 10 s)."
     )
     turn_queue_size: int = Field(8, ge=1, description="Pending caller inputs before they are merged.")
+
+    # --- ACS: Call Automation (answer, call, hang up, transfer) and ACS token checks (docs/azure.md) --
+    acs_connection_string: SecretStr | None = Field(
+        None,
+        description="endpoint=https://<resource>.communication.azure.com/;accesskey=<key>: turns Call"
+        " Automation on (HMAC). Or acs_endpoint with Entra ID.",
+    )
+    acs_endpoint: str | None = Field(
+        None,
+        description="https://<resource>.communication.azure.com with Entra ID (azure-identity's"
+        " DefaultAzureCredential: managed identity, az login) instead of a connection string.",
+    )
+    acs_callback_url: str | None = Field(
+        None,
+        description="Public https base URL of this server (e.g. a dev tunnel): ACS posts call events to"
+        " <url>/api/acs/callbacks/<id> and streams media to wss://<host>/ws/acs?callId=<id>.",
+    )
+    acs_sample_rate: int = Field(
+        16000, description="Media streaming PCM format for both directions: 16000 or 24000 Hz."
+    )
+    acs_audio_channel: Literal["mixed", "unmixed"] = Field(
+        "mixed", description="'mixed': one stream of all participants; 'unmixed': per participant."
+    )
+    acs_source_caller_id: str | None = Field(
+        None, description="E.164 number of the ACS resource, shown to the people parley phones."
+    )
+    acs_incoming_code: SecretStr | None = Field(
+        None,
+        description="Shared secret the Event Grid subscription sends to /api/acs/incoming as ?code=..."
+        " (or header x-parley-code); unset = any caller may post events there.",
+    )
+    acs_outbound_token: SecretStr | None = Field(
+        None, description="Bearer token POST /api/calls requires; unset = outbound calls are refused."
+    )
+    acs_resource_id: str = Field(
+        "", description="The ACS resource's immutable id: the audience of ACS's JWTs. Setting it turns"
+        " token checks on.",
+    )
+    acs_auth_enabled: bool | None = Field(
+        None,
+        description="Check ACS's JWT on the media socket and callbacks. Unset: on when ACS is configured"
+        " or acs_resource_id is set; false: off (local development only).",
+    )
+    acs_auth_issuer: str = Field(ACS_ISSUER, description="Expected `iss` of ACS tokens.")
+    acs_auth_jwks_url: str = Field(ACS_JWKS_URL, description="ACS's signing keys (JWKS).")
+    acs_auth_jwks_file: Path | None = Field(
+        None, description="A local JWKS file used instead of the URL (air-gapped hosts, tests)."
+    )
+    acs_auth_leeway_s: float = Field(60.0, ge=0, le=600, description="Clock skew tolerated on exp/nbf.")
+    acs_auth_refresh_min_interval_s: float = Field(
+        60.0, ge=0, description="At most one signing-key refresh this often (unknown kids)."
+    )
+    acs_auth_jwks_max_age_s: float = Field(
+        3600.0, gt=0, description="Refetch signing keys this old (a withdrawn key stops being trusted)."
+    )
+
+    @property
+    def acs_configured(self) -> bool:
+        """Call Automation is on: parley answers, places and controls calls through ACS."""
+        return self.acs_connection_string is not None or bool(self.acs_endpoint)
+
+    @property
+    def acs_auth_active(self) -> bool:
+        if self.acs_auth_enabled is not None:
+            return self.acs_auth_enabled
+        return self.acs_configured or bool(self.acs_resource_id.strip())
+
+    def acs_auth_config(self) -> AcsAuthConfig:
+        return AcsAuthConfig(
+            enabled=self.acs_auth_active,
+            audience=self.acs_resource_id.strip(),
+            issuer=self.acs_auth_issuer,
+            jwks_url=self.acs_auth_jwks_url,
+            jwks_file=self.acs_auth_jwks_file,
+            leeway_s=self.acs_auth_leeway_s,
+            refresh_min_interval_s=self.acs_auth_refresh_min_interval_s,
+            jwks_max_age_s=self.acs_auth_jwks_max_age_s,
+        )
+
+    @staticmethod
+    def _env_name(name: str) -> str:
+        return f"{name} (PARLEY_{name.upper()})"
+
+    @model_validator(mode="after")
+    def _check_acs(self) -> Settings:
+        problems = self._acs_value_problems() + self._acs_auth_problems()
+        if problems:
+            raise ValueError("ACS settings:\n    " + "\n    ".join(problems))
+        return self
+
+    def _acs_value_problems(self) -> list[str]:
+        problems: list[str] = []
+
+        def check(name: str, value: str | None, checker) -> None:  # type: ignore[no-untyped-def]
+            if value is None:
+                return
+            try:
+                checker(value)
+            except acs_config.AcsConfigError as exc:
+                problems.append(f"{self._env_name(name)}: {exc}")
+
+        secret = self.acs_connection_string
+        if secret is not None and self.acs_endpoint:
+            problems.append(f"set {self._env_name('acs_connection_string')} or {self._env_name('acs_endpoint')},"
+                            " not both")
+        check("acs_connection_string", secret.get_secret_value() if secret else None,
+              acs_config.check_connection_string)
+        check("acs_endpoint", self.acs_endpoint or None, acs_config.check_endpoint)
+        check("acs_callback_url", self.acs_callback_url, acs_config.public_base_url)
+        if self.acs_configured and not self.acs_callback_url:
+            problems.append(f"{self._env_name('acs_callback_url')} is required with ACS: the public https base"
+                            " URL ACS reaches this server at (e.g. a dev tunnel)")
+        if self.acs_sample_rate not in acs_config.SAMPLE_RATES:
+            problems.append(f"{self._env_name('acs_sample_rate')} must be 16000 or 24000, got {self.acs_sample_rate}")
+        if self.acs_source_caller_id is not None and not acs_config.is_e164(self.acs_source_caller_id):
+            problems.append(f"{self._env_name('acs_source_caller_id')} must be an E.164 number like"
+                            f" +15551234567, got {self.acs_source_caller_id[:40]!r}")
+        for name in ("acs_incoming_code", "acs_outbound_token"):
+            value: SecretStr | None = getattr(self, name)
+            if value is not None and len(value.get_secret_value()) < 16:
+                problems.append(f"{self._env_name(name)} must be at least 16 characters (a random secret)")
+        return problems
+
+    def _acs_auth_problems(self) -> list[str]:
+        resource_id = self._env_name("acs_resource_id")
+        if self.acs_auth_enabled is True and not self.acs_resource_id.strip():
+            return [f"acs_auth_enabled is true but {resource_id} is empty: ACS tokens are checked against it"]
+        if self.acs_configured and self.acs_auth_enabled is None and not self.acs_resource_id.strip():
+            return [(
+                f"ACS is configured but {resource_id} is empty: set it to the ACS resource's immutable id"
+                " (the audience of the tokens ACS sends with media streams and callbacks), or set"
+                " PARLEY_ACS_AUTH_ENABLED=false for local development only"
+            )]
+        if not self.acs_auth_active:
+            return []
+        try:
+            self.acs_auth_config()
+        except ValidationError as exc:
+            return [f"ACS authentication (PARLEY_ACS_AUTH_*): {error['msg'].removeprefix('Value error, ')}"
+                    for error in exc.errors()]
+        return []
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
@@ -220,5 +414,14 @@ def _describe(exc: ValidationError) -> str:
         name = ".".join(str(part) for part in error["loc"]) or "settings"
         env = f"PARLEY_{name.upper()}" if error["loc"] else ""
         where = f"{name} ({env})" if env else name
-        lines.append(f"  {where}: {error['msg']} (got {error.get('input')!r})")
+        # A model-level error's input is every given value, secrets included: never echo it, nor
+        # the value of a secret field.
+        secret = name in _SECRET_FIELDS or not error["loc"]
+        got = "" if secret else f" (got {error.get('input')!r})"
+        lines.append(f"  {where}: {error['msg']}{got}")
     return "invalid settings:\n" + "\n".join(lines)
+
+
+_SECRET_FIELDS = frozenset(
+    name for name, field in Settings.model_fields.items() if "SecretStr" in str(field.annotation)
+)

@@ -44,6 +44,7 @@ EVENT_NAMES = frozenset(
         "agent_handoff",
         "tool_called",
         "transfer_requested",
+        "acs_event",  # a Call Automation callback about this call (CallConnected, ...)
         "call_ended",
     }
 )

@@ -72,8 +72,9 @@ class SpeechSegmenter:
     An utterance starts after `speech_start_ms` of consecutive speech windows (that run, plus a
     pre-roll, is what the recognizer hears first) and ends after `endpoint_silence_ms` of silence.
     The streaming recognizer gives partials; with a `final_pass` its text is only the fallback
-    and the final comes from the accurate pass over the whole utterance. With an `echo_gate`,
-    windows explained by the agent's own echo do not count towards a start.
+    and the final comes from the accurate pass over the whole utterance. A recognizer that returns
+    a Future from `end` (a cloud service) gives the final itself, delivered when it resolves.
+    With an `echo_gate`, windows explained by the agent's own echo do not count towards a start.
     """
 
     def __init__(
@@ -196,23 +197,35 @@ class SpeechSegmenter:
 
     def _end_utterance(self, speech_end_t: float) -> None:
         endpoint_t = time.monotonic()
-        text = self._recognizer.end()
+        result = self._recognizer.end()
         self._utterance_started_t = None
         utterance_id = self._utterance_id
+        if isinstance(result, Future):  # the recognizer finalizes itself (a cloud service)
+            self._discard_early_final()
+            self._audio.clear()
+            self._deliver_when_done(result, "", utterance_id, speech_end_t, endpoint_t)
+            return
         if self._final_pass is None:
-            self._bridge.queue_speech_result(Final(utterance_id, text, time.monotonic(), speech_end_t, endpoint_t))
+            self._bridge.queue_speech_result(Final(utterance_id, result, time.monotonic(), speech_end_t, endpoint_t))
             return
         future = self._early or self._final_pass.submit(bytes(self._audio))
         self._early = None
         self._audio.clear()
+        self._deliver_when_done(future, result, utterance_id, speech_end_t, endpoint_t)
+
+    def _deliver_when_done(
+        self, future: Future[str], fallback: str, utterance_id: int, speech_end_t: float, endpoint_t: float
+    ) -> None:
+        """Queue the future's text as the utterance's final once it is resolved (`fallback` if it
+        failed). Runs on whichever thread resolves it: only the bridge is touched there."""
         bridge = self._bridge
 
-        def deliver(done: Future[str]) -> None:  # on an executor thread: only the bridge is touched
-            final_text = text
+        def deliver(done: Future[str]) -> None:
+            final_text = fallback
             if not done.cancelled() and done.exception() is None:
                 final_text = done.result()
             elif not done.cancelled():
-                log.error("final pass failed, using the streaming text: %s", done.exception())
+                log.error("final recognition failed, using the streaming text: %s", done.exception())
             bridge.queue_speech_result(Final(utterance_id, final_text, time.monotonic(), speech_end_t, endpoint_t))
 
         future.add_done_callback(deliver)
