@@ -598,3 +598,98 @@ def test_llm_settings_for_ollama() -> None:
                            llm_model="qwen2.5:0.5b").llm_config()
     assert (config.provider, config.base_url, config.model, config.api_key) == (
         "compatible", "http://localhost:11434/v1", "qwen2.5:0.5b", None)
+
+
+# --------------------------------------------------------------------------------------------
+# Mistakes that must not surface in the middle of a call
+
+
+@pytest.mark.parametrize(
+    ("agents", "message"),
+    [
+        ('[{name: a, prompt: "Total {{ state.total + 1 }}"}]', "prompt fails to render at the start of a call"),
+        ('[{name: a, prompt: hi, handoffs: [{to: card team}]}, {name: card team, prompt: hi}]',
+         "cannot be a handoff target of an LLM agent"),
+        ('[{name: a, prompt: hi, tools: [{name: t, builtin: transfer, target: "555-1234"}]}]',
+         "neither an E.164 phone number"),
+    ],
+)
+def test_mid_call_failures_are_caught_at_startup(tmp_path: Path, agents: str, message: str) -> None:
+    with pytest.raises(ScenarioError, match=message):
+        load_scenario(write_yaml(tmp_path, f"name: S\nagents: {agents}\n"))
+
+
+def test_webhook_header_needs_its_variable(tmp_path: Path, llm_defaults: LlmConfig,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_SUCH_TOKEN", raising=False)
+    path = write_yaml(tmp_path, """\
+        name: S
+        agents:
+          - name: a
+            prompt: hi
+            tools: [{name: t, webhook: {url: "https://x.example/t", headers: {Authorization: "Bearer ${NO_SUCH_TOKEN}"}}}]
+        """)
+    with pytest.raises(ScenarioError, match=r"uses \$\{NO_SUCH_TOKEN\}, which is not set"):
+        Scenario(load_scenario(path), llm_defaults)
+
+
+async def test_a_template_failing_later_keeps_the_last_good_prompt(make_call: MakeScenario, fake: FakeLlm) -> None:
+    agent = make_call("""\
+        name: S
+        agents:
+          - {name: a, prompt: "Hello{% if state.n %} {{ state.n + 1 }}{% endif %}."}
+        """)
+    fake.queue(Plan(deltas("One.")), Plan(deltas("Two.")))
+    assert said(await run(agent, speech("hi"))) == ["One."]
+    agent.session.state["n"] = "not a number"
+    assert said(await run(agent, speech("again"))) == ["Two."]
+    assert request_messages(fake, 1)[0]["content"] == "Hello."
+
+
+async def test_tool_calls_in_the_last_round_are_not_run(make_call: MakeScenario, fake: FakeLlm) -> None:
+    agent = make_call(TOOLS_YAML.format(rounds=1))
+    looping = Plan(tool_call("add_to_order", {"item": "salad"}))
+    fake.queue(looping, looping)  # the server ignores tool_choice "none"
+    outputs = await run(agent, speech("salad"))
+    assert said(outputs) == ["Sorry, I'm having trouble answering right now. Could you say that again?"]
+    assert len(agent.session.state["order"]) == 1
+
+
+async def test_truncating_a_greeting_after_a_handoff(make_call: MakeScenario) -> None:
+    agent = make_call("""\
+        name: S
+        agents:
+          - name: desk
+            intents: [{name: card, keywords: [card], reply: Sure thing., handoff: cards}]
+            fallback: F.
+            handoffs: [{to: cards, announce: Putting you through., then: greet}]
+          - name: cards
+            greeting: Hello, card team here, how can I help?
+            intents: [{name: x, keywords: [x], reply: X.}]
+            fallback: F.
+        """)
+    await run(agent, speech("card"))
+    agent.truncate_last_reply("Sure thing. Putting you through. Hello, card")
+    cards = agent.member("cards")
+    assert cards.messages[-1] == {"role": "assistant", "content": "Hello, card"}  # type: ignore[attr-defined]
+
+
+async def test_keys_are_noted_once_when_an_input_is_answered_again(make_call: MakeScenario, fake: FakeLlm) -> None:
+    agent = make_call("name: S\nagents: [{name: a, prompt: \"keys {{ dtmf }}\"}]\n")
+    fake.queue(Plan(deltas("A.")), Plan(deltas("B.")))
+    press = UserInput("dtmf", digits="12")
+    await run(agent, press)
+    await run(agent, press)  # the same input again: the handler re-asks it when nothing was heard
+    assert request_messages(fake, 1)[0]["content"] == "keys 12"
+
+
+def test_history_sent_is_bounded_and_starts_at_a_caller_message() -> None:
+    from parley.agents.llm import _recent
+
+    system = {"role": "system", "content": "s"}
+    turn = [{"role": "user", "content": "u"}, {"role": "assistant", "content": None, "tool_calls": []},
+            {"role": "tool", "content": "r"}, {"role": "assistant", "content": "a"}]
+    messages = [system, *turn * 5]
+    kept = _recent(messages, 6)
+    assert kept[0] == system and kept[1]["role"] == "user" and len(kept) == 5
+    assert _recent(messages[:5], 60) == messages[:5]

@@ -76,10 +76,10 @@ def per_call_recognizer_pool(create: Callable[[], Recognizer]) -> EnginePool[Rec
 def embedded_engines(settings: Settings) -> Engines:
     """The offline default: Silero VAD, pocketsphinx partials + Whisper finals, Piper (or
     espeak-ng) and the agents of a YAML scenario (scripted offline, LLM when configured)."""
-    from parley.agents.scenario import scenario_agent_factory
+    from parley.agents.scenario import Scenario, load_scenario, resolve_agent_path
     from parley.speech.vad import SileroVad
 
-    agent_factory = scenario_agent_factory(settings.agent, settings.llm_config())
+    scenario = Scenario(load_scenario(resolve_agent_path(settings.agent)), settings.llm_config())
     synth_executor = ThreadPoolExecutor(settings.synth_workers, thread_name_prefix="synth")
     executors: list[Executor] = [synth_executor]
     final_pass = None
@@ -94,11 +94,14 @@ def embedded_engines(settings: Settings) -> Engines:
         executors.append(stt_executor)
         final_pass = FinalPass(transcriber, stt_executor)
     closers: list[Callable[[], None]] = []
+    synthesizer_for = _voices(settings, synth_executor, closers)
+    for voice in sorted(scenario.voices):  # loaded now: loading one mid-call would stall the loop
+        synthesizer_for(voice)
     return Engines(
         vads=vad_pool(SileroVad, settings.engine_pool_idle),
         recognizers=_recognizers(settings),
-        synthesizer_for=_voices(settings, synth_executor, closers),
-        agent_factory=agent_factory,
+        synthesizer_for=synthesizer_for,
+        agent_factory=scenario.agent,
         final_pass=final_pass,
         executors=executors,
         closers=closers,

@@ -56,6 +56,7 @@ DEFAULT_FALLBACK = "Sorry, I'm having trouble answering right now. Could you say
 COMPATIBLE_DUMMY_KEY = "not-needed"
 """Local servers (Ollama, llama.cpp) ignore the key, but the client refuses to run without one."""
 ENTRA_SCOPE = "https://cognitiveservices.azure.com/.default"
+MAX_HISTORY_MESSAGES = 60  # sent per request, besides the system prompt (about 15-30 exchanges)
 
 TokenProvider = Callable[[], "str | Awaitable[str]"]
 Outcome = Literal[
@@ -302,6 +303,7 @@ class LlmAgent:
         self.toolbox = toolbox or Toolbox([])
         self.max_tool_rounds = max_tool_rounds
         self.messages: list[dict[str, Any]] = []
+        self._last_system_text = ""
         if prompt is not None:
             self.messages.append({"role": "system", "content": self._system_text()})
         self.last_stream_closed_t: float | None = None
@@ -315,8 +317,15 @@ class LlmAgent:
         return self.context.call_id
 
     def _system_text(self) -> str:
+        """The prompt rendered now; if it fails (a template computing with state a tool has not
+        set yet), the last good rendering, or the template's text, so the call goes on."""
         assert self.prompt is not None
-        return self.prompt.render(self.session.variables(self.name))
+        try:
+            self._last_system_text = self.prompt.render(self.session.variables(self.name))
+        except Exception as exc:  # noqa: BLE001 - a template error must not silence the agent
+            log.error("call %s: agent %s: prompt template failed: %s: %s", self._call_id, self.name,
+                      type(exc).__name__, exc)
+        return self._last_system_text or self.prompt.source
 
     def greeting(self) -> str | None:
         """The configured greeting. The handler asks for it when it speaks it, so it is recorded
@@ -377,7 +386,9 @@ class LlmAgent:
                 # Reached on completion, on cancellation at an await (CancelledError) and on
                 # aclose() at a yield (GeneratorExit): the stream is closed now, not read to its end.
                 await self._end(reply)
-            if reply.outcome != "completed" or not (reply.tool_calls and self.toolbox):
+            # Tool calls in the last round (a server ignoring tool_choice "none") are not run: the
+            # caller gets the answer's text, or the fallback.
+            if reply.outcome != "completed" or not (reply.tool_calls and self.toolbox and reply.tools_allowed):
                 for say in self._finish(reply):
                     yield say
                 return
@@ -445,7 +456,7 @@ class LlmAgent:
             self.messages[0]["content"] = self._system_text()  # time, DTMF and state move on
         request: dict[str, Any] = {
             "model": self.config.model,
-            "messages": [dict(message) for message in self.messages],
+            "messages": [dict(message) for message in _recent(self.messages, MAX_HISTORY_MESSAGES)],
             "stream": True,
         }
         if self.config.temperature is not None:
@@ -566,6 +577,9 @@ class LlmAgent:
             for index, slot in sorted(reply.tool_calls.items())
         ]
         context = self.session.tool_context(self.name)
+        # Set before running: a tool cut short by a barge-in may still have acted (a webhook sent),
+        # so its input must not be forgotten and answered (and acted on) again.
+        turn.ran_tools = True
         started = time.monotonic()
         results = await asyncio.gather(
             *(self.toolbox.call(name, arguments, context) for _, name, arguments in calls)
@@ -575,7 +589,6 @@ class LlmAgent:
                 self._on_event("tool_called", agent=self.name, tool=name,
                                ms=round((time.monotonic() - started) * 1000, 1),
                                ok=not result.content.startswith('{"error"'))
-        turn.ran_tools = True
         entry = reply.entry or {"role": "assistant", "content": None}
         entry["tool_calls"] = [
             {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
@@ -635,6 +648,20 @@ class LlmAgent:
             if self.messages[index] is entry:
                 del self.messages[index]
                 return
+
+
+def _recent(messages: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """The system prompt and at most `limit` of the latest messages, starting at a caller's
+    message (never with a tool result cut off from its call): a long call must not outgrow the
+    model's context, which would fail every later request."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    rest = messages[len(system):]
+    if len(rest) <= limit:
+        return messages
+    start = len(rest) - limit
+    while start < len(rest) and rest[start]["role"] != "user":
+        start += 1
+    return system + rest[start:] if start < len(rest) else messages
 
 
 def _user_text(user: UserInput) -> str:

@@ -49,6 +49,7 @@ from parley.agents.loading import (
 from parley.agents.prompt import CallSession, PromptError, PromptTemplate, timezone
 from parley.agents.scripted import ScriptedAgent, ScriptSpec, resolve_script_path
 from parley.agents.tools import (
+    TOOL_NAME,
     Tool,
     Toolbox,
     ToolError,
@@ -132,9 +133,15 @@ class LlmAgentSpec(BaseModel):
     @classmethod
     def _prompt_compiles(cls, prompt: str) -> str:
         try:
-            PromptTemplate(prompt)
+            template = PromptTemplate(prompt)
         except PromptError as exc:
             raise ValueError(f"prompt: {exc}") from None
+        # Rendered once as at a call's start (no caller id, no keys, empty state): computing with
+        # a value a tool sets later must be guarded ({% if state.total %}), or it fails here.
+        try:
+            template.render(CallSession(CallContext("startup-check")).variables("check"))
+        except Exception as exc:  # noqa: BLE001 - any template error, named for the author
+            raise ValueError(f"prompt fails to render at the start of a call: {type(exc).__name__}: {exc}") from None
         return prompt
 
     @model_validator(mode="after")
@@ -187,6 +194,12 @@ class ScenarioSpec(BaseModel):
                     raise ValueError(f"agent {agent.name!r} hands off to unknown agent {handoff.to!r}")
                 if handoff.to == agent.name:
                     raise ValueError(f"agent {agent.name!r} hands off to itself")
+                if isinstance(agent, LlmAgentSpec) and not TOOL_NAME.match(f"transfer_to_{handoff.to}"):
+                    raise ValueError(
+                        f"agent {handoff.to!r} cannot be a handoff target of an LLM agent: its name"
+                        " makes the tool transfer_to_<name>, so use letters, digits, '_' or '-'"
+                        " (at most 52)"
+                    )
         return self
 
     @property
@@ -252,6 +265,11 @@ class Scenario:
         }
 
     @property
+    def voices(self) -> set[str]:
+        """The voices the agents speak in (loaded at startup, not in the middle of a call)."""
+        return {member.spec.voice for member in self.members.values() if member.spec.voice}
+
+    @property
     def uses_llm(self) -> bool:
         return any(member.config is not None for member in self.members.values())
 
@@ -311,6 +329,7 @@ class ScenarioAgent:
         self._speaker: Agent | None = None  # who said the latest words (truncation goes there)
         self._speaker_offset = 0  # words said earlier in the same turn by others
         self._listener: Callable[..., None] | None = None
+        self._last_input: UserInput | None = None
 
     def listen(self, listener: Callable[..., None]) -> None:
         """`listener(event_name, **fields)` hears handoffs and tool calls (the call's event log)."""
@@ -341,7 +360,9 @@ class ScenarioAgent:
         return agent.greeting()
 
     async def respond(self, user: UserInput) -> AsyncGenerator[AgentOutput, None]:
-        self.session.note(user)
+        if user is not self._last_input:  # an input answered again (nothing heard) is noted once
+            self.session.note(user)
+            self._last_input = user
         said_words = 0
         for hop in range(MAX_HANDOFFS_PER_TURN + 1):
             agent = self.member(self.active)
@@ -362,13 +383,13 @@ class ScenarioAgent:
                 log.warning("call %s: handoff loop (%d in one turn); staying with %s",
                             self.context.call_id, hop, self.active)
                 return
-            async for output in self._hand_off(agent, handoff):
+            async for output in self._hand_off(agent, handoff, said_words):
                 said_words += len(output.text.split()) if isinstance(output, Say) else 0
                 yield output
             if isinstance(handoff.handoff, HandoffSpec) and handoff.handoff.then == "greet":
                 return
 
-    async def _hand_off(self, source: Agent, handoff: Handoff) -> AsyncGenerator[AgentOutput, None]:
+    async def _hand_off(self, source: Agent, handoff: Handoff, said_words: int) -> AsyncGenerator[AgentOutput, None]:
         spec = handoff.handoff if isinstance(handoff.handoff, HandoffSpec) else HandoffSpec(to=handoff.to)
         log.info("call %s: handoff %s -> %s (%s, history %s)", self.context.call_id, self.active,
                  spec.to, "announced" if spec.announce else "silent", spec.history)
@@ -392,7 +413,10 @@ class ScenarioAgent:
         if spec.then == "greet":
             greeting = self.scenario.members[spec.to].spec.greeting
             if greeting:
-                self._speaker, self._speaker_offset = target, 0
+                # The turn's earlier words (the source's reply, the announcement) come first in
+                # what the caller heard: the greeting starts after them.
+                announced = len(spec.announce.split()) if spec.announce else 0
+                self._speaker, self._speaker_offset = target, said_words + announced
                 _record_spoken(target, greeting)
                 yield Say(greeting, interruptible=self.greeting_interruptible, voice=self._voice(spec.to))
 

@@ -31,12 +31,13 @@ from typing import Any, Literal, Protocol
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from parley.acs.config import parse_target
 from parley.protocols import AgentOutput, CallContext, Handoff, Hangup, Transfer
 
 log = logging.getLogger(__name__)
 
 MAX_RESULT_CHARS = 4000  # a tool result goes back into the prompt: keep a runaway one bounded
-_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what the OpenAI API accepts
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what the OpenAI API accepts
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
@@ -77,7 +78,7 @@ class ToolSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _valid_name(cls, name: str) -> str:
-        if not _TOOL_NAME.match(name):
+        if not TOOL_NAME.match(name):
             raise ValueError("tool names are 1-64 letters, digits, '_' or '-'")
         return name
 
@@ -95,6 +96,8 @@ class ToolSpec(BaseModel):
             raise ValueError("a tool needs exactly one of python, webhook or builtin")
         if self.builtin == "transfer" and not self.target:
             raise ValueError("builtin transfer needs a target (a phone number or user id)")
+        if self.target is not None:
+            parse_target(self.target)  # E.164 or an ACS user id, checked now rather than mid-call
         if self.target is not None and self.builtin != "transfer":
             raise ValueError("target only applies to builtin transfer")
         if self.python is not None and ":" not in self.python:
@@ -265,11 +268,21 @@ def build_tool(spec: ToolSpec) -> Tool:
         assert spec.target is not None
         return transfer_tool(spec.name, spec.target, spec.description, spec.say)
     if spec.webhook is not None:
+        _check_env_references(spec)
         return WebhookTool(spec.name, spec.description, spec.parameters, spec.webhook, spec.say,
                            spec.timeout_s)
     assert spec.python is not None
     return PythonTool(spec.name, spec.description, spec.parameters, import_callable(spec.python),
                       spec.say, spec.timeout_s)
+
+
+def _check_env_references(spec: ToolSpec) -> None:
+    """A header naming an unset variable would send an empty credential in the middle of a call."""
+    assert spec.webhook is not None
+    for value in spec.webhook.headers.values():
+        for name in _ENV_REFERENCE.findall(value):
+            if name not in os.environ:
+                raise ToolError(f"tool {spec.name!r}: header uses ${{{name}}}, which is not set")
 
 
 def import_callable(reference: str) -> Callable[..., Any]:

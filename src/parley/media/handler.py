@@ -21,10 +21,16 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from parley.engines import Engines
 from parley.media.bargein import ActiveTurn, BargeInPolicy, Decision, Signal
-from parley.media.bridge import Final, Partial, SpeechContinues, SpeechStarted, ThreadBridge
+from parley.media.bridge import (
+    Final,
+    Partial,
+    SpeechContinues,
+    SpeechStarted,
+    ThreadBridge,
+)
 from parley.media.echo import EchoGate, EchoReference
 from parley.media.events import CallRegistry, EventLog
-from parley.media.player import Player, Track
+from parley.media.player import Player
 from parley.media.recognition import RecognitionThread, SegmenterConfig
 from parley.media.turns import Pending, RouteTurnLoop, Turn, TurnInbox
 from parley.media.writer import OutboundWriter
@@ -112,6 +118,9 @@ class MediaHandler:
             for task in (receiving, hangup):
                 task.cancel()
             await asyncio.gather(receiving, hangup, return_exceptions=True)
+            if not receiving.cancelled() and (error := receiving.exception()) is not None:
+                log.error("call %s: ended by an error", self.call_id, exc_info=error)
+                self._end_reason = f"error: {type(error).__name__}"
             await self._shutdown()
             await self._close_socket(websocket)
 
@@ -480,6 +489,10 @@ class MediaHandler:
         except Exception as exc:  # noqa: BLE001 - a failed request must not take the call down
             log.error("call %s: %s failed: %s", self.call_id, what, exc)
             self.events.emit("input_error", error=f"{what} failed: {exc}")
+            control = self.engines.call_control
+            if what == "transfer" and control is not None:
+                # Closing the media socket alone would leave the caller on a silent line.
+                self._request(control.hang_up(self.call_id), "hang up")
             self.end_call(f"{what}_failed")
 
     async def _produce_audio(self, turn: Turn, clips: asyncio.Queue[object]) -> None:

@@ -268,7 +268,8 @@ class AzureSynthesizer:
     async def _settle(self, synthesizer: speechsdk.SpeechSynthesizer, run: _SynthesisRun, rate: int) -> None:
         """After the stream: stop an unfinished synthesis, wait (bounded) for the SDK to confirm,
         then give the synthesizer back (or keep it aside if it never confirmed)."""
-        if not run.finished.is_set():
+        stopped = not run.finished.is_set()
+        if stopped:
             synthesizer.stop_speaking_async()  # returns at once; synthesis_canceled follows
             try:
                 await asyncio.wait_for(run.finished.wait(), self._stop_timeout_s)
@@ -277,7 +278,7 @@ class AzureSynthesizer:
         run.disconnect()
         if not run.finished.is_set():
             self._pool.abandon(synthesizer)
-        elif run.error is None:
-            self._pool.release(rate, synthesizer)
+        elif run.error is None and not stopped:
+            self._pool.release(rate, synthesizer)  # (a stopped one may still deliver a late event)
         else:
             self._pool.discard(synthesizer)
