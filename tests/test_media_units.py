@@ -121,6 +121,7 @@ THINKING = ActiveTurn(1, True, 1, state="thinking")
         (Signal("final", 2, "No, I want a large one."), PENDING, "cancel", "final"),
         (Signal("final", 2, "Okay, cancel that"), PENDING, "cancel", "final"),
         (Signal("final", 2, "I'm on."), PENDING, "resume", "no_content"),
+        (Signal("final", 2, "F."), PENDING, "resume", "no_content"),
         (Signal("final", 2, "No."), PENDING, "cancel", "final"),
         (Signal("final", 2, "Wait."), PENDING, "cancel", "final"),
         (Signal("timeout"), PENDING, "resume", "no_words"),

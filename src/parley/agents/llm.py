@@ -599,8 +599,9 @@ class LlmAgent:
             self.messages.append(entry)
         for (call_id, name, _), result in zip(calls, results, strict=True):
             self.messages.append({"role": "tool", "tool_call_id": call_id, "content": result.content})
-            log.info("call %s: agent %s called %s -> %s", self._call_id, self.name, name,
-                     result.content[:120])
+            # Results may hold personal data (a verified customer): their text only at debug level.
+            log.info("call %s: agent %s called %s", self._call_id, self.name, name)
+            log.debug("call %s: %s -> %s", self._call_id, name, result.content[:200])
         return next((r.action for r in results if r.action is not None), None)
 
     # ---------------------------------------------------------------------------------- barge-in

@@ -67,6 +67,11 @@ class ActiveTurn:
 _NOT_A_REQUEST = frozenset({"backchannel", "echo", "no_content"})
 
 
+def _is_letter(word: str) -> bool:
+    """A lone letter ("F.") is what Whisper makes of a short hum or breath, not a request."""
+    return len(word) == 1 and word.isalpha()
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     action: Action
@@ -171,7 +176,7 @@ class BargeInPolicy:
         if spoken and sum(word in spoken for word in words) >= _ECHO_SHARE * len(words):
             return [], "echo"
         content = [word for word in words if word not in self._fillers]
-        if all(word in _FUNCTION_WORDS for word in content):
+        if all(word in _FUNCTION_WORDS or _is_letter(word) for word in content):
             return [], "no_content"
         return content, ""
 
