@@ -60,7 +60,9 @@ async def test_a_backchannel_pauses_the_agent_and_it_resumes(server, voice, word
     report = await call(server, pcm, barge_in_at=1.5)
     assert report.errors == []
     assert_resumed_and_completed(report)
-    assert events_named(report, "barge_in_resumed")[0]["reason"] in ("backchannel", "no_words")
+    # Whisper writes the sound as the word ("Uh-huh."), as nothing, or (on some runs, depending on
+    # how much of the closing silence its pass saw) as a lone letter ("F."): none is a request.
+    assert events_named(report, "barge_in_resumed")[0]["reason"] in ("backchannel", "no_words", "no_content")
 
 
 async def test_a_cough_pauses_the_agent_and_it_resumes(server) -> None:  # type: ignore[no-untyped-def]
