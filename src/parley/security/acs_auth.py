@@ -15,7 +15,6 @@ nor anything copied verbatim from it ends up in an exception message or the log.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import time
@@ -29,6 +28,8 @@ import httpx
 import jwt
 from fastapi import HTTPException, Request, WebSocket
 from pydantic import BaseModel, Field, model_validator
+
+from parley.acs.config import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -113,20 +114,9 @@ def _check_jwks_url(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme == "https" and parts.hostname:
         return
-    if parts.scheme == "http" and _is_loopback(parts.hostname):
+    if parts.scheme == "http" and is_loopback(parts.hostname):
         return
     raise ValueError(f"jwks_url must be https:// (or http:// on loopback), got {url!r}")
-
-
-def _is_loopback(host: str | None) -> bool:
-    if host is None:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # --- where the keys come from --------------------------------------------------------------------
