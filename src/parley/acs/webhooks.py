@@ -91,14 +91,20 @@ def _as_batch(body: object) -> list[object]:
     return items
 
 
-def _grid_event(item: object, index: int) -> GridEvent:
-    where = f"event {index}"
+def _event_object(item: object, where: str, type_keys: tuple[str, str]) -> tuple[dict[str, Any], str]:
+    """An event as a JSON object and its type, read from the first of `type_keys` present (the
+    Event Grid schema says `eventType`, the CloudEvents schema `type`)."""
     if not isinstance(item, dict):
         raise MalformedEvents(f"{where}: expected an object, got {_json_type(item)}")
-    # Event Grid schema says `eventType`; the CloudEvents schema says `type`.
-    event_type = item.get("eventType", item.get("type"))
+    event_type = item.get(type_keys[0], item.get(type_keys[1]))
     if not isinstance(event_type, str) or not event_type:
-        raise MalformedEvents(f"{where}: no eventType")
+        raise MalformedEvents(f"{where}: no {type_keys[0]}")
+    return item, event_type
+
+
+def _grid_event(item: object, index: int) -> GridEvent:
+    where = f"event {index}"
+    item, event_type = _event_object(item, where, ("eventType", "type"))
     event_id = _text(item.get("id"))
     if event_type == VALIDATION_EVENT:
         data = _data(item, where)
@@ -152,11 +158,7 @@ def parse_callbacks(body: object) -> list[CallbackEvent]:
 
 def _callback_event(item: object, index: int) -> CallbackEvent:
     where = f"event {index}"
-    if not isinstance(item, dict):
-        raise MalformedEvents(f"{where}: expected an object, got {_json_type(item)}")
-    event_type = item.get("type", item.get("eventType"))
-    if not isinstance(event_type, str) or not event_type:
-        raise MalformedEvents(f"{where}: no type")
+    item, event_type = _event_object(item, where, ("type", "eventType"))
     data = _data(item, where)
     return CallbackEvent(
         type=event_type.removeprefix(ACS_EVENT_PREFIX)[:_MAX_TEXT],
