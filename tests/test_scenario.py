@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from parley.agents.llm import LlmConfig
 from parley.agents.scenario import (
@@ -693,3 +694,13 @@ def test_history_sent_is_bounded_and_starts_at_a_caller_message() -> None:
     kept = _recent(messages, 6)
     assert kept[0] == system and kept[1]["role"] == "user" and len(kept) == 5
     assert _recent(messages[:5], 60) == messages[:5]
+
+
+def test_agents_with_different_keys_get_their_own_client(llm_defaults: LlmConfig) -> None:
+    from parley.agents.scenario import _shared_client
+
+    clients: dict[tuple[object, ...], object] = {}
+    first = _shared_client(llm_defaults, clients)
+    assert _shared_client(llm_defaults.model_copy(update={"model": "other"}), clients) is first
+    other_key = llm_defaults.model_copy(update={"api_key": SecretStr("another-key")})
+    assert _shared_client(other_key, clients) is not first  # SecretStr reprs are all alike

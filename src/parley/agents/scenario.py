@@ -259,7 +259,7 @@ class Scenario:
     def __init__(self, spec: ScenarioSpec, llm_defaults: LlmConfig | None = None) -> None:
         self.spec = spec
         self.tz = timezone(spec.timezone)
-        clients: dict[str, Any] = {}
+        clients: dict[tuple[Any, ...], Any] = {}
         self.members = {
             agent.name: _member(agent, llm_defaults or LlmConfig(), clients) for agent in spec.agents
         }
@@ -277,7 +277,9 @@ class Scenario:
         return ScenarioAgent(self, context)
 
 
-def _member(spec: ScriptSpec | LlmAgentSpec, defaults: LlmConfig, clients: dict[str, Any]) -> Member:
+def _member(
+    spec: ScriptSpec | LlmAgentSpec, defaults: LlmConfig, clients: dict[tuple[Any, ...], Any]
+) -> Member:
     if isinstance(spec, ScriptSpec):
         return Member(spec)
     extra: dict[str, Any] = {"greeting": spec.greeting, "system_prompt": None}
@@ -292,11 +294,16 @@ def _member(spec: ScriptSpec | LlmAgentSpec, defaults: LlmConfig, clients: dict[
     return Member(spec, config, client, PromptTemplate(spec.prompt), tools)
 
 
-def _shared_client(config: LlmConfig, clients: dict[str, Any]) -> Any:
+def _shared_client(config: LlmConfig, clients: dict[tuple[Any, ...], Any]) -> Any:
     """One client (connection pool, or loaded local model) per distinct connection."""
-    key = repr(config.model_dump(include={"provider", "base_url", "azure_endpoint", "api_version",
-                                          "api_key", "azure_ad_token", "threads"})) + (
-        config.model if config.provider in ("azure", "llama-cpp") else "")
+    key = (
+        config.provider, config.base_url, config.azure_endpoint, config.api_version, config.threads,
+        # The secrets themselves: SecretStr compares and prints the same for every key.
+        config.api_key.get_secret_value() if config.api_key else None,
+        config.azure_ad_token.get_secret_value() if config.azure_ad_token else None,
+        id(config.azure_ad_token_provider) if config.azure_ad_token_provider else None,
+        config.model if config.provider in ("azure", "llama-cpp") else None,  # bound per deployment/model
+    )
     if key not in clients:
         clients[key] = build_client(config)
     return clients[key]
