@@ -63,7 +63,11 @@ def public_jwk(private_key: rsa.RSAPrivateKey, kid: str) -> dict[str, Any]:
 def claims(**overrides: Any) -> dict[str, Any]:
     now = int(time.time())
     base = {
-        "iss": ACS_ISSUER, "aud": AUDIENCE, "iat": now, "nbf": now, "exp": now + 300,
+        "iss": ACS_ISSUER,
+        "aud": AUDIENCE,
+        "iat": now,
+        "nbf": now,
+        "exp": now + 300,
         "sub": "acs-call-automation",
     }
     base.update(overrides)
@@ -262,8 +266,10 @@ async def test_tampered_payload_is_refused(keys, file_validator) -> None:
 
 
 async def test_alg_none_and_hs256_and_other_rsa_algs_are_refused(keys, file_validator) -> None:
-    public_pem = keys["current"].public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    public_pem = (
+        keys["current"]
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     attempts = {
         "none": unsigned_token({"alg": "none", "typ": "JWT", "kid": "kid-current"}),

@@ -99,9 +99,18 @@ def _certificate(
     )
     if ca:
         return builder.add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                          encipher_only=False, decipher_only=False), critical=True,
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
         )
     return builder.add_extension(
         x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
@@ -115,15 +124,17 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     ca_name = _name("parley test CA")
     ca_cert = _certificate(ca_name, ca_key.public_key(), ca_name, ca_key, ca=True).sign(ca_key, hashes.SHA256())
     server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = _certificate(
-        _name("127.0.0.1"), server_key.public_key(), ca_name, ca_key, ca=False
-    ).sign(ca_key, hashes.SHA256())
+    server_cert = _certificate(_name("127.0.0.1"), server_key.public_key(), ca_name, ca_key, ca=False).sign(
+        ca_key, hashes.SHA256()
+    )
     files = TlsFiles(root / "ca.pem", root / "server.pem", root / "server.key")
     files.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     files.cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    files.key.write_bytes(server_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ))
+    files.key.write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     return files
 
 
@@ -167,8 +178,13 @@ class FakeAcs:
         status, payload = self._respond(request)
         content = json.dumps(payload).encode() if payload is not None else b""
         headers = [(b"content-type", b"application/json")] if payload is not None else []
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [*headers, (b"content-length", str(len(content)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [*headers, (b"content-length", str(len(content)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": content})
 
     def _record(self, scope: dict[str, Any], body: bytes) -> AcsRequest:
@@ -176,8 +192,12 @@ class FakeAcs:
         query_string = scope["query_string"].decode()
         path_and_query = scope["raw_path"].decode() + (f"?{query_string}" if query_string else "")
         request = AcsRequest(
-            method=scope["method"], path=scope["path"], query=dict(parse_qsl(query_string)),
-            headers=headers, body=body, signature_ok=self._signed(scope["method"], path_and_query, headers, body),
+            method=scope["method"],
+            path=scope["path"],
+            query=dict(parse_qsl(query_string)),
+            headers=headers,
+            body=body,
+            signature_ok=self._signed(scope["method"], path_and_query, headers, body),
         )
         with self._changed:
             self.requests.append(request)
@@ -251,8 +271,15 @@ class TlsServer:
 
     def __init__(self, app: Any, tls: TlsFiles) -> None:
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, lifespan="off", log_level="critical", access_log=False,
-            ssl_certfile=str(tls.cert), ssl_keyfile=str(tls.key), timeout_graceful_shutdown=1,
+            app,
+            host="127.0.0.1",
+            port=0,
+            lifespan="off",
+            log_level="critical",
+            access_log=False,
+            ssl_certfile=str(tls.cert),
+            ssl_keyfile=str(tls.key),
+            timeout_graceful_shutdown=1,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="fake-acs", daemon=True)
@@ -318,19 +345,24 @@ def bearer(key: rsa.RSAPrivateKey, **claims: Any) -> dict[str, str]:
 
 def acs_settings(fake: FakeAcs, jwks: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
-        "host": "127.0.0.1", "port": 0, "event_log": False, "engines": "plumbing", "engine_pool_warm": 0,
+        "host": "127.0.0.1",
+        "port": 0,
+        "event_log": False,
+        "engines": "plumbing",
+        "engine_pool_warm": 0,
         "acs_connection_string": f"endpoint=https://{fake.host}/;accesskey={ACCESS_KEY}",
-        "acs_callback_url": PUBLIC_BASE, "acs_resource_id": AUDIENCE, "acs_auth_jwks_file": jwks,
-        "acs_source_caller_id": SOURCE_NUMBER, "acs_incoming_code": INCOMING_CODE,
+        "acs_callback_url": PUBLIC_BASE,
+        "acs_resource_id": AUDIENCE,
+        "acs_auth_jwks_file": jwks,
+        "acs_source_caller_id": SOURCE_NUMBER,
+        "acs_incoming_code": INCOMING_CODE,
         "acs_outbound_token": OUTBOUND_TOKEN,
     }
     return load_settings(**(values | overrides))
 
 
 def start_parley(settings: Settings, tls: TlsFiles, engines: Engines | None = None) -> BackgroundServer:
-    return BackgroundServer(
-        settings, engines, acs_client_options={"connection_verify": str(tls.ca)}
-    ).start()
+    return BackgroundServer(settings, engines, acs_client_options={"connection_verify": str(tls.ca)}).start()
 
 
 @pytest.fixture(scope="module")
@@ -350,7 +382,9 @@ def incoming_url(code: str | None = INCOMING_CODE) -> str:
     return "/api/acs/incoming" + (f"?code={code}" if code is not None else "")
 
 
-def incoming_call_event(context: str = "ctx-1", caller: str = CALLER_NUMBER, event_id: str | None = None) -> dict[str, Any]:
+def incoming_call_event(
+    context: str = "ctx-1", caller: str = CALLER_NUMBER, event_id: str | None = None
+) -> dict[str, Any]:
     """An IncomingCall event as Event Grid delivers it (Event Grid schema)."""
     return {
         "id": event_id or str(uuid.uuid4()),
@@ -380,8 +414,12 @@ def callback_event(kind: str, connection_id: str, **data: Any) -> dict[str, Any]
         "specversion": "1.0",
         "datacontenttype": "application/json",
         "time": "2026-01-01T10:00:01Z",
-        "data": {"callConnectionId": connection_id, "serverCallId": "server-call-abc",
-                 "correlationId": "corr-1", **data},
+        "data": {
+            "callConnectionId": connection_id,
+            "serverCallId": "server-call-abc",
+            "correlationId": "corr-1",
+            **data,
+        },
     }
 
 
@@ -402,7 +440,9 @@ def assert_signed_json_request(request: AcsRequest) -> None:
     """What every request to ACS carries: api-version, HMAC auth, dates, repeatability, JSON."""
     assert request.query == {"api-version": API_VERSION}
     assert request.signature_ok, request.headers.get("authorization")
-    assert request.headers["authorization"].startswith("HMAC-SHA256 SignedHeaders=x-ms-date;host;x-ms-content-sha256&Signature=")
+    assert request.headers["authorization"].startswith(
+        "HMAC-SHA256 SignedHeaders=x-ms-date;host;x-ms-content-sha256&Signature="
+    )
     assert request.headers["x-ms-date"].endswith(" GMT")
     assert request.headers["x-ms-content-sha256"] == base64.b64encode(hashlib.sha256(request.body).digest()).decode()
     assert uuid.UUID(request.headers["repeatability-request-id"])  # lets ACS drop a retried duplicate
@@ -415,11 +455,17 @@ def assert_signed_json_request(request: AcsRequest) -> None:
 
 def test_subscription_validation_handshake(http: httpx.Client, fake_acs: FakeAcs) -> None:
     event = {
-        "id": "2d1781af-3a4c-4d7c-bd0c-e34b19da4e66", "topic": "/subscriptions/0000", "subject": "",
-        "eventType": "Microsoft.EventGrid.SubscriptionValidationEvent", "eventTime": "2026-01-01T10:00:00Z",
-        "data": {"validationCode": "512d38b6-c7b8-40c8-89fe-f46f9e9622b6",
-                 "validationUrl": "https://rp-eastus2.eventgrid.azure.net/..."},
-        "dataVersion": "2", "metadataVersion": "1",
+        "id": "2d1781af-3a4c-4d7c-bd0c-e34b19da4e66",
+        "topic": "/subscriptions/0000",
+        "subject": "",
+        "eventType": "Microsoft.EventGrid.SubscriptionValidationEvent",
+        "eventTime": "2026-01-01T10:00:00Z",
+        "data": {
+            "validationCode": "512d38b6-c7b8-40c8-89fe-f46f9e9622b6",
+            "validationUrl": "https://rp-eastus2.eventgrid.azure.net/...",
+        },
+        "dataVersion": "2",
+        "metadataVersion": "1",
     }
     response = http.post(incoming_url(), json=[event], headers={"aeg-event-type": "SubscriptionValidation"})
     assert response.status_code == 200
@@ -506,13 +552,22 @@ def test_secret_and_caller_numbers_stay_out_of_request_logs(http: httpx.Client, 
     assert any("/api/acs/incoming?code=*** HTTP/1.1" in line for line in lines), lines
     assert not any(INCOMING_CODE in line or CALLER_NUMBER in line for line in lines)
     # The media stream's request line, as uvicorn logs it.
-    record = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1, '%s - "WebSocket %s" [accepted]',
-                               ("127.0.0.1:5", "/ws/acs?callId=abc&callerId=%2B15551234567"), None)
+    record = logging.LogRecord(
+        "uvicorn.error",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "WebSocket %s" [accepted]',
+        ("127.0.0.1:5", "/ws/acs?callId=abc&callerId=%2B15551234567"),
+        None,
+    )
     RedactPrivateQueryValues().filter(record)
     assert record.getMessage() == '127.0.0.1:5 - "WebSocket /ws/acs?callId=abc&callerId=***" [accepted]'
 
 
-def test_failed_answer_is_reported_and_forgotten(http: httpx.Client, fake_acs: FakeAcs, parley: BackgroundServer) -> None:
+def test_failed_answer_is_reported_and_forgotten(
+    http: httpx.Client, fake_acs: FakeAcs, parley: BackgroundServer
+) -> None:
     fake_acs.failures[":answer"] = (403, {"error": {"code": "Forbidden", "message": "Call already answered"}})
     calls_before = len(parley.app.state.call_automation.calls)
     response = http.post(incoming_url(), json=[incoming_call_event()])
@@ -556,8 +611,9 @@ def test_malformed_callback_is_refused(http: httpx.Client, signing_key: rsa.RSAP
 
 
 def test_outbound_call_creates_a_call_streaming_to_us(http: httpx.Client, fake_acs: FakeAcs) -> None:
-    response = http.post("/api/calls", json={"target": CALLER_NUMBER},
-                         headers={"Authorization": f"Bearer {OUTBOUND_TOKEN}"})
+    response = http.post(
+        "/api/calls", json={"target": CALLER_NUMBER}, headers={"Authorization": f"Bearer {OUTBOUND_TOKEN}"}
+    )
     assert response.status_code == 201, response.text
     created = response.json()
     (request,) = fake_acs.wait_for("/calling/callConnections")
@@ -576,9 +632,7 @@ def test_outbound_call_to_an_acs_user(http: httpx.Client, fake_acs: FakeAcs) -> 
     response = http.post("/api/calls", json={"target": user}, headers={"Authorization": f"Bearer {OUTBOUND_TOKEN}"})
     assert response.status_code == 201, response.text
     (request,) = fake_acs.wait_for("/calling/callConnections")
-    assert request.json["targets"] == [
-        {"rawId": user, "communicationUser": {"id": user}}
-    ]
+    assert request.json["targets"] == [{"rawId": user, "communicationUser": {"id": user}}]
     assert "sourceCallerIdNumber" not in request.json
 
 
@@ -594,7 +648,9 @@ def test_outbound_call_to_an_acs_user(http: httpx.Client, fake_acs: FakeAcs) -> 
         ([CALLER_NUMBER], 400, "bad call request"),
     ],
 )
-def test_outbound_call_with_a_bad_body_is_refused(http: httpx.Client, fake_acs: FakeAcs, body: Any, status: int, says: str) -> None:
+def test_outbound_call_with_a_bad_body_is_refused(
+    http: httpx.Client, fake_acs: FakeAcs, body: Any, status: int, says: str
+) -> None:
     response = http.post("/api/calls", json=body, headers={"Authorization": f"Bearer {OUTBOUND_TOKEN}"})
     assert response.status_code == status and says in response.json()["detail"]
     assert fake_acs.requests == []
@@ -603,13 +659,20 @@ def test_outbound_call_with_a_bad_body_is_refused(http: httpx.Client, fake_acs: 
 def test_outbound_call_needs_the_token(http: httpx.Client, fake_acs: FakeAcs) -> None:
     body = {"target": CALLER_NUMBER}
     assert http.post("/api/calls", json=body).status_code == 401
-    assert http.post("/api/calls", json=body, headers={"Authorization": "Bearer wrong-token-0123456"}).status_code == 401
+    assert (
+        http.post("/api/calls", json=body, headers={"Authorization": "Bearer wrong-token-0123456"}).status_code == 401
+    )
     assert fake_acs.requests == []
 
 
 def test_outbound_call_failure_at_acs_is_a_502(http: httpx.Client, fake_acs: FakeAcs) -> None:
-    fake_acs.failures["/calling/callConnections"] = (400, {"error": {"code": "BadRequest", "message": "Invalid source"}})
-    response = http.post("/api/calls", json={"target": CALLER_NUMBER}, headers={"Authorization": f"Bearer {OUTBOUND_TOKEN}"})
+    fake_acs.failures["/calling/callConnections"] = (
+        400,
+        {"error": {"code": "BadRequest", "message": "Invalid source"}},
+    )
+    response = http.post(
+        "/api/calls", json={"target": CALLER_NUMBER}, headers={"Authorization": f"Bearer {OUTBOUND_TOKEN}"}
+    )
     assert response.status_code == 502 and "Invalid source" in response.json()["detail"]
 
 
@@ -629,8 +692,10 @@ async def test_hang_up_terminates_the_call_for_everyone(service: CallAutomation,
     await service.hang_up(call.key)  # a media stream without the connection header has our key
     await service.hang_up("conn-direct")  # one with the header has ACS's id
     paths = [request.path for request in fake_acs.named(":terminate")]
-    assert paths == [f"/calling/callConnections/{call.connection_id}:terminate",
-                     "/calling/callConnections/conn-direct:terminate"]
+    assert paths == [
+        f"/calling/callConnections/{call.connection_id}:terminate",
+        "/calling/callConnections/conn-direct:terminate",
+    ]
     for request in fake_acs.named(":terminate"):
         assert request.query == {"api-version": API_VERSION} and request.signature_ok and request.body == b""
 
@@ -650,7 +715,9 @@ async def test_hang_up_of_a_call_acs_no_longer_knows_is_quiet(service: CallAutom
         ("8:acs:resource_user", {"rawId": "8:acs:resource_user", "communicationUser": {"id": "8:acs:resource_user"}}),
     ],
 )
-async def test_transfer_asks_acs_to_transfer(service: CallAutomation, fake_acs: FakeAcs, target: str, identifier: dict) -> None:
+async def test_transfer_asks_acs_to_transfer(
+    service: CallAutomation, fake_acs: FakeAcs, target: str, identifier: dict
+) -> None:
     await service.transfer("conn-7", target)
     (request,) = fake_acs.named(":transferToParticipant")
     assert request.path == "/calling/callConnections/conn-7:transferToParticipant"
@@ -667,7 +734,9 @@ async def test_transfer_to_a_bad_target_asks_nothing(service: CallAutomation, fa
 async def test_unreachable_acs_is_a_call_automation_error(jwks_file: Path, tls: TlsFiles) -> None:
     fake = FakeAcs(ACCESS_KEY)
     fake.host = "127.0.0.1:9"  # discard port: nothing listens
-    automation = CallAutomation.from_settings(acs_settings(fake, jwks_file), connection_verify=str(tls.ca), retry_total=0)
+    automation = CallAutomation.from_settings(
+        acs_settings(fake, jwks_file), connection_verify=str(tls.ca), retry_total=0
+    )
     assert automation is not None
     try:
         with pytest.raises(CallAutomationError, match="hang up: ServiceRequestError"):
@@ -703,7 +772,9 @@ def bank_parley(fake_acs: FakeAcs, jwks_file: Path, tls: TlsFiles) -> Iterator[B
     server.stop()
 
 
-async def act_as_acs_media_stream(url: str, headers: dict[str, str], dtmf_at_s: float, timeout_s: float = 20) -> tuple[int | None, int]:
+async def act_as_acs_media_stream(
+    url: str, headers: dict[str, str], dtmf_at_s: float, timeout_s: float = 20
+) -> tuple[int | None, int]:
     """Stream silence as ACS does, press a key at `dtmf_at_s`, until the server ends the call."""
     async with connect(url, additional_headers=headers, compression=None) as ws:
         await ws.send(acs.audio_metadata_message(acs.AudioFormat.for_rate(16000)))
@@ -730,7 +801,9 @@ async def act_as_acs_media_stream(url: str, headers: dict[str, str], dtmf_at_s: 
         return ws.close_code, received
 
 
-async def test_incoming_call_end_to_end(bank_parley: BackgroundServer, fake_acs: FakeAcs, signing_key: rsa.RSAPrivateKey) -> None:
+async def test_incoming_call_end_to_end(
+    bank_parley: BackgroundServer, fake_acs: FakeAcs, signing_key: rsa.RSAPrivateKey
+) -> None:
     async with httpx.AsyncClient(base_url=bank_parley.http_url, timeout=30) as http:
         # 1. Event Grid brings the call; parley answers it through the SDK.
         response = await http.post("/api/acs/incoming", json=[incoming_call_event("ctx-e2e")])
@@ -740,8 +813,9 @@ async def test_incoming_call_end_to_end(bank_parley: BackgroundServer, fake_acs:
         transport_url = answer.json["mediaStreamingOptions"]["transportUrl"]
         # 2. ACS reports the call connected before the media stream opens: held for the call.
         callbacks = f"/api/acs/callbacks/{call_id}"
-        connected = await http.post(callbacks, json=[callback_event("CallConnected", connection_id)],
-                                    headers=bearer(signing_key))
+        connected = await http.post(
+            callbacks, json=[callback_event("CallConnected", connection_id)], headers=bearer(signing_key)
+        )
         assert connected.json() == {"received": 1, "recorded": 1}
 
         # 3. ACS dials the transport URL it was given (here on loopback, plain ws).
@@ -765,7 +839,9 @@ async def test_incoming_call_end_to_end(bank_parley: BackgroundServer, fake_acs:
         assert terminate.signature_ok
 
         # 5. ACS confirms; the call's event log tells the whole story.
-        await http.post(callbacks, json=[callback_event("CallDisconnected", connection_id)], headers=bearer(signing_key))
+        await http.post(
+            callbacks, json=[callback_event("CallDisconnected", connection_id)], headers=bearer(signing_key)
+        )
         events = (await http.get(f"/api/calls/{connection_id}/events")).json()["events"]
     names = [event["event"] for event in events]
     acs_events = [event["type"] for event in events if event["event"] == "acs_event"]
@@ -823,11 +899,25 @@ CONNECTION = f"endpoint=https://acs-test.communication.azure.com/;accesskey={ACC
 @pytest.mark.parametrize(
     ("values", "loud"),
     [
-        ({"host": "0.0.0.0", "acs_connection_string": CONNECTION, "acs_callback_url": PUBLIC_BASE,
-          "acs_auth_enabled": False}, True),
+        (
+            {
+                "host": "0.0.0.0",
+                "acs_connection_string": CONNECTION,
+                "acs_callback_url": PUBLIC_BASE,
+                "acs_auth_enabled": False,
+            },
+            True,
+        ),
         ({"host": "0.0.0.0"}, True),  # nothing ACS configured, yet reachable from outside
-        ({"host": "127.0.0.1", "acs_connection_string": CONNECTION, "acs_callback_url": PUBLIC_BASE,
-          "acs_auth_enabled": False}, False),
+        (
+            {
+                "host": "127.0.0.1",
+                "acs_connection_string": CONNECTION,
+                "acs_callback_url": PUBLIC_BASE,
+                "acs_auth_enabled": False,
+            },
+            False,
+        ),
         ({"host": "0.0.0.0", "acs_resource_id": AUDIENCE}, False),
     ],
 )
@@ -843,19 +933,38 @@ def test_token_checks_off_beyond_loopback_is_loud(values: dict[str, Any], loud: 
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"acs_connection_string": CONNECTION, "acs_callback_url": PUBLIC_BASE},
-         "ACS is configured but acs_resource_id (PARLEY_ACS_RESOURCE_ID) is empty"),
+        (
+            {"acs_connection_string": CONNECTION, "acs_callback_url": PUBLIC_BASE},
+            "ACS is configured but acs_resource_id (PARLEY_ACS_RESOURCE_ID) is empty",
+        ),
         ({"acs_connection_string": CONNECTION, "acs_resource_id": AUDIENCE}, "PARLEY_ACS_CALLBACK_URL) is required"),
         ({"acs_auth_enabled": True}, "acs_auth_enabled is true but acs_resource_id"),
-        ({"acs_connection_string": "endpoint=http://127.0.0.1:1/;accesskey=" + ACCESS_KEY,
-          "acs_callback_url": PUBLIC_BASE, "acs_resource_id": AUDIENCE}, "must start with https://"),
-        ({"acs_connection_string": "accesskey=only", "acs_callback_url": PUBLIC_BASE, "acs_resource_id": AUDIENCE},
-         "missing endpoint or accesskey"),
-        ({"acs_endpoint": "https://acs-test.communication.azure.com", "acs_callback_url": "http://example.com",
-          "acs_resource_id": AUDIENCE}, "must be https://"),
+        (
+            {
+                "acs_connection_string": "endpoint=http://127.0.0.1:1/;accesskey=" + ACCESS_KEY,
+                "acs_callback_url": PUBLIC_BASE,
+                "acs_resource_id": AUDIENCE,
+            },
+            "must start with https://",
+        ),
+        (
+            {"acs_connection_string": "accesskey=only", "acs_callback_url": PUBLIC_BASE, "acs_resource_id": AUDIENCE},
+            "missing endpoint or accesskey",
+        ),
+        (
+            {
+                "acs_endpoint": "https://acs-test.communication.azure.com",
+                "acs_callback_url": "http://example.com",
+                "acs_resource_id": AUDIENCE,
+            },
+            "must be https://",
+        ),
         ({"acs_sample_rate": 8000}, "must be 16000 or 24000"),
         ({"acs_source_caller_id": "5550100"}, "must be an E.164 number"),
-        ({"acs_resource_id": AUDIENCE, "acs_auth_jwks_url": "http://keys.example.com/keys"}, "jwks_url must be https://"),
+        (
+            {"acs_resource_id": AUDIENCE, "acs_auth_jwks_url": "http://keys.example.com/keys"},
+            "jwks_url must be https://",
+        ),
     ],
 )
 def test_bad_acs_settings_are_explained(values: dict[str, Any], message: str) -> None:
@@ -870,15 +979,21 @@ def test_acs_settings_that_are_fine() -> None:
     assert dev.acs_configured and not dev.acs_auth_active
     resource_only = load_settings(acs_resource_id=AUDIENCE)
     assert resource_only.acs_auth_active and not resource_only.acs_configured
-    full = load_settings(acs_connection_string=CONNECTION, acs_callback_url=PUBLIC_BASE, acs_resource_id=AUDIENCE,
-                         acs_sample_rate=24000, acs_audio_channel="unmixed")
+    full = load_settings(
+        acs_connection_string=CONNECTION,
+        acs_callback_url=PUBLIC_BASE,
+        acs_resource_id=AUDIENCE,
+        acs_sample_rate=24000,
+        acs_audio_channel="unmixed",
+    )
     assert full.acs_auth_config().audience == AUDIENCE and full.acs_auth_config().enabled
 
 
 def test_entra_id_without_azure_identity_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "azure.identity.aio", None)  # as if not installed
-    settings = load_settings(acs_endpoint="https://acs-test.communication.azure.com", acs_callback_url=PUBLIC_BASE,
-                             acs_resource_id=AUDIENCE)
+    settings = load_settings(
+        acs_endpoint="https://acs-test.communication.azure.com", acs_callback_url=PUBLIC_BASE, acs_resource_id=AUDIENCE
+    )
     with pytest.raises(RuntimeError, match=r"needs the azure-identity package"):
         CallAutomation.from_settings(settings)
 
@@ -886,21 +1001,29 @@ def test_entra_id_without_azure_identity_is_explained(monkeypatch: pytest.Monkey
 def test_media_options_follow_the_settings(jwks_file: Path) -> None:
     fake = FakeAcs(ACCESS_KEY)
     fake.host = "127.0.0.1:9"
-    automation = CallAutomation.from_settings(acs_settings(fake, jwks_file, acs_sample_rate=24000, acs_audio_channel="unmixed"))
+    automation = CallAutomation.from_settings(
+        acs_settings(fake, jwks_file, acs_sample_rate=24000, acs_audio_channel="unmixed")
+    )
     assert automation is not None
     call = automation.calls.new("inbound", "8:acs:resource_user")
     options = automation.media_streaming(call)._to_generated().as_dict()
     assert options["audio_format"] == "pcm24KMono" and options["audio_channel_type"] == "unmixed"
-    assert options["transport_url"] == f"wss://parley.example.test/ws/acs?callId={call.key}&callerId=8%3Aacs%3Aresource_user"
+    assert (
+        options["transport_url"]
+        == f"wss://parley.example.test/ws/acs?callId={call.key}&callerId=8%3Aacs%3Aresource_user"
+    )
 
 
 # --- pure parsing and bookkeeping ----------------------------------------------------------------
 
 
 def test_event_grid_parsing() -> None:
-    cloud_event = {"id": "1", "type": "Microsoft.Communication.IncomingCall",
-                   "data": incoming_call_event()["data"] | {"from": {"rawId": "8:acs:r_u",
-                                                                   "communicationUser": {"id": "8:acs:r_u"}}}}
+    cloud_event = {
+        "id": "1",
+        "type": "Microsoft.Communication.IncomingCall",
+        "data": incoming_call_event()["data"]
+        | {"from": {"rawId": "8:acs:r_u", "communicationUser": {"id": "8:acs:r_u"}}},
+    }
     (call,) = parse_event_grid(cloud_event)  # CloudEvents schema, single object
     assert isinstance(call, IncomingCall) and call.caller == "8:acs:r_u" and call.callee == SOURCE_NUMBER
     with pytest.raises(MalformedEvents, match="at most"):
@@ -908,20 +1031,37 @@ def test_event_grid_parsing() -> None:
 
 
 def test_callback_parsing_keeps_what_explains_the_event() -> None:
-    (event,) = parse_callbacks([callback_event(
-        "MediaStreamingFailed", "conn-1", operationContext="ctx",
-        resultInformation={"code": 500, "subCode": 8581, "message": "Media streaming failed"},
-        mediaStreamingUpdate={"contentType": "Audio", "mediaStreamingStatus": "mediaStreamingFailed",
-                              "mediaStreamingStatusDetails": "streamConnectionUnsuccessful"},
-        participants=[{"identifier": {"rawId": "4:+1555"}}],
-    )])
+    (event,) = parse_callbacks(
+        [
+            callback_event(
+                "MediaStreamingFailed",
+                "conn-1",
+                operationContext="ctx",
+                resultInformation={"code": 500, "subCode": 8581, "message": "Media streaming failed"},
+                mediaStreamingUpdate={
+                    "contentType": "Audio",
+                    "mediaStreamingStatus": "mediaStreamingFailed",
+                    "mediaStreamingStatusDetails": "streamConnectionUnsuccessful",
+                },
+                participants=[{"identifier": {"rawId": "4:+1555"}}],
+            )
+        ]
+    )
     assert event == CallbackEvent(
-        type="MediaStreamingFailed", call_connection_id="conn-1", server_call_id="server-call-abc",
-        correlation_id="corr-1", operation_context="ctx",
-        details={"result": {"code": 500, "subCode": 8581, "message": "Media streaming failed"},
-                 "media_streaming": {"contentType": "Audio", "mediaStreamingStatus": "mediaStreamingFailed",
-                                     "mediaStreamingStatusDetails": "streamConnectionUnsuccessful"},
-                 "participants": 1},
+        type="MediaStreamingFailed",
+        call_connection_id="conn-1",
+        server_call_id="server-call-abc",
+        correlation_id="corr-1",
+        operation_context="ctx",
+        details={
+            "result": {"code": 500, "subCode": 8581, "message": "Media streaming failed"},
+            "media_streaming": {
+                "contentType": "Audio",
+                "mediaStreamingStatus": "mediaStreamingFailed",
+                "mediaStreamingStatusDetails": "streamConnectionUnsuccessful",
+            },
+            "participants": 1,
+        },
     )
 
 

@@ -163,9 +163,7 @@ def _lower(kind: str) -> str:
     return kind.lower()
 
 
-def recase(
-    obj: dict[str, Any], key_case: Any, kind_case: Any, payload_key_case: Any = None
-) -> dict[str, Any]:
+def recase(obj: dict[str, Any], key_case: Any, kind_case: Any, payload_key_case: Any = None) -> dict[str, Any]:
     """Re-case the top-level keys, the kind value and the payload's keys (never deeper)."""
     payload_key_case = payload_key_case or key_case
     out: dict[str, Any] = {}

@@ -94,16 +94,20 @@ def wait_until(condition, timeout: float = 5.0) -> bool:  # type: ignore[no-unty
 
 # --- recognition through parley's real recognition thread -------------------------------------------
 
+
 async def recognize_call(pcm: np.ndarray, recognizer_options: AzureSpeechOptions, finals: int) -> RecordingSink:
     """Real-time frames through RecognitionThread (Silero VAD + AzureRecognizer) until `finals`."""
     sink = RecordingSink()
     config = SegmenterConfig()
     thread = RecognitionThread(
-        call_id="azure-test", input_rate=RATE, vads=vad_pool(SileroVad, 1),
+        call_id="azure-test",
+        input_rate=RATE,
+        vads=vad_pool(SileroVad, 1),
         recognizers=per_call_recognizer_pool(
             lambda: AzureRecognizer(recognizer_options, trailing_silence_ms=config.endpoint_silence_ms)
         ),
-        bridge=ThreadBridge(asyncio.get_running_loop(), sink), config=config,
+        bridge=ThreadBridge(asyncio.get_running_loop(), sink),
+        config=config,
     )
     thread.start()
     data = pcm.astype("<i2").tobytes()
@@ -203,6 +207,7 @@ def test_language_identification_and_phrase_list_reach_the_service(fake: FakeSpe
 
 # --- recognition errors: typed, logged, the call goes on, the recognizer comes back with backoff ------
 
+
 def utterance(recognizer: AzureRecognizer) -> str:
     recognizer.begin()
     feed_paced(recognizer, tone(0.3) + silence(0.5), speed=8.0)
@@ -236,7 +241,9 @@ def test_a_refused_connection_is_logged_and_the_recognizer_is_recreated(
     assert [c.status for c in fake.of_kind("stt")] == [*statuses, 101]
 
 
-def test_backoff_doubles_while_the_service_keeps_refusing(fake: FakeSpeechService, caplog: pytest.LogCaptureFixture) -> None:
+def test_backoff_doubles_while_the_service_keeps_refusing(
+    fake: FakeSpeechService, caplog: pytest.LogCaptureFixture
+) -> None:
     fake.reject.extend([401, 401, 401])
     recognizer = AzureRecognizer(options_for(fake), trailing_silence_ms=500, backoff_first_s=0.15)
     try:
@@ -273,6 +280,7 @@ def test_nothing_listening_is_a_connection_failure_and_the_call_goes_on(caplog: 
 
 # --- synthesis -------------------------------------------------------------------------------------------
 
+
 def dominant_hz(pcm: bytes, rate: int) -> float:
     samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32)
     spectrum = np.abs(np.fft.rfft(samples))
@@ -283,7 +291,10 @@ async def collect(synthesizer: AzureSynthesizer, text: str, rate: int) -> list[b
     return [chunk async for chunk in synthesizer.stream(text, rate)]
 
 
-@pytest.mark.parametrize(("rate", "native"), [(16000, "raw-16khz-16bit-mono-pcm"), (24000, "raw-24khz-16bit-mono-pcm"), (8000, "raw-24khz-16bit-mono-pcm")])
+@pytest.mark.parametrize(
+    ("rate", "native"),
+    [(16000, "raw-16khz-16bit-mono-pcm"), (24000, "raw-24khz-16bit-mono-pcm"), (8000, "raw-24khz-16bit-mono-pcm")],
+)
 async def test_synthesis_streams_pcm_at_the_call_rate(fake: FakeSpeechService, rate: int, native: str) -> None:
     synthesizer = AzureSynthesizer(options_for(fake), "en-US-JennyNeural")
     text = "Hello & welcome to <parley>."
@@ -350,6 +361,7 @@ async def test_a_synthesis_error_is_raised_from_the_stream(fake: FakeSpeechServi
 
 # --- settings and a whole call -----------------------------------------------------------------------
 
+
 def test_azure_without_credentials_is_refused_at_startup() -> None:
     with pytest.raises(SettingsError, match="PARLEY_AZURE_SPEECH_KEY"):
         load_settings(stt="azure")
@@ -392,9 +404,15 @@ async def test_entra_id_tokens_are_asked_from_the_credential(fake: FakeSpeechSer
 def test_engines_build_azure_recognizers_per_call_and_azure_voices(fake: FakeSpeechService) -> None:
     from parley.engines import build_engines
 
-    engines = build_engines(load_settings(
-        stt="azure", tts="azure", azure_speech_endpoint=fake.url, azure_speech_key="k", engine_pool_warm=0,
-    ))
+    engines = build_engines(
+        load_settings(
+            stt="azure",
+            tts="azure",
+            azure_speech_endpoint=fake.url,
+            azure_speech_key="k",
+            engine_pool_warm=0,
+        )
+    )
     try:
         assert engines.final_pass is None
         recognizer = engines.recognizers.acquire()
@@ -420,13 +438,14 @@ async def test_a_call_with_azure_recognition_and_synthesis_and_a_barge_in(fake: 
     fake.texts.append(HOURS_TEXT)
     greeting = "Hi, thanks for calling the pizza place, where every pizza is baked fresh. How can I help?"
     server = make_server(
-        stt="azure", tts="azure", azure_speech_endpoint=fake.url, azure_speech_key="test-key",
+        stt="azure",
+        tts="azure",
+        azure_speech_endpoint=fake.url,
+        azure_speech_key="test-key",
         greeting=greeting,
     )
     try:
-        report = await run_call(
-            CallOptions(url=server.url, audio=speech_dir / "hours_16000.wav", barge_in_at=1.0)
-        )
+        report = await run_call(CallOptions(url=server.url, audio=speech_dir / "hours_16000.wav", barge_in_at=1.0))
     finally:
         server.stop()
     assert report.errors == []

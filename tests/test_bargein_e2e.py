@@ -42,8 +42,11 @@ def assert_resumed_and_completed(report: CallReport) -> None:
     paused = events_named(report, "barge_in_paused")
     resumed = events_named(report, "barge_in_resumed")
     # On failure, say what the server heard and decided (timing-dependent on a loaded machine).
-    story = [(e["event"], e.get("text") or e.get("reason") or e.get("trigger")) for e in report.events
-             if e["event"] in ("final", "barge_in_paused", "barge_in_resumed", "barge_in_decided")]
+    story = [
+        (e["event"], e.get("text") or e.get("reason") or e.get("trigger"))
+        for e in report.events
+        if e["event"] in ("final", "barge_in_paused", "barge_in_resumed", "barge_in_decided")
+    ]
     assert paused and paused[0]["turn_id"] == GREETING_TURN, story
     assert resumed and resumed[0]["turn_id"] == GREETING_TURN, story
     assert events_named(report, "barge_in_decided") == [], story  # never cancelled
@@ -103,9 +106,16 @@ async def test_a_non_interruptible_notice_plays_through_speech(speech_dir) -> No
     srv = make_server(agent="bank", greeting="")
     try:
         pcm = read_wav(speech_dir / "hours_16000.wav", 16000)
-        report = await run_call(CallOptions(
-            url=srv.url, pcm=pcm, dtmf=[(0.2, "4")], barge_in_at=1.5, max_wait_s=15.0, greeting_wait_s=2.0,
-        ))
+        report = await run_call(
+            CallOptions(
+                url=srv.url,
+                pcm=pcm,
+                dtmf=[(0.2, "4")],
+                barge_in_at=1.5,
+                max_wait_s=15.0,
+                greeting_wait_s=2.0,
+            )
+        )
     finally:
         srv.stop()
     assert report.errors == []

@@ -45,8 +45,16 @@ def test_latency_smoke(tmp_path: Path) -> None:
 @pytest.mark.parametrize("profile", ["plumbing", "embedded"])
 def test_load_smoke(tmp_path: Path, profile: str) -> None:
     data = bench(tmp_path, "load", "--calls", "3", "--seconds", "6", "--profile", profile)
-    for key in ("calls", "loop_lag_ms", "pacing_jitter_ms", "onset_to_stop_ms", "cpu_percent", "rss_mb",
-                "errors", "dropped_frames"):
+    for key in (
+        "calls",
+        "loop_lag_ms",
+        "pacing_jitter_ms",
+        "onset_to_stop_ms",
+        "cpu_percent",
+        "rss_mb",
+        "errors",
+        "dropped_frames",
+    ):
         assert key in data
     assert data["calls"] == 3 and data["profile"] == profile
 

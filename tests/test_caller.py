@@ -283,9 +283,7 @@ async def test_24k_greeting_then_speech_and_leak_detection() -> None:
 
 async def test_no_greeting_speaks_after_wait_and_events_failure_is_recorded() -> None:
     agent = FakeAgent(greeting_s=0, stop_on_speech=False, serve_events=False)
-    report = await call(
-        agent, pcm=speech_clip(16000, speech_s=0.2), greeting_wait_s=0.3, max_wait_s=0.3, progress=True
-    )
+    report = await call(agent, pcm=speech_clip(16000, speech_s=0.2), greeting_wait_s=0.3, max_wait_s=0.3, progress=True)
     assert report.rel_ms(report.clip_started_t) == pytest.approx(300, abs=60)
     # Nobody answered: the caller hangs up max_wait_s after the clip.
     assert report.duration_ms - report.rel_ms(report.clip_ended_t) == pytest.approx(300, abs=60)
@@ -301,8 +299,15 @@ async def test_speakerphone_echo_and_background_reach_the_server(tmp_path: Path)
     background = tone(0.0625, 16000, freq=1000, amplitude=3000)
     out = tmp_path / "heard.wav"
     report = await call(
-        agent, pcm=np.zeros(1600, np.int16), echo_db=-20.0, echo_delay_ms=40, background=background,
-        out=out, quiet_after_s=0.1, max_wait_s=0.1, greeting_wait_s=2.0,
+        agent,
+        pcm=np.zeros(1600, np.int16),
+        echo_db=-20.0,
+        echo_delay_ms=40,
+        background=background,
+        out=out,
+        quiet_after_s=0.1,
+        max_wait_s=0.1,
+        greeting_wait_s=2.0,
     )
     assert agent.problems == []  # includes: silent=true only on all-zero frames
     uplink = np.frombuffer(b"".join(agent.uplink), "<i2").astype(np.int64)
@@ -356,9 +361,7 @@ async def test_malformed_server_messages_are_recorded_not_fatal() -> None:
         b"\x00\xff",
     ]
     agent = FakeAgent(greeting_s=0.1, junk=junk, stop_on_speech=False)
-    report = await call(
-        agent, pcm=speech_clip(16000, lead_s=0, speech_s=0.1), fetch_events=False, max_wait_s=0.2
-    )
+    report = await call(agent, pcm=speech_clip(16000, lead_s=0, speech_s=0.1), fetch_events=False, max_wait_s=0.2)
     assert len(report.errors) == len(junk)
     assert sum("malformed" in e for e in report.errors) == 4
     assert any("MarkData" in e for e in report.errors)
@@ -499,4 +502,6 @@ async def test_options_are_checked_before_dialling() -> None:
     with pytest.raises(ValueError):
         await run_call(CallOptions(url="ws://127.0.0.1:9/ws", pcm=np.zeros(10, np.int16), dtmf=[(0, "x")]))
     with pytest.raises(ValueError, match="background"):
-        await run_call(CallOptions(url="ws://127.0.0.1:9/ws", pcm=np.zeros(10, np.int16), background=np.zeros(0, np.int16)))
+        await run_call(
+            CallOptions(url="ws://127.0.0.1:9/ws", pcm=np.zeros(10, np.int16), background=np.zeros(0, np.int16))
+        )

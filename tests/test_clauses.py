@@ -30,7 +30,9 @@ TEXTS = [
 
 def test_first_clause_is_cut_at_the_first_comma():
     assert split_clauses("Hello there, how are you today? I'm fine.") == [
-        "Hello there,", "how are you today?", "I'm fine."
+        "Hello there,",
+        "how are you today?",
+        "I'm fine.",
     ]
 
 
@@ -49,20 +51,26 @@ def test_numbers_and_abbreviations_are_not_cut():
 
 def test_sentence_ends_and_semicolons_are_hard_boundaries():
     assert split_clauses("I can help with that; let me check. Is that all right? Great!") == [
-        "I can help with that;", "let me check.", "Is that all right?", "Great!"
+        "I can help with that;",
+        "let me check.",
+        "Is that all right?",
+        "Great!",
     ]
 
 
 def test_later_clauses_only_break_at_commas_once_long():
     text = "Thanks for calling. We have cola, lemonade, and water, or a milkshake if you like, sir."
     assert split_clauses(text) == [
-        "Thanks for calling.", "We have cola, lemonade, and water, or a milkshake if you like,", "sir."
+        "Thanks for calling.",
+        "We have cola, lemonade, and water, or a milkshake if you like,",
+        "sir.",
     ]
 
 
 def test_dashes_split_but_hyphens_do_not():
     assert split_clauses("A well-known shop — open 24-7 — sells pizza.") == [
-        "A well-known shop —", "open 24-7 — sells pizza."
+        "A well-known shop —",
+        "open 24-7 — sells pizza.",
     ]
     assert split_clauses("One moment please - checking now.") == ["One moment please -", "checking now."]
 
@@ -81,7 +89,8 @@ def test_long_runs_are_cut_at_the_last_space_before_max_chars():
 
 def test_output_is_whitespace_normalised_and_never_empty():
     assert split_clauses("   Spaces   everywhere ,  and\ttabs\r\n too .  ") == [
-        "Spaces everywhere ,", "and tabs too ."  # the line break was a boundary, but too short
+        "Spaces everywhere ,",
+        "and tabs too .",  # the line break was a boundary, but too short
     ]
     assert split_clauses("") == []
     assert split_clauses("   \n ") == []
@@ -143,9 +152,39 @@ def test_bad_limits_are_rejected():
 
 
 _TOKENS = [
-    "pizza", "large", "Mr.", "e.g.", "U.S.", "3.50", "1,000", "10:30", "well-known", "J.", "ok",
-    ",", ".", "!", "?", ";", ":", "…", "...", "—", " - ", "--", '"', "'", ")", "\n", "\n\n", "  ", "\t",
-    "a", "reasonably", "extraordinarily", "x" * 30,
+    "pizza",
+    "large",
+    "Mr.",
+    "e.g.",
+    "U.S.",
+    "3.50",
+    "1,000",
+    "10:30",
+    "well-known",
+    "J.",
+    "ok",
+    ",",
+    ".",
+    "!",
+    "?",
+    ";",
+    ":",
+    "…",
+    "...",
+    "—",
+    " - ",
+    "--",
+    '"',
+    "'",
+    ")",
+    "\n",
+    "\n\n",
+    "  ",
+    "\t",
+    "a",
+    "reasonably",
+    "extraordinarily",
+    "x" * 30,
 ]
 
 
@@ -168,13 +207,16 @@ def test_quick_start_cuts_a_long_first_clause_before_a_phrase() -> None:
 
     text = "We're open every day from eleven in the morning until ten at night."
     assert quick_start(split_clauses(text)) == [
-        "We're open every day", "from eleven in the morning until ten at night."
+        "We're open every day",
+        "from eleven in the morning until ten at night.",
     ]
     opener = "Sure, we're open every day from eleven in the morning."
     assert quick_start(split_clauses(opener)) == ["Sure,", "we're open every day from eleven in the morning."]
     # An opener is only cut off when enough follows it.
     assert quick_start(["Of course, we deliver pizzas anywhere in town."]) == [
-        "Of course,", "we deliver pizzas anywhere in town."]
+        "Of course,",
+        "we deliver pizzas anywhere in town.",
+    ]
     short = split_clauses("Hi, thanks for calling. How can I help?")
     assert quick_start(short) == short
     assert quick_start([]) == []

@@ -50,15 +50,29 @@ def test_call_barges_in_and_writes_the_report(speech_dir, tmp_path) -> None:  # 
     heard = tmp_path / "heard.wav"
     result = runner.invoke(
         app,
-        ["call", str(speech_dir / "hours_16000.wav"), "--barge-in-at", "1.0", "--json", str(report_path),
-         "--out", str(heard), "--quiet"],
+        [
+            "call",
+            str(speech_dir / "hours_16000.wav"),
+            "--barge-in-at",
+            "1.0",
+            "--json",
+            str(report_path),
+            "--out",
+            str(heard),
+            "--quiet",
+        ],
     )
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     assert report["stop_audio_count"] == 1
     assert len(report["onset_to_stop_ms"]) == 1
     assert report["agent_audio_ms"] > 1000
-    assert {e["event"] for e in report["events"]} >= {"call_started", "barge_in_decided", "stop_audio_sent", "call_ended"}
+    assert {e["event"] for e in report["events"]} >= {
+        "call_started",
+        "barge_in_decided",
+        "stop_audio_sent",
+        "call_ended",
+    }
     assert heard.stat().st_size > 32000
     assert "StopAudio" in result.output or "stop" in result.output.lower()
 

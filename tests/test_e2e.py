@@ -99,9 +99,7 @@ async def test_no_audio_of_a_cancelled_turn_follows_its_stop_audio(server, speec
 
 async def test_trailing_partial_does_not_cancel_the_reply_it_started(server, speech_dir) -> None:  # type: ignore[no-untyped-def]
     call_id = f"trailing-{uuid.uuid4()}"
-    task = asyncio.create_task(
-        call(server, audio=speech_dir / "hours_16000.wav", call_id=call_id, quiet_after_s=1.0)
-    )
+    task = asyncio.create_task(call(server, audio=speech_dir / "hours_16000.wav", call_id=call_id, quiet_after_s=1.0))
     handler = None
     reply_turn = None
     deadline = time.monotonic() + 20
@@ -116,7 +114,9 @@ async def test_trailing_partial_does_not_cancel_the_reply_it_started(server, spe
     final = handler.events.of("final")[-1]
 
     def late_signals() -> None:  # as a recognizer thread would, for the utterance already answered
-        handler.bridge.queue_partial(Partial(final["utterance_id"], "what are your opening hours now", time.monotonic()))
+        handler.bridge.queue_partial(
+            Partial(final["utterance_id"], "what are your opening hours now", time.monotonic())
+        )
         handler.bridge.schedule_barge_in(SpeechStarted(final["utterance_id"], time.monotonic(), time.monotonic()))
 
     threading.Thread(target=late_signals).start()

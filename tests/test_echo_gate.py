@@ -50,8 +50,13 @@ def run_line(agent: np.ndarray, inbound: np.ndarray, *, gate: bool = True) -> tu
     reference = EchoReference()
     echo_gate = EchoGate(reference) if gate else None
     bridge = Bridge()
-    segmenter = SpeechSegmenter(SileroVad(), PocketsphinxRecognizer(), bridge, SegmenterConfig(),  # type: ignore[arg-type]
-                                echo_gate=echo_gate)
+    segmenter = SpeechSegmenter(
+        SileroVad(),
+        PocketsphinxRecognizer(),
+        bridge,
+        SegmenterConfig(),  # type: ignore[arg-type]
+        echo_gate=echo_gate,
+    )
     t0 = 1000.0
     n = max(agent.size, inbound.size) // FRAME
     agent = np.pad(agent, (0, n * FRAME + FRAME - agent.size))

@@ -160,7 +160,12 @@ def test_normalize(text: str, expected: str) -> None:
 
 def test_number_words() -> None:
     assert [number_to_words(n) for n in (0, 13, 20, 99, 101, 1000, 21_005)] == [
-        "zero", "thirteen", "twenty", "ninety nine", "one hundred one", "one thousand",
+        "zero",
+        "thirteen",
+        "twenty",
+        "ninety nine",
+        "one hundred one",
+        "one thousand",
         "twenty one thousand five",
     ]
 
@@ -183,26 +188,37 @@ def test_word_errors_count_each_kind() -> None:
 
 
 def fake_report(events: list[dict[str, Any]], clip_start: float | None = 2.0) -> Any:
-    return SimpleNamespace(t0=0.0, clip_started_t=clip_start, duration_ms=6000.0, speech_onset_t=2.1,
-                           events=[{**e, "t_ms": e["t"] * 1000} for e in events])
+    return SimpleNamespace(
+        t0=0.0,
+        clip_started_t=clip_start,
+        duration_ms=6000.0,
+        speech_onset_t=2.1,
+        events=[{**e, "t_ms": e["t"] * 1000} for e in events],
+    )
 
 
 def test_outcome_reads_the_events() -> None:
-    real = fake_report([
-        {"event": "barge_in_paused", "t": 2.2, "turn_id": 1},
-        {"event": "barge_in_decided", "t": 2.45, "turn_id": 1, "trigger": "partial"},
-        {"event": "turn_cancelled", "t": 2.46, "turn_id": 1},
-        {"event": "turn_cancelled", "t": 6.5, "turn_id": 2},  # the caller hung up: no barge-in
-    ])
+    real = fake_report(
+        [
+            {"event": "barge_in_paused", "t": 2.2, "turn_id": 1},
+            {"event": "barge_in_decided", "t": 2.45, "turn_id": 1, "trigger": "partial"},
+            {"event": "turn_cancelled", "t": 2.46, "turn_id": 1},
+            {"event": "turn_cancelled", "t": 6.5, "turn_id": 2},  # the caller hung up: no barge-in
+        ]
+    )
     result = outcome(real)
     assert (result.stopped, result.paused, result.resumed, result.early) == (True, True, False, False)
     assert result.onset_to_decided_ms == pytest.approx(350.0)
 
-    backchannel = outcome(fake_report([
-        {"event": "barge_in_paused", "t": 2.2, "turn_id": 1},
-        {"event": "barge_in_resumed", "t": 2.9, "turn_id": 1, "reason": "backchannel"},
-        {"event": "turn_cancelled", "t": 6.5, "turn_id": 1},
-    ]))
+    backchannel = outcome(
+        fake_report(
+            [
+                {"event": "barge_in_paused", "t": 2.2, "turn_id": 1},
+                {"event": "barge_in_resumed", "t": 2.9, "turn_id": 1, "reason": "backchannel"},
+                {"event": "turn_cancelled", "t": 6.5, "turn_id": 1},
+            ]
+        )
+    )
     assert (backchannel.stopped, backchannel.paused, backchannel.resumed) == (False, True, True)
 
     echo = [{"event": "barge_in_paused", "t": 1.0, "turn_id": 1}]
@@ -213,9 +229,18 @@ def test_outcome_reads_the_events() -> None:
 
 
 def test_summaries_and_targets() -> None:
-    trial = {"stopped": False, "paused": True, "pending": False, "resumed": True, "false": False,
-             "missed": False, "echo_suppressed": 0, "errors": [], "onset_to_stop_ms": None,
-             "onset_to_decided_ms": None}
+    trial = {
+        "stopped": False,
+        "paused": True,
+        "pending": False,
+        "resumed": True,
+        "false": False,
+        "missed": False,
+        "echo_suppressed": 0,
+        "errors": [],
+        "onset_to_stop_ms": None,
+        "onset_to_decided_ms": None,
+    }
     fine = summarize("backchannel", [trial] * 20)
     assert (fine["paused"], fine["resumed"], fine["passed"]) == (20, 20, True)
     one_stop = summarize("backchannel", [trial] * 19 + [{**trial, "stopped": True}])

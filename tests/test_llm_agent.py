@@ -131,15 +131,25 @@ MakeAgent = Callable[..., LlmAgent]
 @pytest.fixture
 async def make_agent(fake: FakeLlm, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[MakeAgent]:
     """Agents on the fake server (compatible provider unless overridden); clients closed after."""
-    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_AD_TOKEN",
-                 "AZURE_OPENAI_ENDPOINT", "OPENAI_API_VERSION"):
+    for name in (
+        "OPENAI_API_KEY",
+        "OPENAI_BASE_URL",
+        "AZURE_OPENAI_API_KEY",
+        "AZURE_OPENAI_AD_TOKEN",
+        "AZURE_OPENAI_ENDPOINT",
+        "OPENAI_API_VERSION",
+    ):
         monkeypatch.delenv(name, raising=False)
     agents: list[LlmAgent] = []
 
     def make(**overrides: Any) -> LlmAgent:
         fields: dict[str, Any] = {
-            "provider": "compatible", "base_url": f"{fake.url}/v1", "model": "fake-model",
-            "api_key": "test-key", "system_prompt": "Be brief.", "retry_backoff_s": 0.02,
+            "provider": "compatible",
+            "base_url": f"{fake.url}/v1",
+            "model": "fake-model",
+            "api_key": "test-key",
+            "system_prompt": "Be brief.",
+            "retry_backoff_s": 0.02,
         }
         fields.update(overrides)
         agent = LlmAgent(LlmConfig(**fields), context=CallContext(call_id="test"))
@@ -173,10 +183,19 @@ def texts(outputs: list[tuple[float, Say]]) -> list[str]:
 
 
 async def test_clauses_are_spoken_in_order_before_the_stream_ends(fake: FakeLlm, make_agent: MakeAgent) -> None:
-    fake.queue(Plan(deltas(
-        "Sure, I can ", "help with that. ", "We open at nine ", "in the morning, ",
-        "and we close at ten at night. ", "Anything else?", gap=0.12,
-    )))
+    fake.queue(
+        Plan(
+            deltas(
+                "Sure, I can ",
+                "help with that. ",
+                "We open at nine ",
+                "in the morning, ",
+                "and we close at ten at night. ",
+                "Anything else?",
+                gap=0.12,
+            )
+        )
+    )
     agent = make_agent()
     assert isinstance(agent, Agent)
     started = time.monotonic()
@@ -194,10 +213,19 @@ async def test_clauses_are_spoken_in_order_before_the_stream_ends(fake: FakeLlm,
 
 
 async def test_markdown_is_made_speakable(fake: FakeLlm, make_agent: MakeAgent) -> None:
-    fake.queue(Plan(deltas(
-        "**Sure!** Here ", "are our pizzas:\n", "1. Pepper", "oni\n2. Margherita 🍕", "\n3. Hawaiian\n\n",
-        "See [our ", "menu](https://example.com/menu) or https://example.com. 😀",
-    )))
+    fake.queue(
+        Plan(
+            deltas(
+                "**Sure!** Here ",
+                "are our pizzas:\n",
+                "1. Pepper",
+                "oni\n2. Margherita 🍕",
+                "\n3. Hawaiian\n\n",
+                "See [our ",
+                "menu](https://example.com/menu) or https://example.com. 😀",
+            )
+        )
+    )
     outputs = await collect(make_agent(), speech("what pizzas do you have"))
     spoken = " ".join(texts(outputs))
     assert spoken == "Sure! Here are our pizzas: Pepperoni, Margherita, Hawaiian. See our menu or the link."
@@ -293,9 +321,7 @@ async def test_client_errors_are_not_retried(fake: FakeLlm, make_agent: MakeAgen
     assert len(fake.requests) == 1
 
 
-async def test_server_error_after_the_first_token_ends_with_what_was_said(
-    fake: FakeLlm, make_agent: MakeAgent
-) -> None:
+async def test_server_error_after_the_first_token_ends_with_what_was_said(fake: FakeLlm, make_agent: MakeAgent) -> None:
     error = {"error": {"message": "The server had an error", "type": "server_error", "code": 500}}
     fake.queue(
         Plan([*deltas("We open at nine. ", "And we clo"), Chunk(raw=error)]),
@@ -395,7 +421,9 @@ async def test_cancel_latency_benchmark(fake: FakeLlm, make_agent: MakeAgent) ->
         fake.queue(Plan(deltas("Hello, I can help you. ", "Let me"), end="hang"))
         cancelled_t, _ = await _cancel_after_first_say(agent, busy_consumer=busy)
         assert agent.last_stream_closed_t is not None
-        results[f"stream closed, consumer {'busy' if busy else 'waiting'}"].append(agent.last_stream_closed_t - cancelled_t)
+        results[f"stream closed, consumer {'busy' if busy else 'waiting'}"].append(
+            agent.last_stream_closed_t - cancelled_t
+        )
         record = fake.requests[-1]
         assert await asyncio.to_thread(record.disconnected.wait, 2.0)
         assert record.disconnected_t is not None
@@ -403,8 +431,10 @@ async def test_cancel_latency_benchmark(fake: FakeLlm, make_agent: MakeAgent) ->
     for name, values in results.items():
         values.sort()
         median, p95 = statistics.median(values), values[int(0.95 * (len(values) - 1))]
-        print(f"\ncancel -> {name} (n={len(values)}): "
-              f"median {median * 1000:.2f} ms, p95 {p95 * 1000:.2f} ms, max {values[-1] * 1000:.2f} ms")
+        print(
+            f"\ncancel -> {name} (n={len(values)}): "
+            f"median {median * 1000:.2f} ms, p95 {p95 * 1000:.2f} ms, max {values[-1] * 1000:.2f} ms"
+        )
         assert median < 0.05
 
 
@@ -461,8 +491,14 @@ async def test_truncate_before_any_text_leaves_earlier_replies(fake: FakeLlm, ma
 
 
 async def test_azure_api_key(fake: FakeLlm, make_agent: MakeAgent) -> None:
-    agent = make_agent(provider="azure", base_url=None, azure_endpoint=fake.url, model="my-gpt",
-                       api_version="2024-10-21", api_key="azure-key")
+    agent = make_agent(
+        provider="azure",
+        base_url=None,
+        azure_endpoint=fake.url,
+        model="my-gpt",
+        api_version="2024-10-21",
+        api_key="azure-key",
+    )
     assert texts(await collect(agent, speech("hi"))) == ["Hello there."]
     (request,) = fake.requests
     assert request.path == "/openai/deployments/my-gpt/chat/completions"
@@ -482,8 +518,15 @@ async def test_azure_entra_token(fake: FakeLlm, make_agent: MakeAgent, kind: str
         "token": {"azure_ad_token": "entra-token"},
     }
     credential = credentials[kind]
-    agent = make_agent(provider="azure", base_url=None, azure_endpoint=fake.url, model="dep",
-                       api_version="2024-10-21", api_key=None, **credential)
+    agent = make_agent(
+        provider="azure",
+        base_url=None,
+        azure_endpoint=fake.url,
+        model="dep",
+        api_version="2024-10-21",
+        api_key=None,
+        **credential,
+    )
     assert texts(await collect(agent, speech("hi"))) == ["Hello there."]
     (request,) = fake.requests
     assert request.path == "/openai/deployments/dep/chat/completions"
@@ -536,8 +579,13 @@ def test_config_rejects_mistakes(fields: dict[str, Any], message: str) -> None:
 def test_build_client_explains_missing_settings(
     fields: dict[str, Any], message: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_AD_TOKEN",
-                 "AZURE_OPENAI_ENDPOINT", "OPENAI_API_VERSION"):
+    for name in (
+        "OPENAI_API_KEY",
+        "AZURE_OPENAI_API_KEY",
+        "AZURE_OPENAI_AD_TOKEN",
+        "AZURE_OPENAI_ENDPOINT",
+        "OPENAI_API_VERSION",
+    ):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match=message):
         build_client(LlmConfig(**fields))

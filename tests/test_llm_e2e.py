@@ -24,17 +24,24 @@ LONG_REPLY = [
 async def test_a_cut_reply_is_remembered_as_heard(fake_server: FakeLlm, speech_dir) -> None:  # type: ignore[no-untyped-def]
     settings = load_settings(host="127.0.0.1", port=0, event_log=False, greeting="")
     engines = build_engines(settings)
-    config = LlmConfig(provider="compatible", base_url=f"{fake_server.url}/v1", model="fake", api_key="k",
-                       system_prompt="Be brief.")
+    config = LlmConfig(
+        provider="compatible", base_url=f"{fake_server.url}/v1", model="fake", api_key="k", system_prompt="Be brief."
+    )
     engines.agent_factory = llm_agent_factory(config)
     fake_server.reset()
     fake_server.queue(Plan(deltas(*LONG_REPLY, gap=0.05)), Plan(deltas("You pressed one.")))
     with BackgroundServer(settings, engines) as server:
         pcm = read_wav(speech_dir / "hours_16000.wav", 16000)
         # The caller asks, the agent answers at length, the caller presses 1 while it talks.
-        report = await run_call(CallOptions(
-            url=server.url, pcm=pcm, greeting_wait_s=0.3, dtmf=[(5.0, "1")], max_wait_s=8.0,
-        ))
+        report = await run_call(
+            CallOptions(
+                url=server.url,
+                pcm=pcm,
+                greeting_wait_s=0.3,
+                dtmf=[(5.0, "1")],
+                max_wait_s=8.0,
+            )
+        )
     assert report.errors == []
     cancelled = [e for e in report.events if e["event"] == "turn_cancelled" and "heard_text" in e]
     assert cancelled, [e["event"] for e in report.events]
@@ -63,11 +70,20 @@ async def test_a_yaml_handoff_on_a_real_call(fake_server: FakeLlm, speech_dir, t
         "    prompt: You know the opening hours of {{ facts.shop }}.\n"
         "facts: {shop: Tony's}\n"
     )
-    settings = load_settings(host="127.0.0.1", port=0, event_log=False, greeting="", agent=str(scenario),
-                             llm_provider="compatible", llm_base_url=f"{fake_server.url}/v1", llm_api_key="k")
+    settings = load_settings(
+        host="127.0.0.1",
+        port=0,
+        event_log=False,
+        greeting="",
+        agent=str(scenario),
+        llm_provider="compatible",
+        llm_base_url=f"{fake_server.url}/v1",
+        llm_api_key="k",
+    )
     fake_server.reset()
-    fake_server.queue(Plan(tool_call("transfer_to_hours", {"reason": "hours"})),
-                      Plan(deltas("We open at nine ", "every morning.")))
+    fake_server.queue(
+        Plan(tool_call("transfer_to_hours", {"reason": "hours"})), Plan(deltas("We open at nine ", "every morning."))
+    )
     with BackgroundServer(settings) as server:
         pcm = read_wav(speech_dir / "hours_16000.wav", 16000)
         report = await run_call(CallOptions(url=server.url, pcm=pcm, greeting_wait_s=0.3, max_wait_s=8.0))

@@ -48,8 +48,12 @@ ONSET = 5
 
 def make_state(after: float = 1.0, jitter: float = 0.0, clip_frames: int = CLIP_FRAMES) -> CallerState:
     return CallerState(
-        t0=0.0, clip_frames=clip_frames, onset_index=ONSET, barge_in_after_s=after,
-        barge_in_jitter_s=jitter, rng=random.Random(1),
+        t0=0.0,
+        clip_frames=clip_frames,
+        onset_index=ONSET,
+        barge_in_after_s=after,
+        barge_in_jitter_s=jitter,
+        rng=random.Random(1),
     )
 
 
@@ -201,8 +205,12 @@ def test_leftover_frames_after_a_stop_do_not_start_a_stretch() -> None:
 def test_barge_in_point_is_jittered_and_seeded() -> None:
     def first_clip_tick(seed: int) -> float:
         state = CallerState(
-            t0=0.0, clip_frames=CLIP_FRAMES, onset_index=ONSET, barge_in_after_s=0.5,
-            barge_in_jitter_s=0.5, rng=random.Random(seed),
+            t0=0.0,
+            clip_frames=CLIP_FRAMES,
+            onset_index=ONSET,
+            barge_in_after_s=0.5,
+            barge_in_jitter_s=0.5,
+            rng=random.Random(seed),
         )
         clock = Clock(state)
         clock.run(1.2, agent=True)
@@ -310,8 +318,7 @@ async def test_the_caller_sends_valid_acs_frames_on_a_steady_schedule(hours_pcm:
     recorder = RecordingServer()
     async with websockets.serve(recorder.handler, "127.0.0.1", 0, compression=None) as server:
         port = server.sockets[0].getsockname()[1]
-        plan = LoadPlan(calls=1, seconds=3.0, clip=hours_pcm, ramp_s=0.0, barge_in_after_s=0.3,
-                        barge_in_jitter_s=0.0)
+        plan = LoadPlan(calls=1, seconds=3.0, clip=hours_pcm, ramp_s=0.0, barge_in_after_s=0.3, barge_in_jitter_s=0.0)
         result = await run_load(f"ws://127.0.0.1:{port}", plan)
     (call,) = result.calls
     assert call.errors == []
@@ -351,7 +358,11 @@ async def test_concurrent_calls_against_a_plumbing_server(
     # server (sharing this process) stalls now and then, so agent audio pauses for >= 100 ms and
     # a new stretch begins. A short barge-in point still fits into the stretches that remain.
     plan = LoadPlan(
-        calls=4, seconds=seconds, clip=hours_pcm, ramp_s=0.4, barge_in_after_s=0.4,
+        calls=4,
+        seconds=seconds,
+        clip=hours_pcm,
+        ramp_s=0.4,
+        barge_in_after_s=0.4,
         barge_in_jitter_s=0.2,
     )
     result = await run_load(plumbing_server.url, plan)
@@ -414,9 +425,7 @@ async def test_connect_failure_is_an_error_of_that_call_only(hours_pcm: np.ndarr
 
 
 @pytest.mark.parametrize(("name", "value"), [("calls", 0), ("seconds", 0.0), ("ramp_s", -1.0)])
-async def test_bad_plans_are_refused_before_dialling(
-    hours_pcm: np.ndarray, name: str, value: float
-) -> None:
+async def test_bad_plans_are_refused_before_dialling(hours_pcm: np.ndarray, name: str, value: float) -> None:
     plan = LoadPlan(calls=1, seconds=1.0, clip=hours_pcm)
     setattr(plan, name, value)
     with pytest.raises(ValueError, match=name):

@@ -36,8 +36,13 @@ async def run_recognition(
     sink = RecordingSink()
     bridge = ThreadBridge(asyncio.get_running_loop(), sink)
     thread = RecognitionThread(
-        call_id="test", input_rate=rate, vads=VADS, recognizers=RECOGNIZERS,
-        bridge=bridge, config=SegmenterConfig(), final_pass=final_pass,
+        call_id="test",
+        input_rate=rate,
+        vads=VADS,
+        recognizers=RECOGNIZERS,
+        bridge=bridge,
+        config=SegmenterConfig(),
+        final_pass=final_pass,
     )
     thread.start()
     silence = np.zeros(rate // 2, dtype=np.int16)
@@ -93,8 +98,12 @@ async def test_an_engine_failure_reaches_the_loop_through_the_bridge() -> None:
 
     sink = RecordingSink()
     thread = RecognitionThread(
-        call_id="broken", input_rate=16000, vads=VADS, recognizers=recognizer_pool(broken, 1),
-        bridge=ThreadBridge(asyncio.get_running_loop(), sink), config=SegmenterConfig(),
+        call_id="broken",
+        input_rate=16000,
+        vads=VADS,
+        recognizers=recognizer_pool(broken, 1),
+        bridge=ThreadBridge(asyncio.get_running_loop(), sink),
+        config=SegmenterConfig(),
     )
     thread.start()
     assert thread.submit(bytes(640), time.monotonic())  # still accepted (and discarded)

@@ -22,7 +22,12 @@ BAD_MESSAGES: list[str | bytes] = [
     '{"kind": "AudioData"}',
     '{"kind": "AudioData", "audioData": {"data": "***not base64***"}}',
     json.dumps({"kind": "AudioData", "audioData": {"data": base64.b64encode(bytes(700)).decode()}}),
-    json.dumps({"kind": "AudioMetadata", "audioMetadata": {"sampleRate": 24000, "encoding": "PCM", "channels": 1, "length": 960}}),
+    json.dumps(
+        {
+            "kind": "AudioMetadata",
+            "audioMetadata": {"sampleRate": 24000, "encoding": "PCM", "channels": 1, "length": 960},
+        }
+    ),
     json.dumps({"kind": "DtmfData", "dtmfData": {"data": "x"}}),
     b"\xff\xfe binary garbage",
     '{"kind": "MarkData", "markData": {"id": 1}}',  # unknown kind: ignored, not an error

@@ -42,8 +42,9 @@ def fake(fake_server: FakeLlm) -> FakeLlm:
 def llm_defaults(fake: FakeLlm, monkeypatch: pytest.MonkeyPatch) -> LlmConfig:
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
-    return LlmConfig(provider="compatible", base_url=f"{fake.url}/v1", model="fake-model",
-                     api_key="k", retry_backoff_s=0.01)
+    return LlmConfig(
+        provider="compatible", base_url=f"{fake.url}/v1", model="fake-model", api_key="k", retry_backoff_s=0.01
+    )
 
 
 MakeScenario = Callable[..., ScenarioAgent]
@@ -116,53 +117,80 @@ def test_single_llm_agent_file_is_a_scenario(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ("""\
+        (
+            """\
          name: S
          start: nobody
          agents: [{name: a, prompt: hi}]
-         """, "start agent 'nobody' is not one of the agents (a)"),
-        ("""\
+         """,
+            "start agent 'nobody' is not one of the agents (a)",
+        ),
+        (
+            """\
          name: S
          agents: [{name: a, prompt: hi}, {name: a, prompt: again}]
-         """, "agent names must be unique: a"),
-        ("""\
+         """,
+            "agent names must be unique: a",
+        ),
+        (
+            """\
          name: S
          agents: [{name: a, prompt: hi, handoffs: [{to: ghost}]}]
-         """, "agent 'a' hands off to unknown agent 'ghost'"),
-        ("""\
+         """,
+            "agent 'a' hands off to unknown agent 'ghost'",
+        ),
+        (
+            """\
          name: S
          agents: [{name: a, prompt: "Hello {{ caller_id"}]
-         """, "agents[0] (a).prompt: prompt: template error at line 1"),
-        ("""\
+         """,
+            "agents[0] (a).prompt: prompt: template error at line 1",
+        ),
+        (
+            """\
          name: S
          agents:
            - name: a
              prompt: hi
              tools: [{name: lookup, python: "x:y", webhook: {url: "http://x"}}]
-         """, "agents[0] (a).tools[0] (lookup): a tool needs exactly one of python, webhook or builtin"),
-        ("""\
+         """,
+            "agents[0] (a).tools[0] (lookup): a tool needs exactly one of python, webhook or builtin",
+        ),
+        (
+            """\
          name: S
          agents:
            - name: a
              prompt: hi
              tools: [{name: lookup, builtin: end_call, colour: red}]
-         """, "agents[0] (a).tools[0] (lookup): unknown key 'colour' (allowed keys: name, description"),
-        ("""\
+         """,
+            "agents[0] (a).tools[0] (lookup): unknown key 'colour' (allowed keys: name, description",
+        ),
+        (
+            """\
          name: S
          agents:
            - name: desk
              intents: [{name: card, keywords: [card], reply: Ok., handoff: cards}]
              fallback: F.
-         """, "hands off to 'cards', which is not in this agent's handoffs"),
-        ("""\
+         """,
+            "hands off to 'cards', which is not in this agent's handoffs",
+        ),
+        (
+            """\
          name: S
          agents: [{name: a, prompt: hi, modle: {temperature: 1}}]
-         """, "agents[0] (a): unknown key 'modle' (allowed keys: kind, name"),
-        ("""\
+         """,
+            "agents[0] (a): unknown key 'modle' (allowed keys: kind, name",
+        ),
+        (
+            """\
          name: S
          timezone: Mars/Olympus
          agents: [{name: a, prompt: hi}]
-         """, "unknown timezone 'Mars/Olympus'"),
+         """,
+            "unknown timezone 'Mars/Olympus'",
+        ),
     ],
 )
 def test_scenario_mistakes_are_explained(tmp_path: Path, body: str, message: str) -> None:
@@ -174,13 +202,16 @@ def test_scenario_mistakes_are_explained(tmp_path: Path, body: str, message: str
 
 
 def test_tool_import_errors_fail_at_startup(tmp_path: Path, llm_defaults: LlmConfig) -> None:
-    path = write_yaml(tmp_path, """\
+    path = write_yaml(
+        tmp_path,
+        """\
         name: S
         agents:
           - name: a
             prompt: hi
             tools: [{name: t, python: "parley.no_such_module:f"}]
-        """)
+        """,
+    )
     with pytest.raises(ScenarioError, match="agent 'a': cannot import 'parley.no_such_module'"):
         Scenario(load_scenario(path), llm_defaults)
 
@@ -193,19 +224,21 @@ def test_missing_llm_credentials_fail_at_startup(tmp_path: Path, monkeypatch: py
 
 
 def test_agent_model_settings_override_the_server_defaults(tmp_path: Path, llm_defaults: LlmConfig) -> None:
-    path = write_yaml(tmp_path, """\
+    path = write_yaml(
+        tmp_path,
+        """\
         name: S
         agents:
           - {name: a, prompt: hi, model: {model: big, temperature: 0.2, first_token_timeout_s: 1.5}}
           - {name: b, prompt: hi, model: {provider: openai}}
-        """)
+        """,
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OPENAI_API_KEY", "sk-env")
         scenario = Scenario(load_scenario(path), llm_defaults)
     a, b = scenario.members["a"].config, scenario.members["b"].config
     assert a is not None and b is not None
-    assert (a.model, a.temperature, a.first_token_timeout_s, a.base_url) == (
-        "big", 0.2, 1.5, llm_defaults.base_url)
+    assert (a.model, a.temperature, a.first_token_timeout_s, a.base_url) == ("big", 0.2, 1.5, llm_defaults.base_url)
     # Another provider does not inherit the server's URL or key.
     assert b.provider == "openai" and b.base_url is None and b.api_key is None
     assert scenario.members["a"].client is not scenario.members["b"].client
@@ -219,8 +252,7 @@ async def test_scripted_handoff_announced_then_the_specialist_answers() -> None:
     agent = scenario_agent_factory("bank-desk")(CallContext("c"))
     assert agent.greeting().startswith("Welcome to Riverside Bank")
     outputs = await run(agent, speech("i lost my card"))
-    assert said(outputs)[:3] == ["Certainly.", "I'm putting you through to our card team.",
-                                 "This is the card team."]
+    assert said(outputs)[:3] == ["Certainly.", "I'm putting you through to our card team.", "This is the card team."]
     assert agent.active == "cards"
     cards = agent.member("cards")
     # Shared history: the card team knows the greeting; it answered the caller's words itself.
@@ -233,8 +265,11 @@ async def test_scripted_handoff_announced_then_the_specialist_answers() -> None:
 async def test_scripted_handoff_then_greet() -> None:
     agent = scenario_agent_factory("bank-desk")(CallContext("c"))
     outputs = await run(agent, UserInput("dtmf", digits="2"))
-    assert said(outputs) == ["Of course.", "I'm putting you through to our accounts team.",
-                             "Accounts team here. You can ask about fees or statements."]
+    assert said(outputs) == [
+        "Of course.",
+        "I'm putting you through to our accounts team.",
+        "Accounts team here. You can ask about fees or statements.",
+    ]
     assert agent.active == "accounts"
     outputs = await run(agent, UserInput("dtmf", digits="9"))
     assert isinstance(outputs[-1], Hangup)
@@ -255,7 +290,10 @@ async def test_each_agent_speaks_in_its_own_voice(make_call: MakeScenario) -> No
         """)
     outputs = await run(agent, speech("card"))
     assert [(o.text, o.voice) for o in outputs if isinstance(o, Say)] == [
-        ("Sure.", "en-gb"), ("Transferring.", "en-gb"), ("Cards here.", "")]  # "" = server default
+        ("Sure.", "en-gb"),
+        ("Transferring.", "en-gb"),
+        ("Cards here.", ""),
+    ]  # "" = server default
     assert agent.voice is None
 
 
@@ -325,16 +363,16 @@ async def test_python_tool_runs_and_the_model_continues(make_call: MakeScenario,
     messages = second.body["messages"]
     assert messages[-2]["role"] == "assistant" and messages[-2]["content"] == "Sure, adding that. "
     assert messages[-2]["tool_calls"][0]["function"] == {
-        "name": "add_to_order", "arguments": json.dumps({"item": "pepperoni", "size": "large"})}
+        "name": "add_to_order",
+        "arguments": json.dumps({"item": "pepperoni", "size": "large"}),
+    }
     result = json.loads(messages[-1]["content"])
     assert messages[-1]["tool_call_id"] == messages[-2]["tool_calls"][0]["id"]
     assert result["total_dollars"] == 16.99
     assert agent.session.state["order"][0]["item"] == "pepperoni"
 
 
-async def test_tool_timeout_is_an_error_result_and_the_filler_is_spoken(
-    make_call: MakeScenario, fake: FakeLlm
-) -> None:
+async def test_tool_timeout_is_an_error_result_and_the_filler_is_spoken(make_call: MakeScenario, fake: FakeLlm) -> None:
     agent = make_call(TOOLS_YAML.format(rounds=3))
     fake.queue(Plan(tool_call("slow", {})), Plan(deltas("Sorry, that did not work.")))
     started = time.monotonic()
@@ -390,8 +428,9 @@ class Webhook:
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         self.requests.append({"path": scope["path"], "headers": headers, "body": json.loads(body or b"{}")})
         payload = json.dumps({"status": "shipped", "eta": "tomorrow"}).encode()
-        await send({"type": "http.response.start", "status": self.status,
-                    "headers": [(b"content-type", b"application/json")]})
+        await send(
+            {"type": "http.response.start", "status": self.status, "headers": [(b"content-type", b"application/json")]}
+        )
         await send({"type": "http.response.body", "body": payload})
 
 
@@ -404,8 +443,9 @@ def webhook() -> Any:
     server.stop()
 
 
-async def test_webhook_tool(make_call: MakeScenario, fake: FakeLlm, webhook: Webhook,
-                            monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_webhook_tool(
+    make_call: MakeScenario, fake: FakeLlm, webhook: Webhook, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SHOP_TOKEN", "s3cret")
     agent = make_call(f"""\
         name: S
@@ -423,8 +463,11 @@ async def test_webhook_tool(make_call: MakeScenario, fake: FakeLlm, webhook: Web
     assert said(await run(agent, speech("where is my order"))) == ["It ships tomorrow."]
     (request,) = webhook.requests
     assert request["path"] == "/status" and request["headers"]["authorization"] == "Bearer s3cret"
-    assert request["body"] == {"tool": "order_status", "arguments": {"order": "T1234"},
-                               "call": {"call_id": "call-1", "caller_id": "+15551230000", "agent": "a"}}
+    assert request["body"] == {
+        "tool": "order_status",
+        "arguments": {"order": "T1234"},
+        "call": {"call_id": "call-1", "caller_id": "+15551230000", "agent": "a"},
+    }
     assert json.loads(request_messages(fake, 1)[-1]["content"]) == {"status": "shipped", "eta": "tomorrow"}
     webhook.status = 503
     fake.queue(Plan(tool_call("order_status", {"order": "T1"})), Plan(deltas("Sorry.")))
@@ -489,8 +532,9 @@ async def test_llm_handoff_between_two_yaml_agents(make_call: MakeScenario, fake
 
 async def test_truncation_after_a_handoff_goes_to_the_new_agent(make_call: MakeScenario, fake: FakeLlm) -> None:
     agent = make_call(HANDOFF_YAML.format(history="shared"))
-    fake.queue(Plan(tool_call("transfer_to_cards", {})),
-               Plan(deltas("I can block that card, ", "and order a new one today.")))
+    fake.queue(
+        Plan(tool_call("transfer_to_cards", {})), Plan(deltas("I can block that card, ", "and order a new one today."))
+    )
     await run(agent, speech("lost card"))
     # The caller heard the announcement and the first clause of the card team's answer.
     agent.truncate_last_reply("Passing you to the card team. I can block that card,")
@@ -547,8 +591,10 @@ async def test_barge_in_during_a_tool_leaves_a_valid_history(make_call: MakeScen
     messages = request_messages(fake, 1)
     # No tool call without its result (the API would reject the request).
     assert not any(m.get("tool_calls") for m in messages)
-    assert messages[-2:] == [{"role": "assistant", "content": "One moment please."},
-                             {"role": "user", "content": "never mind"}]
+    assert messages[-2:] == [
+        {"role": "assistant", "content": "One moment please."},
+        {"role": "user", "content": "never mind"},
+    ]
 
 
 def test_demo_tools_keep_each_call_apart() -> None:
@@ -595,10 +641,15 @@ async def test_agent_openai_on_azure_settings(fake: FakeLlm, monkeypatch: pytest
 def test_llm_settings_for_ollama() -> None:
     from parley.settings import load_settings
 
-    config = load_settings(llm_provider="compatible", llm_base_url="http://localhost:11434/v1",
-                           llm_model="qwen2.5:0.5b").llm_config()
+    config = load_settings(
+        llm_provider="compatible", llm_base_url="http://localhost:11434/v1", llm_model="qwen2.5:0.5b"
+    ).llm_config()
     assert (config.provider, config.base_url, config.model, config.api_key) == (
-        "compatible", "http://localhost:11434/v1", "qwen2.5:0.5b", None)
+        "compatible",
+        "http://localhost:11434/v1",
+        "qwen2.5:0.5b",
+        None,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -609,10 +660,14 @@ def test_llm_settings_for_ollama() -> None:
     ("agents", "message"),
     [
         ('[{name: a, prompt: "Total {{ state.total + 1 }}"}]', "prompt fails to render at the start of a call"),
-        ('[{name: a, prompt: hi, handoffs: [{to: card team}]}, {name: card team, prompt: hi}]',
-         "cannot be a handoff target of an LLM agent"),
-        ('[{name: a, prompt: hi, tools: [{name: t, builtin: transfer, target: "555-1234"}]}]',
-         "neither an E.164 phone number"),
+        (
+            "[{name: a, prompt: hi, handoffs: [{to: card team}]}, {name: card team, prompt: hi}]",
+            "cannot be a handoff target of an LLM agent",
+        ),
+        (
+            '[{name: a, prompt: hi, tools: [{name: t, builtin: transfer, target: "555-1234"}]}]',
+            "neither an E.164 phone number",
+        ),
     ],
 )
 def test_mid_call_failures_are_caught_at_startup(tmp_path: Path, agents: str, message: str) -> None:
@@ -620,16 +675,20 @@ def test_mid_call_failures_are_caught_at_startup(tmp_path: Path, agents: str, me
         load_scenario(write_yaml(tmp_path, f"name: S\nagents: {agents}\n"))
 
 
-def test_webhook_header_needs_its_variable(tmp_path: Path, llm_defaults: LlmConfig,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_webhook_header_needs_its_variable(
+    tmp_path: Path, llm_defaults: LlmConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("NO_SUCH_TOKEN", raising=False)
-    path = write_yaml(tmp_path, """\
+    path = write_yaml(
+        tmp_path,
+        """\
         name: S
         agents:
           - name: a
             prompt: hi
             tools: [{name: t, webhook: {url: "https://x.example/t", headers: {Authorization: "Bearer ${NO_SUCH_TOKEN}"}}}]
-        """)
+        """,
+    )
     with pytest.raises(ScenarioError, match=r"uses \$\{NO_SUCH_TOKEN\}, which is not set"):
         Scenario(load_scenario(path), llm_defaults)
 
@@ -676,7 +735,7 @@ async def test_truncating_a_greeting_after_a_handoff(make_call: MakeScenario) ->
 
 
 async def test_keys_are_noted_once_when_an_input_is_answered_again(make_call: MakeScenario, fake: FakeLlm) -> None:
-    agent = make_call("name: S\nagents: [{name: a, prompt: \"keys {{ dtmf }}\"}]\n")
+    agent = make_call('name: S\nagents: [{name: a, prompt: "keys {{ dtmf }}"}]\n')
     fake.queue(Plan(deltas("A.")), Plan(deltas("B.")))
     press = UserInput("dtmf", digits="12")
     await run(agent, press)
@@ -688,8 +747,12 @@ def test_history_sent_is_bounded_and_starts_at_a_caller_message() -> None:
     from parley.agents.llm import _recent
 
     system = {"role": "system", "content": "s"}
-    turn = [{"role": "user", "content": "u"}, {"role": "assistant", "content": None, "tool_calls": []},
-            {"role": "tool", "content": "r"}, {"role": "assistant", "content": "a"}]
+    turn = [
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": None, "tool_calls": []},
+        {"role": "tool", "content": "r"},
+        {"role": "assistant", "content": "a"},
+    ]
     messages = [system, *turn * 5]
     kept = _recent(messages, 6)
     assert kept[0] == system and kept[1]["role"] == "user" and len(kept) == 5

@@ -426,9 +426,7 @@ async def test_placeholders_are_filled_safely(tmp_path: Path) -> None:
     assert await say_text(agent, "  a pizza {digits} ") == (
         "You said a pizza {digits}. Digits , unknown {name} and {0} and {{ stay"
     )
-    assert [o.text for o in await collect(agent, dtmf("5")) if isinstance(o, Say)] == [
-        "You pressed 5"
-    ]
+    assert [o.text for o in await collect(agent, dtmf("5")) if isinstance(o, Say)] == ["You pressed 5"]
     assert await say_text(agent, "hello there") == "I heard hello there"
 
 
@@ -637,12 +635,7 @@ def test_duplicate_intent_names_and_dtmf(tmp_path: Path) -> None:
     expected = r"duplicate intent name 'a' in intents\[0\] and intents\[1\]"
     with pytest.raises(ScriptError, match=expected):
         load_script(write_script(tmp_path, dup_names, "names.yaml"))
-    dup_dtmf = (
-        "name: T\nintents:\n"
-        "  - {name: a, dtmf: '1', reply: X}\n"
-        "  - {name: b, dtmf: 1, reply: Y}\n"
-        "fallback: F\n"
-    )
+    dup_dtmf = "name: T\nintents:\n  - {name: a, dtmf: '1', reply: X}\n  - {name: b, dtmf: 1, reply: Y}\nfallback: F\n"
     with pytest.raises(ScriptError, match="duplicate dtmf '1'"):
         load_script(write_script(tmp_path, dup_dtmf, "dtmf.yaml"))
 

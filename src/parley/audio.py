@@ -41,9 +41,7 @@ class StreamResampler:
     def __init__(self, in_rate: int, out_rate: int, quality: str = "HQ") -> None:
         self.in_rate = in_rate
         self.out_rate = out_rate
-        self._stream = (
-            None if in_rate == out_rate else soxr.ResampleStream(in_rate, out_rate, 1, "int16", quality)
-        )
+        self._stream = None if in_rate == out_rate else soxr.ResampleStream(in_rate, out_rate, 1, "int16", quality)
 
     def process(self, pcm: bytes, last: bool = False) -> bytes:
         if self._stream is None:

@@ -564,9 +564,7 @@ class UplinkMix:
         self._background = options.background
 
     @classmethod
-    def for_options(
-        cls, options: CallOptions, playout: PlayoutEmulator, samples_per_frame: int
-    ) -> UplinkMix | None:
+    def for_options(cls, options: CallOptions, playout: PlayoutEmulator, samples_per_frame: int) -> UplinkMix | None:
         if options.echo_db is None and options.background is None:
             return None
         return cls(options, playout, samples_per_frame)
@@ -735,9 +733,7 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 1)
 
 
-def onset_to_stop_ms(
-    onset: float | None, stops: Sequence[float], since: float | None = None
-) -> list[float]:
+def onset_to_stop_ms(onset: float | None, stops: Sequence[float], since: float | None = None) -> list[float]:
     """For each StopAudio received after the clip started (`since`, default the onset): onset send
     time -> StopAudio receive time. Negative when the VAD fired on sound before the first frame above
     -40 dBFS (a breath, a quiet first syllable): still a response to the caller, not a miss."""
@@ -754,7 +750,8 @@ def decision_to_stop_ms(events: Sequence[dict[str, Any]]) -> list[float]:
     result = []
     paused_turns = {e.get("turn_id") for e in events if e["event"] == "barge_in_paused"}
     decisions = [
-        e for e in events
+        e
+        for e in events
         if e["event"] == "barge_in_paused"
         or (e["event"] == "barge_in_decided" and e.get("turn_id") not in paused_turns)
     ]
@@ -985,9 +982,7 @@ async def run_call(options: CallOptions) -> CallReport:
     correlation_id = options.correlation_id or str(uuid.uuid4())
     headers = {"x-ms-call-connection-id": call_id, "x-ms-call-correlation-id": correlation_id}
     # ACS sends plain text frames (no permessage-deflate); compressing would only cost CPU.
-    async with websockets.connect(
-        options.url, additional_headers=headers, max_size=2**20, compression=None
-    ) as ws:
+    async with websockets.connect(options.url, additional_headers=headers, max_size=2**20, compression=None) as ws:
         state, script, log, end = await _converse(ws, options, clip, fmt)
         close_code, close_reason = ws.close_code, ws.close_reason
     state.playout.finish(end)

@@ -60,23 +60,29 @@ def serve(
     stt_model: str | None = typer.Option(
         None, help="CTranslate2 Whisper model directory (default: the bundled tiny.en)."
     ),
-    tts: str | None = typer.Option(
-        None, help="piper (default, natural), espeak (light) or azure (Azure AI Speech)."
-    ),
+    tts: str | None = typer.Option(None, help="piper (default, natural), espeak (light) or azure (Azure AI Speech)."),
     tts_voice: str | None = typer.Option(
         None, help="Piper .onnx path, espeak-ng voice name or Azure voice (en-US-JennyNeural;style=cheerful)."
     ),
-    bargein: str | None = typer.Option(
-        None, help="While the agent speaks: pause (default), confirm, stop or off."
-    ),
+    bargein: str | None = typer.Option(None, help="While the agent speaks: pause (default), confirm, stop or off."),
 ) -> None:
     """Run the server: ACS media WebSocket on /ws/acs (and /ws), health on /healthz."""
     from parley import logs, server
 
     settings = _settings(
-        host=host, port=port, agent=agent, greeting=greeting, log_level=log_level, stt=stt,
-        llm_provider=llm_provider, llm_model=llm_model, llm_base_url=llm_base_url,
-        stt_model=stt_model, tts=tts, tts_voice=tts_voice, bargein_speaking=bargein,
+        host=host,
+        port=port,
+        agent=agent,
+        greeting=greeting,
+        log_level=log_level,
+        stt=stt,
+        llm_provider=llm_provider,
+        llm_model=llm_model,
+        llm_base_url=llm_base_url,
+        stt_model=stt_model,
+        tts=tts,
+        tts_voice=tts_voice,
+        bargein_speaking=bargein,
     )
     logs.configure(settings.log_level)
     try:
@@ -94,9 +100,7 @@ def call(
     audio: Path = typer.Argument(..., help="WAV file the simulated caller says (16-bit PCM)."),
     url: str | None = typer.Option(None, help="ws://... of a running server [default: start one in-process]."),
     out: Path | None = typer.Option(None, help="Write what the caller heard to this WAV."),
-    barge_in_at: float | None = typer.Option(
-        None, help="Start speaking once the agent has talked this many seconds."
-    ),
+    barge_in_at: float | None = typer.Option(None, help="Start speaking once the agent has talked this many seconds."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON here."),
     sample_rate: int = typer.Option(16000, help="Call sample rate: 16000 or 24000."),
     agent: str | None = typer.Option(None, help="Agent of the in-process server."),
@@ -122,8 +126,14 @@ def call(
             _startup_error(exc)
         url = server.url  # type: ignore[union-attr]
     options = caller.CallOptions(
-        url=url, audio=audio, sample_rate=sample_rate, barge_in_at=barge_in_at, out=out,
-        max_wait_s=max_wait, progress=sys.stderr.isatty(), dtmf=_key_presses(dtmf or []),
+        url=url,
+        audio=audio,
+        sample_rate=sample_rate,
+        barge_in_at=barge_in_at,
+        out=out,
+        max_wait_s=max_wait,
+        progress=sys.stderr.isatty(),
+        dtmf=_key_presses(dtmf or []),
     )
     try:
         report = asyncio.run(caller.run_call(options))

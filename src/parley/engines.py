@@ -58,7 +58,10 @@ def vad_pool(create: Callable[[], Vad], max_idle: int) -> EnginePool[Vad]:
 
 def recognizer_pool(create: Callable[[], Recognizer], max_idle: int) -> EnginePool[Recognizer]:
     return EnginePool(
-        "recognizer", create, recycle=_close_open_utterance, dispose=lambda rec: rec.close(),
+        "recognizer",
+        create,
+        recycle=_close_open_utterance,
+        dispose=lambda rec: rec.close(),
         max_idle=max_idle,
     )
 
@@ -87,8 +90,11 @@ def embedded_engines(settings: Settings) -> Engines:
         from parley.speech.whisper import WhisperTranscriber
 
         transcriber = WhisperTranscriber(
-            settings.stt_model, language=settings.stt_language, cpu_threads=settings.stt_threads,
-            workers=settings.stt_workers, trim_context=settings.stt_trim_context,
+            settings.stt_model,
+            language=settings.stt_language,
+            cpu_threads=settings.stt_threads,
+            workers=settings.stt_workers,
+            trim_context=settings.stt_trim_context,
         )
         stt_executor = ThreadPoolExecutor(settings.stt_workers, thread_name_prefix="stt-final")
         executors.append(stt_executor)
@@ -190,8 +196,9 @@ def _voices(
             try:
                 voices[voice] = default.with_voice(voice)  # type: ignore[attr-defined]
             except Exception as exc:  # a voice of the other engine, a missing file: say so once
-                log.warning("voice %r is not usable with tts=%s (%s); using the default voice",
-                            voice, settings.tts, exc)
+                log.warning(
+                    "voice %r is not usable with tts=%s (%s); using the default voice", voice, settings.tts, exc
+                )
                 voices[voice] = default
         return voices[voice]
 
@@ -204,8 +211,10 @@ def plumbing_engines(settings: Settings) -> Engines:
     from parley.protocols import CallContext
     from parley.speech.vad import SileroVad
 
-    greeting = settings.greeting if settings.greeting is not None else (
-        "This is the plumbing profile greeting, a tone that stands in for a few seconds of speech."
+    greeting = (
+        settings.greeting
+        if settings.greeting is not None
+        else ("This is the plumbing profile greeting, a tone that stands in for a few seconds of speech.")
     )
     reply = "This is the plumbing profile reply, a tone standing in for a spoken answer."
     synthesizer = SynthesizerDouble()

@@ -104,8 +104,12 @@ def create_app(
         await websocket.accept()
         log.info("call %s connected (correlation %s)", call_id, correlation_id or "-")
         handler = MediaHandler(
-            call_id=call_id, correlation_id=correlation_id, caller_id=caller_id, settings=settings,
-            engines=engines, registry=registry,
+            call_id=call_id,
+            correlation_id=correlation_id,
+            caller_id=caller_id,
+            settings=settings,
+            engines=engines,
+            registry=registry,
         )
         if call_automation is not None:  # ties the stream to the call ACS answered or placed
             call_automation.media_connected(call_id, websocket.query_params.get("callId", ""), handler.events)
@@ -134,7 +138,8 @@ def _acs_validator(settings: Settings) -> AcsTokenValidator | None:
             "!!! ACS token checks are OFF while listening on %s: anyone who reaches this server can open"
             " media sessions%s. Set PARLEY_ACS_RESOURCE_ID (and keep PARLEY_ACS_AUTH_ENABLED unset)"
             " on any host reachable from outside. !!!",
-            settings.host, " and post call events" if settings.acs_configured else "",
+            settings.host,
+            " and post call events" if settings.acs_configured else "",
         )
     return validator
 
@@ -149,8 +154,10 @@ def _call_automation(
 
     service = CallAutomation.from_settings(settings, registry, **client_options)
     if settings.acs_incoming_code is None:
-        log.warning("PARLEY_ACS_INCOMING_CODE is not set: anyone may post IncomingCall events to"
-                    " /api/acs/incoming (each costs an answer request to ACS); see docs/azure.md")
+        log.warning(
+            "PARLEY_ACS_INCOMING_CODE is not set: anyone may post IncomingCall events to"
+            " /api/acs/incoming (each costs an answer request to ACS); see docs/azure.md"
+        )
     return service
 
 
@@ -181,7 +188,10 @@ class BackgroundServer:
     """A real uvicorn server on its own thread and loop (for `parley call`, tests and benchmarks)."""
 
     def __init__(
-        self, settings: Settings, engines: Engines | None = None, *,
+        self,
+        settings: Settings,
+        engines: Engines | None = None,
+        *,
         acs_client_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.settings = settings

@@ -25,9 +25,7 @@ class SettingsError(ValueError):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="PARLEY_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
-    )
+    model_config = SettingsConfigDict(env_prefix="PARLEY_", env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
     # --- server -----------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Interface to listen on.")
@@ -71,9 +69,7 @@ class Settings(BaseSettings):
         description="Model; Azure: the deployment name; llama-cpp: a .gguf path or smollm2 / qwen2.5-0.5b.",
     )
     llm_base_url: str | None = Field(None, description="compatible: e.g. http://localhost:11434/v1.")
-    llm_api_key: SecretStr | None = Field(
-        None, description="Default: OPENAI_API_KEY (AZURE_OPENAI_API_KEY for Azure)."
-    )
+    llm_api_key: SecretStr | None = Field(None, description="Default: OPENAI_API_KEY (AZURE_OPENAI_API_KEY for Azure).")
     llm_azure_endpoint: str | None = Field(None, description="https://<resource>.openai.azure.com")
     llm_api_version: str | None = Field(None, description="Azure OpenAI API version, e.g. 2024-10-21.")
     llm_azure_auth: Literal["key", "entra"] = Field(
@@ -93,9 +89,7 @@ class Settings(BaseSettings):
     speech_start_ms: int = Field(
         64, ge=32, le=1000, description="Sustained speech before an utterance (and barge-in) starts."
     )
-    endpoint_silence_ms: int = Field(
-        500, ge=100, le=5000, description="Silence that ends an utterance (final result)."
-    )
+    endpoint_silence_ms: int = Field(500, ge=100, le=5000, description="Silence that ends an utterance (final result).")
     preroll_ms: int = Field(300, ge=0, le=2000, description="Audio before speech onset kept for STT.")
     max_utterance_s: float = Field(30.0, gt=1.0, description="Force a final after this long.")
     bargein_partial_chars: int = Field(
@@ -121,9 +115,7 @@ class Settings(BaseSettings):
         default_factory=lambda: list(DEFAULT_BACKCHANNELS),
         description="Words/phrases that never interrupt the agent on their own (JSON list in env).",
     )
-    echo_gate: bool = Field(
-        True, description="Ignore inbound audio explained by the echo of the agent's own voice."
-    )
+    echo_gate: bool = Field(True, description="Ignore inbound audio explained by the echo of the agent's own voice.")
 
     # --- recognition ------------------------------------------------------------------------------
     stt: Literal["two-pass", "pocketsphinx", "whisper", "azure"] = Field(
@@ -157,7 +149,9 @@ class Settings(BaseSettings):
     tts_rate: float = Field(1.0, ge=0.25, le=4.0, description="Piper speaking-rate multiplier.")
     tts_rate_wpm: int = Field(175, ge=80, le=450, description="espeak-ng words per minute.")
     tts_threads: int = Field(
-        2, ge=1, le=64,
+        2,
+        ge=1,
+        le=64,
         description="ONNX threads per Piper synthesis: 2 cuts first audio ~40 ms on an idle 2-core"
         " machine; 1 uses ~20% less CPU per call and does better when the cores are busy.",
     )
@@ -195,9 +189,7 @@ class Settings(BaseSettings):
         if "azure" not in (self.stt, self.tts):
             return self
         if self.azure_speech_auth == "entra" and not self.azure_speech_endpoint:
-            raise ValueError(
-                "azure_speech_auth=entra needs azure_speech_endpoint (the resource's custom domain)"
-            )
+            raise ValueError("azure_speech_auth=entra needs azure_speech_endpoint (the resource's custom domain)")
         if not self.azure_speech_endpoint and not (self.azure_speech_key and self.azure_speech_region):
             raise ValueError(
                 "Azure Speech (stt/tts=azure) needs azure_speech_key and azure_speech_region"
@@ -210,6 +202,7 @@ class Settings(BaseSettings):
         if len(self.azure_speech_languages) == 1:
             raise ValueError("azure_speech_languages needs two or more locales (or use azure_speech_language)")
         return self
+
     playout_lead_ms: int = Field(
         100, ge=0, le=2000, description="How far ahead of the playout clock audio may be sent."
     )
@@ -260,8 +253,8 @@ class Settings(BaseSettings):
         None, description="Bearer token POST /api/calls requires; unset = outbound calls are refused."
     )
     acs_resource_id: str = Field(
-        "", description="The ACS resource's immutable id: the audience of ACS's JWTs. Setting it turns"
-        " token checks on.",
+        "",
+        description="The ACS resource's immutable id: the audience of ACS's JWTs. Setting it turns token checks on.",
     )
     acs_auth_enabled: bool | None = Field(
         None,
@@ -328,20 +321,26 @@ class Settings(BaseSettings):
 
         secret = self.acs_connection_string
         if secret is not None and self.acs_endpoint:
-            problems.append(f"set {self._env_name('acs_connection_string')} or {self._env_name('acs_endpoint')},"
-                            " not both")
-        check("acs_connection_string", secret.get_secret_value() if secret else None,
-              acs_config.check_connection_string)
+            problems.append(
+                f"set {self._env_name('acs_connection_string')} or {self._env_name('acs_endpoint')}, not both"
+            )
+        check(
+            "acs_connection_string", secret.get_secret_value() if secret else None, acs_config.check_connection_string
+        )
         check("acs_endpoint", self.acs_endpoint or None, acs_config.check_endpoint)
         check("acs_callback_url", self.acs_callback_url, acs_config.public_base_url)
         if self.acs_configured and not self.acs_callback_url:
-            problems.append(f"{self._env_name('acs_callback_url')} is required with ACS: the public https base"
-                            " URL ACS reaches this server at (e.g. a dev tunnel)")
+            problems.append(
+                f"{self._env_name('acs_callback_url')} is required with ACS: the public https base"
+                " URL ACS reaches this server at (e.g. a dev tunnel)"
+            )
         if self.acs_sample_rate not in acs_config.SAMPLE_RATES:
             problems.append(f"{self._env_name('acs_sample_rate')} must be 16000 or 24000, got {self.acs_sample_rate}")
         if self.acs_source_caller_id is not None and not acs_config.is_e164(self.acs_source_caller_id):
-            problems.append(f"{self._env_name('acs_source_caller_id')} must be an E.164 number like"
-                            f" +15551234567, got {self.acs_source_caller_id[:40]!r}")
+            problems.append(
+                f"{self._env_name('acs_source_caller_id')} must be an E.164 number like"
+                f" +15551234567, got {self.acs_source_caller_id[:40]!r}"
+            )
         for name in ("acs_incoming_code", "acs_outbound_token"):
             value: SecretStr | None = getattr(self, name)
             if value is not None and len(value.get_secret_value()) < 16:
@@ -353,18 +352,22 @@ class Settings(BaseSettings):
         if self.acs_auth_enabled is True and not self.acs_resource_id.strip():
             return [f"acs_auth_enabled is true but {resource_id} is empty: ACS tokens are checked against it"]
         if self.acs_configured and self.acs_auth_enabled is None and not self.acs_resource_id.strip():
-            return [(
-                f"ACS is configured but {resource_id} is empty: set it to the ACS resource's immutable id"
-                " (the audience of the tokens ACS sends with media streams and callbacks), or set"
-                " PARLEY_ACS_AUTH_ENABLED=false for local development only"
-            )]
+            return [
+                (
+                    f"ACS is configured but {resource_id} is empty: set it to the ACS resource's immutable id"
+                    " (the audience of the tokens ACS sends with media streams and callbacks), or set"
+                    " PARLEY_ACS_AUTH_ENABLED=false for local development only"
+                )
+            ]
         if not self.acs_auth_active:
             return []
         try:
             self.acs_auth_config()
         except ValidationError as exc:
-            return [f"ACS authentication (PARLEY_ACS_AUTH_*): {error['msg'].removeprefix('Value error, ')}"
-                    for error in exc.errors()]
+            return [
+                f"ACS authentication (PARLEY_ACS_AUTH_*): {error['msg'].removeprefix('Value error, ')}"
+                for error in exc.errors()
+            ]
         return []
 
     @model_validator(mode="after")
@@ -374,7 +377,6 @@ class Settings(BaseSettings):
         if self.early_final_ms >= self.endpoint_silence_ms:
             raise ValueError("early_final_ms must be shorter than endpoint_silence_ms")
         return self
-
 
     def llm_config(self) -> LlmConfig:
         """The LLM defaults as the agents' config (credentials are only checked when used)."""

@@ -22,8 +22,12 @@ def percentiles(values: list[float] | np.ndarray) -> dict[str, float | None]:
     if data.size == 0:
         return {"p50": None, "p95": None, "p99": None, "max": None}
     p50, p95, p99 = np.percentile(data, [50, 95, 99])
-    return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3),
-            "max": round(float(data.max()), 3)}
+    return {
+        "p50": round(float(p50), 3),
+        "p95": round(float(p95), 3),
+        "p99": round(float(p99), 3),
+        "max": round(float(data.max()), 3),
+    }
 
 
 class LoopLagMonitor:

@@ -87,9 +87,7 @@ class SeenEvents:
         return True
 
 
-def acs_router(
-    service: CallAutomation, settings: Settings, validator: AcsTokenValidator | None
-) -> APIRouter:
+def acs_router(service: CallAutomation, settings: Settings, validator: AcsTokenValidator | None) -> APIRouter:
     router = APIRouter()
     seen = SeenEvents()
 
@@ -122,7 +120,8 @@ def acs_router(
     @router.post("/api/acs/callbacks/{call_key}")
     async def call_events(
         # A default value, not Annotated[...]: see acs_auth_dependency.
-        call_key: str, request: Request,
+        call_key: str,
+        request: Request,
         claims: Claims = Depends(acs_auth_dependency(validator)),  # noqa: B008
     ) -> dict[str, Any]:
         received_t = time.monotonic()
@@ -160,8 +159,9 @@ async def _answer_all(
         elif isinstance(result, BaseException):
             raise result  # a bug of ours, not ACS's answer: let the server log it as one
         else:
-            answered.append({"event_id": incoming.event_id, "call_id": result.key,
-                             "call_connection_id": result.connection_id})
+            answered.append(
+                {"event_id": incoming.event_id, "call_id": result.key, "call_connection_id": result.connection_id}
+            )
     return answered, failed
 
 
@@ -178,8 +178,7 @@ def _outbound_order(body: object) -> OutboundCallRequest:
         return OutboundCallRequest.model_validate(body)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or 'body'}: "
-            f"{error['msg'].removeprefix('Value error, ')}"
+            f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg'].removeprefix('Value error, ')}"
             for error in exc.errors()
         )
         raise HTTPException(400, f"bad call request: {problems}") from None
@@ -200,8 +199,9 @@ async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> object:
     try:
         return json.loads(b"".join(chunks))
     except (ValueError, RecursionError):
-        log.error("%s %s from %s: the body is not JSON (%d bytes)", request.method, request.url.path,
-                  _peer(request), size)
+        log.error(
+            "%s %s from %s: the body is not JSON (%d bytes)", request.method, request.url.path, _peer(request), size
+        )
         raise HTTPException(400, "the body is not JSON") from None
 
 
@@ -211,16 +211,16 @@ def check_webhook_code(request: Request, expected: SecretStr | None) -> None:
         return
     presented = request.query_params.get("code") or request.headers.get("x-parley-code") or ""
     if not _same_secret(presented, expected):
-        log.warning("%s %s from %s refused: missing or wrong code", request.method, request.url.path,
-                    _peer(request))
+        log.warning("%s %s from %s refused: missing or wrong code", request.method, request.url.path, _peer(request))
         raise HTTPException(401, "unauthorized")
 
 
 def check_outbound_token(request: Request, expected: SecretStr | None) -> None:
     """Placing calls costs money: only with the configured bearer token, never without one."""
     if expected is None:
-        raise HTTPException(403, "outbound calls are off: set PARLEY_ACS_OUTBOUND_TOKEN and send it as"
-                                 " Authorization: Bearer <token>")
+        raise HTTPException(
+            403, "outbound calls are off: set PARLEY_ACS_OUTBOUND_TOKEN and send it as Authorization: Bearer <token>"
+        )
     scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
     if scheme.lower() != "bearer" or not _same_secret(token.strip(), expected):
         log.warning("POST /api/calls from %s refused: missing or wrong token", _peer(request))

@@ -73,9 +73,7 @@ class AcsCall:
     correlation_id: str = ""
     connection_id: str | None = None  # ACS's call connection id, once known
     media_call_id: str | None = None  # the media call's id in the CallRegistry, once it connected
-    early_events: deque[tuple[float, dict[str, Any]]] = field(
-        default_factory=lambda: deque(maxlen=EARLY_EVENTS_KEPT)
-    )
+    early_events: deque[tuple[float, dict[str, Any]]] = field(default_factory=lambda: deque(maxlen=EARLY_EVENTS_KEPT))
 
 
 class CallBook:
@@ -204,17 +202,25 @@ class CallAutomation:
         """Answer an IncomingCall event, streaming its media to us. CallAutomationError on failure."""
         call = self.calls.new("inbound", incoming.caller, incoming.correlation_id)
         try:
-            answered = await self._ask("answer call", self.client.answer_call(
-                incoming_call_context=incoming.incoming_call_context,
-                callback_url=self.callback_url(call),
-                media_streaming=self.media_streaming(call),
-            ))
+            answered = await self._ask(
+                "answer call",
+                self.client.answer_call(
+                    incoming_call_context=incoming.incoming_call_context,
+                    callback_url=self.callback_url(call),
+                    media_streaming=self.media_streaming(call),
+                ),
+            )
         except CallAutomationError:
             self.calls.forget(call)
             raise
         self.calls.connected(call, answered.call_connection_id or "")
-        log.info("answered a call from %s to %s: call %s, connection %s",
-                 mask_party(incoming.caller), mask_party(incoming.callee), call.key, call.connection_id)
+        log.info(
+            "answered a call from %s to %s: call %s, connection %s",
+            mask_party(incoming.caller),
+            mask_party(incoming.callee),
+            call.key,
+            call.connection_id,
+        )
         return call
 
     async def place_call(self, target: CallTarget, source_caller_id: str | None = None) -> AcsCall:
@@ -227,19 +233,22 @@ class CallAutomation:
             )
         call = self.calls.new("outbound", target.value)
         try:
-            created = await self._ask("create call", self.client.create_call(
-                target_participant=identifier_for(target),
-                callback_url=self.callback_url(call),
-                source_caller_id_number=PhoneNumberIdentifier(caller_number)
-                if target.kind == "phone" and caller_number else None,
-                media_streaming=self.media_streaming(call),
-            ))
+            created = await self._ask(
+                "create call",
+                self.client.create_call(
+                    target_participant=identifier_for(target),
+                    callback_url=self.callback_url(call),
+                    source_caller_id_number=PhoneNumberIdentifier(caller_number)
+                    if target.kind == "phone" and caller_number
+                    else None,
+                    media_streaming=self.media_streaming(call),
+                ),
+            )
         except CallAutomationError:
             self.calls.forget(call)
             raise
         self.calls.connected(call, created.call_connection_id or "")
-        log.info("placed a call to %s: call %s, connection %s", mask_party(target.value), call.key,
-                 call.connection_id)
+        log.info("placed a call to %s: call %s, connection %s", mask_party(target.value), call.key, call.connection_id)
         return call
 
     # ------------------------------------------------------------------ CallControl
@@ -281,8 +290,12 @@ class CallAutomation:
         t = time.monotonic() if received_t is None else received_t
         call = self.calls.by_key(key)
         if call is None:
-            log.info("ACS %s for an unknown call %.40r (connection %s): not recorded",
-                     event.type, key, event.call_connection_id or "-")
+            log.info(
+                "ACS %s for an unknown call %.40r (connection %s): not recorded",
+                event.type,
+                key,
+                event.call_connection_id or "-",
+            )
             return False
         if event.call_connection_id and call.connection_id is None:
             self.calls.connected(call, event.call_connection_id)
@@ -341,7 +354,9 @@ def _log_callback(call: AcsCall, event: CallbackEvent) -> None:
     failed = "Failed" in event.type or (isinstance(result.get("code"), int) and result["code"] >= 400)
     log.log(
         logging.WARNING if failed else logging.INFO,
-        "call %s: ACS %s%s", call.key, event.type,
+        "call %s: ACS %s%s",
+        call.key,
+        event.type,
         f" ({result.get('code')}/{result.get('subCode')}: {result.get('message', '')})" if result else "",
     )
 
@@ -381,4 +396,3 @@ __all__ = [
     "identifier_for",
     "mask_party",
 ]
-

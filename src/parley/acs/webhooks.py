@@ -184,7 +184,8 @@ def _details(data: dict[str, Any]) -> dict[str, Any]:
     streaming = data.get("mediaStreamingUpdate")
     if isinstance(streaming, dict):
         details["media_streaming"] = {
-            name: _text(value) for name, value in streaming.items()
+            name: _text(value)
+            for name, value in streaming.items()
             if name in ("contentType", "mediaStreamingStatus", "mediaStreamingStatusDetails")
         }
     participants = data.get("participants")
@@ -217,6 +218,4 @@ def _text(value: object, limit: int = _MAX_TEXT) -> str:
 def _json_type(value: object) -> str:
     if value is None:
         return "null"
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}.get(
-        type(value), "a number"
-    )
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}.get(type(value), "a number")

@@ -66,8 +66,7 @@ def place_order(name: str, delivery: bool = False, address: str = "", *, context
         return {"error": "ask the caller for the delivery address"}
     number = f"T{zlib.crc32(context.call.call_id.encode()) % 9000 + 1000}"
     context.state["placed"] = {"number": number, "name": name, "delivery": bool(delivery)}
-    return {"order_number": number, "ready_in_minutes": 45 if delivery else 20,
-            **read_order(context=context)}
+    return {"order_number": number, "ready_in_minutes": 45 if delivery else 20, **read_order(context=context)}
 
 
 # Riverside Bank's demo customers: account number -> (PIN, name, card state).

@@ -66,12 +66,23 @@ models such as SmolLM2 and Qwen2.5). Measured with 0.3.36: only a forced `tool_c
 function) streams correctly; 'auto' either raises "Automatic streaming tool choice is not
 supported" or constrains a plain answer to the function-name grammar, so it is not passed on."""
 
-_PASSED_THROUGH = ("temperature", "max_tokens", "top_p", "stop", "seed", "presence_penalty",
-                   "frequency_penalty")
+_PASSED_THROUGH = ("temperature", "max_tokens", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
 """Request fields handed to llama-cpp-python as they are (same names, same meaning)."""
 
-_IGNORED_QUIETLY = frozenset({"model", "stream", "stream_options", "user", "n", "timeout",
-                              "extra_headers", "extra_query", "extra_body", "parallel_tool_calls"})
+_IGNORED_QUIETLY = frozenset(
+    {
+        "model",
+        "stream",
+        "stream_options",
+        "user",
+        "n",
+        "timeout",
+        "extra_headers",
+        "extra_query",
+        "extra_body",
+        "parallel_tool_calls",
+    }
+)
 """OpenAI request fields with nothing to do in-process (n must be 1, which is what we do)."""
 
 _END = object()  # end of a generation, on the chunk queue
@@ -121,8 +132,16 @@ def _model_params_overridden(llama_cpp: ModuleType, **fields: Any) -> Iterator[N
             low_level.llama_model_default_params = original
 
 
-def _load_llama(path: Path, *, n_threads: int, n_ctx: int, chat_format: str | None,
-                weight_repacking: bool, verbose: bool, options: dict[str, Any]) -> Any:
+def _load_llama(
+    path: Path,
+    *,
+    n_threads: int,
+    n_ctx: int,
+    chat_format: str | None,
+    weight_repacking: bool,
+    verbose: bool,
+    options: dict[str, Any],
+) -> Any:
     llama_cpp = _import_llama_cpp()
     # Weight repacking ("extra buffer types") also enables llama.cpp's AMX kernels when the CPU
     # advertises AMX. Seen on a Firecracker VM that advertises AMX without enabling it for the
@@ -148,8 +167,7 @@ def _load_llama(path: Path, *, n_threads: int, n_ctx: int, chat_format: str | No
 class _Generation:
     """A queued request: its arguments, the queue its chunks arrive on, and its stop flag."""
 
-    def __init__(self, arguments: dict[str, Any], model_name: str,
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, arguments: dict[str, Any], model_name: str, loop: asyncio.AbstractEventLoop) -> None:
         self.arguments = arguments
         self.model_name = model_name
         self.loop = loop
@@ -224,8 +242,7 @@ def _to_chunk(raw: Mapping[str, Any], generation: _Generation) -> ChatCompletion
     data["created"] = int(data.get("created") or generation.created)
     data["model"] = generation.model_name
     data["object"] = "chat.completion.chunk"
-    data["choices"] = [_choice(choice, position)
-                       for position, choice in enumerate(data.get("choices") or [])]
+    data["choices"] = [_choice(choice, position) for position, choice in enumerate(data.get("choices") or [])]
     return ChatCompletionChunk.model_validate(data)
 
 
@@ -380,22 +397,34 @@ class LlamaCppClient:
         self.model_name = _display_name(model, self.model_path)
         self.chat_format = chat_format
         started = time.perf_counter()
-        self.llama = _load_llama(self.model_path, n_threads=n_threads, n_ctx=n_ctx,
-                                 chat_format=chat_format, weight_repacking=weight_repacking,
-                                 verbose=verbose, options=llama_options)
+        self.llama = _load_llama(
+            self.model_path,
+            n_threads=n_threads,
+            n_ctx=n_ctx,
+            chat_format=chat_format,
+            weight_repacking=weight_repacking,
+            verbose=verbose,
+            options=llama_options,
+        )
         self.load_seconds = time.perf_counter() - started
         self.chat = _Chat(self)
         self._worker = _GenerationWorker(self.llama, name=f"llama-cpp:{self.model_name}")
         self._warned: set[str] = set()
-        log.info("llama.cpp model %s loaded in %.2f s (%d threads, context %d)",
-                 self.model_path, self.load_seconds, n_threads, n_ctx)
+        log.info(
+            "llama.cpp model %s loaded in %.2f s (%d threads, context %d)",
+            self.model_path,
+            self.load_seconds,
+            n_threads,
+            n_ctx,
+        )
 
     # ------------------------------------------------------------------ requests
     def _start(self, request: dict[str, Any]) -> LlamaCppStream:
         if not request.get("stream", False):
             raise ValueError("LlamaCppClient only streams: pass stream=True")
-        generation = _Generation(self._arguments(request), str(request.get("model") or
-                                 self.model_name), asyncio.get_running_loop())
+        generation = _Generation(
+            self._arguments(request), str(request.get("model") or self.model_name), asyncio.get_running_loop()
+        )
         self._worker.submit(generation)
         return LlamaCppStream(generation)
 
@@ -420,19 +449,24 @@ class LlamaCppClient:
         if self.chat_format in TOOL_CALLING_CHAT_FORMATS and forced:
             return {"tools": list(tools), "tool_choice": dict(tool_choice)}
         if self.chat_format in TOOL_CALLING_CHAT_FORMATS:
-            self._warn_once("tool-choice", "llama.cpp: tools are ignored unless tool_choice names "
-                            f"one function (tool_choice {tool_choice!r} cannot stream with "
-                            f"llama-cpp-python's {self.chat_format} handler)")
+            self._warn_once(
+                "tool-choice",
+                "llama.cpp: tools are ignored unless tool_choice names "
+                f"one function (tool_choice {tool_choice!r} cannot stream with "
+                f"llama-cpp-python's {self.chat_format} handler)",
+            )
         else:
-            self._warn_once("tools", "llama.cpp: tools are ignored: chat_format "
-                            f"{self.chat_format!r}"
-                            " has no function calling (use chat_format='chatml-function-calling'"
-                            " and a tool_choice naming one function)")
+            self._warn_once(
+                "tools",
+                "llama.cpp: tools are ignored: chat_format "
+                f"{self.chat_format!r}"
+                " has no function calling (use chat_format='chatml-function-calling'"
+                " and a tool_choice naming one function)",
+            )
         return {}
 
     def _warn_about_unknown(self, request: dict[str, Any]) -> None:
-        handled = {"messages", "max_completion_tokens", "tools", "tool_choice",
-                   *_PASSED_THROUGH, *_IGNORED_QUIETLY}
+        handled = {"messages", "max_completion_tokens", "tools", "tool_choice", *_PASSED_THROUGH, *_IGNORED_QUIETLY}
         unknown = sorted(name for name in request if name not in handled)
         if unknown:
             self._warn_once(f"unknown:{unknown}", f"llama.cpp: ignoring request fields {unknown}")
@@ -477,9 +511,7 @@ def _message(message: Mapping[str, Any]) -> dict[str, Any]:
     if content is None:
         copy["content"] = ""
     elif not isinstance(content, str):
-        copy["content"] = "".join(
-            part.get("text", "") for part in content if isinstance(part, Mapping)
-        )
+        copy["content"] = "".join(part.get("text", "") for part in content if isinstance(part, Mapping))
     return copy
 
 
@@ -487,17 +519,16 @@ def _message(message: Mapping[str, Any]) -> dict[str, Any]:
 # Measurements: python -m parley.agents.llama MODEL [--threads N]
 
 
-async def _first_token(client: LlamaCppClient, question: str, max_tokens: int) -> tuple[
-        LlamaCppStream, float, float]:
+async def _first_token(client: LlamaCppClient, question: str, max_tokens: int) -> tuple[LlamaCppStream, float, float]:
     """Open a stream and read up to its first content chunk: (stream, its time, the start time)."""
     # The system prompt a phone call really sends.
     from parley.agents.llm import DEFAULT_SYSTEM_PROMPT
 
-    messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
-                {"role": "user", "content": question}]
+    messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": question}]
     started = time.monotonic()
-    stream = await client.chat.completions.create(model=client.model_name, messages=messages,
-                                                  stream=True, max_tokens=max_tokens)
+    stream = await client.chat.completions.create(
+        model=client.model_name, messages=messages, stream=True, max_tokens=max_tokens
+    )
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             return stream, time.monotonic(), started
@@ -510,8 +541,11 @@ async def _measure_stream(client: LlamaCppClient, question: str) -> dict[str, fl
     async for chunk in stream:
         tokens += bool(chunk.choices and chunk.choices[0].delta.content)
     elapsed = time.monotonic() - first_t
-    return {"ttft_s": first_t - started, "tokens": tokens,
-            "tokens_per_s": (tokens - 1) / elapsed if elapsed > 0 else float("nan")}
+    return {
+        "ttft_s": first_t - started,
+        "tokens": tokens,
+        "tokens_per_s": (tokens - 1) / elapsed if elapsed > 0 else float("nan"),
+    }
 
 
 async def _measure_close(client: LlamaCppClient) -> dict[str, float]:
@@ -544,27 +578,37 @@ async def _benchmark(model: str, threads: int) -> None:
     resolve_model(model)
     resolve_s = time.perf_counter() - resolve_started
     client = LlamaCppClient(model, n_threads=threads)
-    print(f"model {client.model_path} ({client.model_path.stat().st_size / 1e6:.0f} MB), "
-          f"{threads} threads: resolve {resolve_s:.2f} s, load {client.load_seconds:.2f} s, "
-          f"RSS +{(process.memory_info().rss - rss_before) / 1e6:.0f} MB after load")
+    print(
+        f"model {client.model_path} ({client.model_path.stat().st_size / 1e6:.0f} MB), "
+        f"{threads} threads: resolve {resolve_s:.2f} s, load {client.load_seconds:.2f} s, "
+        f"RSS +{(process.memory_info().rss - rss_before) / 1e6:.0f} MB after load"
+    )
     stop = asyncio.Event()
     lags = asyncio.create_task(_loop_lags(stop))
     # cold: the system prompt and the question are evaluated; warm: the system prompt is in the
     # KV cache (llama-cpp-python reuses the longest common prefix), as in a call's later turns.
-    questions = {"cold": "Tell me a long story about a dog.",
-                 "warm": "Describe a walk through Paris in detail."}
+    questions = {"cold": "Tell me a long story about a dog.", "warm": "Describe a walk through Paris in detail."}
     for run, question in questions.items():
         figures = await _measure_stream(client, question)
-        print(f"  {run}: first token {figures['ttft_s'] * 1e3:.0f} ms, "
-              f"{figures['tokens_per_s']:.1f} tokens/s over {figures['tokens']:.0f} tokens")
+        print(
+            f"  {run}: first token {figures['ttft_s'] * 1e3:.0f} ms, "
+            f"{figures['tokens_per_s']:.1f} tokens/s over {figures['tokens']:.0f} tokens"
+        )
     closes = [await _measure_close(client) for _ in range(5)]
     stop.set()
-    print("  close(): returns in " + ", ".join(f"{c['close_call_ms']:.3f}" for c in closes) +
-          " ms; model free after " + ", ".join(f"{c['released_ms']:.1f}" for c in closes) + " ms")
+    print(
+        "  close(): returns in "
+        + ", ".join(f"{c['close_call_ms']:.3f}" for c in closes)
+        + " ms; model free after "
+        + ", ".join(f"{c['released_ms']:.1f}" for c in closes)
+        + " ms"
+    )
     lag = await lags
-    print(f"  event loop late by: median {lag[len(lag) // 2] * 1e3:.2f} ms, p99 "
-          f"{lag[int(len(lag) * 0.99)] * 1e3:.1f} ms, max {lag[-1] * 1e3:.1f} ms; "
-          f"RSS {process.memory_info().rss / 1e6:.0f} MB (process total)")
+    print(
+        f"  event loop late by: median {lag[len(lag) // 2] * 1e3:.2f} ms, p99 "
+        f"{lag[int(len(lag) * 0.99)] * 1e3:.1f} ms, max {lag[-1] * 1e3:.1f} ms; "
+        f"RSS {process.memory_info().rss / 1e6:.0f} MB (process total)"
+    )
     await client.close()
 
 

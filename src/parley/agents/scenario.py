@@ -96,8 +96,14 @@ class ModelSpec(BaseModel):
         fields = defaults.model_dump(exclude={"azure_ad_token_provider"})
         fields["azure_ad_token_provider"] = defaults.azure_ad_token_provider
         if self.provider is not None and self.provider != defaults.provider:
-            for name in ("base_url", "api_key", "azure_endpoint", "api_version", "azure_ad_token",
-                         "azure_ad_token_provider"):
+            for name in (
+                "base_url",
+                "api_key",
+                "azure_endpoint",
+                "api_version",
+                "azure_ad_token",
+                "azure_ad_token_provider",
+            ):
                 fields[name] = None
         fields.update(self.model_dump(exclude_none=True))
         fields.update(extra)
@@ -260,9 +266,7 @@ class Scenario:
         self.spec = spec
         self.tz = timezone(spec.timezone)
         clients: dict[tuple[Any, ...], Any] = {}
-        self.members = {
-            agent.name: _member(agent, llm_defaults or LlmConfig(), clients) for agent in spec.agents
-        }
+        self.members = {agent.name: _member(agent, llm_defaults or LlmConfig(), clients) for agent in spec.agents}
 
     @property
     def voices(self) -> set[str]:
@@ -277,9 +281,7 @@ class Scenario:
         return ScenarioAgent(self, context)
 
 
-def _member(
-    spec: ScriptSpec | LlmAgentSpec, defaults: LlmConfig, clients: dict[tuple[Any, ...], Any]
-) -> Member:
+def _member(spec: ScriptSpec | LlmAgentSpec, defaults: LlmConfig, clients: dict[tuple[Any, ...], Any]) -> Member:
     if isinstance(spec, ScriptSpec):
         return Member(spec)
     extra: dict[str, Any] = {"greeting": spec.greeting, "system_prompt": None}
@@ -297,7 +299,11 @@ def _member(
 def _shared_client(config: LlmConfig, clients: dict[tuple[Any, ...], Any]) -> Any:
     """One client (connection pool, or loaded local model) per distinct connection."""
     key = (
-        config.provider, config.base_url, config.azure_endpoint, config.api_version, config.threads,
+        config.provider,
+        config.base_url,
+        config.azure_endpoint,
+        config.api_version,
+        config.threads,
         # The secrets themselves: SecretStr compares and prints the same for every key.
         config.api_key.get_secret_value() if config.api_key else None,
         config.azure_ad_token.get_secret_value() if config.azure_ad_token else None,
@@ -387,8 +393,9 @@ class ScenarioAgent:
             if handoff is None:
                 return
             if hop == MAX_HANDOFFS_PER_TURN:
-                log.warning("call %s: handoff loop (%d in one turn); staying with %s",
-                            self.context.call_id, hop, self.active)
+                log.warning(
+                    "call %s: handoff loop (%d in one turn); staying with %s", self.context.call_id, hop, self.active
+                )
                 return
             async for output in self._hand_off(agent, handoff, said_words):
                 said_words += len(output.text.split()) if isinstance(output, Say) else 0
@@ -398,10 +405,22 @@ class ScenarioAgent:
 
     async def _hand_off(self, source: Agent, handoff: Handoff, said_words: int) -> AsyncGenerator[AgentOutput, None]:
         spec = handoff.handoff if isinstance(handoff.handoff, HandoffSpec) else HandoffSpec(to=handoff.to)
-        log.info("call %s: handoff %s -> %s (%s, history %s)", self.context.call_id, self.active,
-                 spec.to, "announced" if spec.announce else "silent", spec.history)
-        self._emit("agent_handoff", source=self.active, target=spec.to,
-                   announced=bool(spec.announce), history=spec.history, then=spec.then)
+        log.info(
+            "call %s: handoff %s -> %s (%s, history %s)",
+            self.context.call_id,
+            self.active,
+            spec.to,
+            "announced" if spec.announce else "silent",
+            spec.history,
+        )
+        self._emit(
+            "agent_handoff",
+            source=self.active,
+            target=spec.to,
+            announced=bool(spec.announce),
+            history=spec.history,
+            then=spec.then,
+        )
         messages: list[dict[str, Any]] = []
         if spec.history == "shared":
             # Taken before the announcement is recorded: it closes the source's turn.
@@ -434,7 +453,7 @@ class ScenarioAgent:
         if truncate is None:
             return
         words = heard_text.split()
-        truncate(" ".join(words[self._speaker_offset:]), forget_input=forget_input and not words)
+        truncate(" ".join(words[self._speaker_offset :]), forget_input=forget_input and not words)
 
     # ------------------------------------------------------------------ helpers
     def _voice(self, name: str) -> str:
@@ -445,13 +464,18 @@ class ScenarioAgent:
         if isinstance(spec, ScriptSpec):
             return ScriptedAgent(spec, self.context)
         assert member.config is not None
-        handoffs = [
-            handoff_tool(h.to, _handoff_description(self.scenario, h), h) for h in spec.handoffs
-        ]
+        handoffs = [handoff_tool(h.to, _handoff_description(self.scenario, h), h) for h in spec.handoffs]
         return LlmAgent(
-            member.config, member.client, name=spec.name, prompt=member.prompt, session=self.session,
-            toolbox=Toolbox([*member.tools, *handoffs]), max_tool_rounds=spec.max_tool_rounds,
-            voice=spec.voice, greeting_interruptible=spec.greeting_interruptible, on_event=self._emit,
+            member.config,
+            member.client,
+            name=spec.name,
+            prompt=member.prompt,
+            session=self.session,
+            toolbox=Toolbox([*member.tools, *handoffs]),
+            max_tool_rounds=spec.max_tool_rounds,
+            voice=spec.voice,
+            greeting_interruptible=spec.greeting_interruptible,
+            on_event=self._emit,
         )
 
 

@@ -185,9 +185,7 @@ class IntentSpec(BaseModel):
         if self.end_call and self.handoff:
             raise ValueError("an intent cannot both end the call and hand it off")
         if not (self._keywords or self._patterns or self.dtmf):
-            raise ValueError(
-                "needs at least one of keywords, patterns or dtmf, or it can never match"
-            )
+            raise ValueError("needs at least one of keywords, patterns or dtmf, or it can never match")
         return self
 
     def _check_replies(self) -> None:
@@ -213,9 +211,7 @@ class IntentSpec(BaseModel):
             try:
                 compiled.append(re.compile(pattern, re.IGNORECASE))
             except re.error as exc:
-                raise ValueError(
-                    f"invalid regex {pattern!r} in patterns of intent {self.name!r}: {exc}"
-                ) from None
+                raise ValueError(f"invalid regex {pattern!r} in patterns of intent {self.name!r}: {exc}") from None
         return tuple(compiled)
 
     @property
@@ -317,9 +313,7 @@ def _reject_duplicates(what: str, items: list[tuple[int, str | None]]) -> None:
     first_index: dict[str | None, int] = {}
     for index, value in items:
         if value in first_index:
-            raise ValueError(
-                f"duplicate {what} {value!r} in intents[{first_index[value]}] and intents[{index}]"
-            )
+            raise ValueError(f"duplicate {what} {value!r} in intents[{first_index[value]}] and intents[{index}]")
         first_index[value] = index
 
 
@@ -343,8 +337,7 @@ def resolve_script_path(name_or_path: str) -> Path:
         return path
     names = ", ".join(packaged_script_names()) or "(none)"
     raise ScriptError(
-        f"script {name_or_path!r} not found: not a packaged example (available: {names}) "
-        "and not an existing file"
+        f"script {name_or_path!r} not found: not a packaged example (available: {names}) and not an existing file"
     )
 
 

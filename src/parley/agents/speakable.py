@@ -118,9 +118,7 @@ _QUOTE = re.compile(r"[ \t]*>[> \t]*(?=[^>\s])")
 _FENCE = re.compile(r"[ \t]*(?:```|~~~)")
 _MAYBE_FENCE = re.compile(r"[ \t]*(?:`{0,2}|~{0,2})")
 _RULE = re.compile(r"[ \t]*([-*_])(?:[ \t]*\1){2,}[ \t]*")
-_MAYBE_MARKER = re.compile(
-    r"[ \t]*(?:#{1,6}|[-*+•]|\d{1,2}[.)]?|`{1,2}|~{1,2}|>[> \t]*|[-*_][-*_ \t]*)?"
-)
+_MAYBE_MARKER = re.compile(r"[ \t]*(?:#{1,6}|[-*+•]|\d{1,2}[.)]?|`{1,2}|~{1,2}|>[> \t]*|[-*_][-*_ \t]*)?")
 """A line start that may still become a marker once more characters arrive."""
 _BARE_MARKER = re.compile(r"[ \t]*(?:#{1,6}|[-*+•]|\d{1,2}[.)]|>[> \t]*)?[ \t]*")
 """A whole line that is only a marker: nothing to say."""

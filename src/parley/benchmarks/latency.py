@@ -56,8 +56,9 @@ def breakdown(report: CallReport) -> dict[str, Any]:
     return row
 
 
-def _stage_ms(events: list[dict[str, Any]], stage: str, end: float, final: dict[str, Any],
-              turn_id: int | None) -> float | None:
+def _stage_ms(
+    events: list[dict[str, Any]], stage: str, end: float, final: dict[str, Any], turn_id: int | None
+) -> float | None:
     if stage == "final":
         return round((final["t"] - end) * 1000, 1)
     if stage == "speech_ended":
@@ -81,8 +82,7 @@ def _summary(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def summary_rows(result: dict[str, Any]) -> list[tuple[str, object]]:
-    rows: list[tuple[str, object]] = [("trials", result["trials"]),
-                                      ("voice-to-voice", result["voice_to_voice_ms"])]
+    rows: list[tuple[str, object]] = [("trials", result["trials"]), ("voice-to-voice", result["voice_to_voice_ms"])]
     rows += [(f"  {key}", value) for key, value in result["server_breakdown_ms"].items()]
     rows += [("no answer", result["no_answer"]), ("errors", result["errors"])]
     return rows

@@ -42,7 +42,7 @@ BARGE_IN_AFTER_S = 2.0  # and 2 this long after that, while the answer is still 
 
 
 def answer_plan() -> Plan:
-    words = [" ".join(REST[i:i + 3]) + " " for i in range(0, len(REST), 3)]
+    words = [" ".join(REST[i : i + 3]) + " " for i in range(0, len(REST), 3)]
     return Plan(deltas(FIRST_CLAUSE, *words, gap=0.08, first_delay=0.15))
 
 
@@ -58,8 +58,13 @@ def fake_llm() -> Iterator[FakeLlm]:
 
 
 def server_settings(fake: FakeLlm) -> dict[str, object]:
-    return {"agent": "openai", "greeting": "", "llm_provider": "compatible",
-            "llm_base_url": f"{fake.url}/v1", "llm_api_key": "bench"}
+    return {
+        "agent": "openai",
+        "greeting": "",
+        "llm_provider": "compatible",
+        "llm_base_url": f"{fake.url}/v1",
+        "llm_api_key": "bench",
+    }
 
 
 async def run(url: str, trials: int, fake: FakeLlm) -> dict[str, Any]:
@@ -67,11 +72,16 @@ async def run(url: str, trials: int, fake: FakeLlm) -> dict[str, Any]:
     for index in range(trials):
         fake.reset()
         fake.queue(answer_plan(), Plan(deltas("Okay.")))
-        report = await run_call(CallOptions(
-            url=url, pcm=np.zeros(16000 * 6, dtype=np.int16), greeting_wait_s=0.0,
-            dtmf=[(PRESS_ANSWER_AT_S, "1"), (PRESS_ANSWER_AT_S + BARGE_IN_AFTER_S, "2")],
-            max_wait_s=4.0, end_after_stop_s=0.8,
-        ))
+        report = await run_call(
+            CallOptions(
+                url=url,
+                pcm=np.zeros(16000 * 6, dtype=np.int16),
+                greeting_wait_s=0.0,
+                dtmf=[(PRESS_ANSWER_AT_S, "1"), (PRESS_ANSWER_AT_S + BARGE_IN_AFTER_S, "2")],
+                max_wait_s=4.0,
+                end_after_stop_s=0.8,
+            )
+        )
         results.append({"trial": index, **measure(report, fake)})
     return _summary(results)
 
@@ -102,8 +112,7 @@ def measure(report: CallReport, fake: FakeLlm) -> dict[str, Any]:
         row["cancel_to_stream_closed_ms"] = _ms(closed["t"] - decided["t"])
     if decided is not None and answer.disconnected_t is not None:
         row["cancel_to_server_saw_close_ms"] = _ms(answer.disconnected_t - decided["t"])
-    row["stream_was_open"] = answer.finished_t is None or (
-        decided is not None and answer.finished_t > decided["t"])
+    row["stream_was_open"] = answer.finished_t is None or (decided is not None and answer.finished_t > decided["t"])
     return row
 
 
@@ -115,8 +124,14 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
 
 
-KEYS = ("first_clause_to_audio_ms", "first_clause_to_agent_text_ms", "first_clause_to_audio_synthesized_ms",
-        "first_clause_to_audio_sent_ms", "cancel_to_stream_closed_ms", "cancel_to_server_saw_close_ms")
+KEYS = (
+    "first_clause_to_audio_ms",
+    "first_clause_to_agent_text_ms",
+    "first_clause_to_audio_synthesized_ms",
+    "first_clause_to_audio_sent_ms",
+    "cancel_to_stream_closed_ms",
+    "cancel_to_server_saw_close_ms",
+)
 
 
 def _summary(results: list[dict[str, Any]]) -> dict[str, Any]:

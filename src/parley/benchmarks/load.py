@@ -28,8 +28,9 @@ async def run_point(server: ServerUnderTest, calls: int, seconds: float, clip: C
     before = server.stats(reset=True)
     client_cpu = time.process_time()
     started = time.monotonic()
-    result = await run_load(server.url, LoadPlan(calls=calls, seconds=seconds, clip=clip.pcm,
-                                                 ramp_s=min(10.0, max(1.0, calls / 30))))
+    result = await run_load(
+        server.url, LoadPlan(calls=calls, seconds=seconds, clip=clip.pcm, ramp_s=min(10.0, max(1.0, calls / 30)))
+    )
     await asyncio.sleep(1.0)  # let the server finish the hang-ups it is still processing
     wall = time.monotonic() - started
     after = server.stats()
@@ -54,12 +55,18 @@ async def run_point(server: ServerUnderTest, calls: int, seconds: float, clip: C
 def within_limits(point: dict[str, Any]) -> bool:
     lag = point["loop_lag_ms"]["p99"]
     barge = point["onset_to_stop_ms"]["p95"]
-    return (lag is not None and lag <= LAG_P99_LIMIT_MS and barge is not None
-            and barge <= BARGE_IN_P95_LIMIT_MS and point["missed"] == 0)
+    return (
+        lag is not None
+        and lag <= LAG_P99_LIMIT_MS
+        and barge is not None
+        and barge <= BARGE_IN_P95_LIMIT_MS
+        and point["missed"] == 0
+    )
 
 
-async def run(server: ServerUnderTest, calls: int, seconds: float, clip: Clip, profile: str,
-              sweep: bool) -> dict[str, Any]:
+async def run(
+    server: ServerUnderTest, calls: int, seconds: float, clip: Clip, profile: str, sweep: bool
+) -> dict[str, Any]:
     summary: dict[str, Any] = {"benchmark": "load", "profile": profile, "machine": machine_info()}
     if not sweep:
         summary.update(await run_point(server, calls, seconds, clip))
@@ -69,14 +76,18 @@ async def run(server: ServerUnderTest, calls: int, seconds: float, clip: Clip, p
     for n in [step for step in SWEEP_STEPS if step >= calls] or [calls]:
         point = await run_point(server, n, seconds, clip)
         points.append(point)
-        console.print(f"{n} calls: loop lag p99 {point['loop_lag_ms']['p99']} ms, "
-                      f"barge-in p95 {point['onset_to_stop_ms']['p95']} ms, missed {point['missed']}")
+        console.print(
+            f"{n} calls: loop lag p99 {point['loop_lag_ms']['p99']} ms, "
+            f"barge-in p95 {point['onset_to_stop_ms']['p95']} ms, missed {point['missed']}"
+        )
         if not within_limits(point):
             break
         max_calls = n
-    summary.update(max_calls=max_calls, limits={"loop_lag_p99_ms": LAG_P99_LIMIT_MS,
-                                                "onset_to_stop_p95_ms": BARGE_IN_P95_LIMIT_MS},
-                   points=points)
+    summary.update(
+        max_calls=max_calls,
+        limits={"loop_lag_p99_ms": LAG_P99_LIMIT_MS, "onset_to_stop_p95_ms": BARGE_IN_P95_LIMIT_MS},
+        points=points,
+    )
     return summary
 
 

@@ -246,9 +246,25 @@ class CallerState:
     """
 
     __slots__ = (
-        "_after_s", "_clip_len", "_clip_next", "_errors_dropped", "_jitter_s", "_last_audio",
-        "_onset", "_onset_index", "_rng", "_spoke_in_stretch", "_stretch_frames", "_stretch_start",
-        "_t0", "_target_s", "errors", "frames_received", "jitter_ms", "missed", "onset_to_stop_ms",
+        "_after_s",
+        "_clip_len",
+        "_clip_next",
+        "_errors_dropped",
+        "_jitter_s",
+        "_last_audio",
+        "_onset",
+        "_onset_index",
+        "_rng",
+        "_spoke_in_stretch",
+        "_stretch_frames",
+        "_stretch_start",
+        "_t0",
+        "_target_s",
+        "errors",
+        "frames_received",
+        "jitter_ms",
+        "missed",
+        "onset_to_stop_ms",
     )
 
     def __init__(
@@ -471,8 +487,18 @@ class _Sender:
     """
 
     __slots__ = (
-        "_backlog_limit", "_backlog_noted", "_clip", "_end", "_index", "_silence", "_state",
-        "_ws", "done", "lateness_max_s", "server_closed", "start_ms",
+        "_backlog_limit",
+        "_backlog_noted",
+        "_clip",
+        "_end",
+        "_index",
+        "_silence",
+        "_state",
+        "_ws",
+        "done",
+        "lateness_max_s",
+        "server_closed",
+        "start_ms",
     )
 
     def __init__(self, ws: _MediaConnection, state: CallerState, wire: _WireAudio, end: float) -> None:
@@ -606,8 +632,12 @@ async def _converse(
     """The live part of one call, from AudioMetadata to the close."""
     t0 = time.monotonic()
     state = CallerState(
-        t0=t0, clip_frames=len(audio.clip), onset_index=audio.onset_index,
-        barge_in_after_s=plan.barge_in_after_s, barge_in_jitter_s=plan.barge_in_jitter_s, rng=rng,
+        t0=t0,
+        clip_frames=len(audio.clip),
+        onset_index=audio.onset_index,
+        barge_in_after_s=plan.barge_in_after_s,
+        barge_in_jitter_s=plan.barge_in_jitter_s,
+        rng=rng,
     )
     ws.attach(_frame_listener(state))
     sender = _Sender(ws, state, wire, t0 + plan.seconds)
@@ -641,16 +671,26 @@ async def _close(ws: _MediaConnection, sender: _Sender, state: CallerState) -> N
 
 
 async def _run_call(
-    url: str, plan: LoadPlan, audio: EncodedAudio, wire: _WireAudio, metronome: Metronome,
-    call_id: str, rng: random.Random,
+    url: str,
+    plan: LoadPlan,
+    audio: EncodedAudio,
+    wire: _WireAudio,
+    metronome: Metronome,
+    call_id: str,
+    rng: random.Random,
 ) -> CallStats:
     headers = {"x-ms-call-connection-id": call_id, "x-ms-call-correlation-id": str(uuid.uuid4())}
     try:
         # ACS sends plain text frames: no compression, which would only cost CPU on both ends.
         # No keepalive pings: the 50 frames/s media stream already proves the peer is alive.
         ws = await websockets.connect(
-            url, additional_headers=headers, compression=None, max_size=2**20,
-            open_timeout=OPEN_TIMEOUT_S, ping_interval=None, close_timeout=CLOSE_TIMEOUT_S,
+            url,
+            additional_headers=headers,
+            compression=None,
+            max_size=2**20,
+            open_timeout=OPEN_TIMEOUT_S,
+            ping_interval=None,
+            close_timeout=CLOSE_TIMEOUT_S,
             create_connection=_MediaConnection,
         )
     except (OSError, InvalidHandshake, TimeoutError) as exc:
@@ -675,8 +715,14 @@ def _describe(exc: BaseException) -> str:
 
 
 async def _isolated_call(
-    url: str, plan: LoadPlan, audio: EncodedAudio, wire: _WireAudio, metronome: Metronome,
-    call_id: str, rng: random.Random, start_at: float,
+    url: str,
+    plan: LoadPlan,
+    audio: EncodedAudio,
+    wire: _WireAudio,
+    metronome: Metronome,
+    call_id: str,
+    rng: random.Random,
+    start_at: float,
 ) -> CallStats:
     """One call, dialled at `start_at`; any failure becomes an error entry of this call only."""
     delay = start_at - time.monotonic()
@@ -719,9 +765,15 @@ async def run_load(url: str, plan: LoadPlan) -> LoadResult:
     tasks = [
         asyncio.create_task(
             _isolated_call(
-                url, plan, audio, wire, metronome, f"{plan.headers_prefix}-{run_id}-{index}",
+                url,
+                plan,
+                audio,
+                wire,
+                metronome,
+                f"{plan.headers_prefix}-{run_id}-{index}",
                 # Seeded per call, so a rerun with the same seed barges in at the same moments.
-                random.Random(plan.seed * 1_000_003 + index), started + index * spacing,
+                random.Random(plan.seed * 1_000_003 + index),
+                started + index * spacing,
             ),
             name=f"loadgen-call-{index}",
         )

@@ -42,10 +42,10 @@ async def _warm_up(server: ServerUnderTest, one, parallel: int) -> int:  # type:
 
 def _options(url: str, index: int, pcm) -> CallOptions:  # type: ignore[no-untyped-def]
     if index % 2 == 0:
-        return CallOptions(url=url, pcm=pcm, barge_in_at=0.3, end_after_stop_s=0.8, max_wait_s=1.0,
-                           fetch_events=False)
-    return CallOptions(url=url, pcm=pcm, greeting_wait_s=0.5, end_after_answer_s=0.3, max_wait_s=3.0,
-                       fetch_events=False)
+        return CallOptions(url=url, pcm=pcm, barge_in_at=0.3, end_after_stop_s=0.8, max_wait_s=1.0, fetch_events=False)
+    return CallOptions(
+        url=url, pcm=pcm, greeting_wait_s=0.5, end_after_answer_s=0.3, max_wait_s=3.0, fetch_events=False
+    )
 
 
 async def run(server: ServerUnderTest, calls: int, parallel: int, clips: list[Path] | None) -> dict[str, Any]:

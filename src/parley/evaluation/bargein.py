@@ -75,9 +75,20 @@ LONG_GREETING: Final = (
 """The greeting of a server this evaluation starts: long enough to outlast trigger + stimulus."""
 
 _BARGE_IN_EVENTS: Final = frozenset(
-    {"barge_in_decided", "barge_in_paused", "barge_in_pending", "barge_in_resumed", "barge_in_confirmed",
-     "barge_in_ignored", "turn_cancelled", "stop_audio_sent", "echo_suppressed", "speech_started",
-     "final", "turn_started"}
+    {
+        "barge_in_decided",
+        "barge_in_paused",
+        "barge_in_pending",
+        "barge_in_resumed",
+        "barge_in_confirmed",
+        "barge_in_ignored",
+        "turn_cancelled",
+        "stop_audio_sent",
+        "echo_suppressed",
+        "speech_started",
+        "final",
+        "turn_started",
+    }
 )
 
 
@@ -313,7 +324,9 @@ def summarize(scenario: str, records: list[dict[str, Any]]) -> dict[str, Any]:
         "errors": sum(len(r["errors"]) for r in records),
     }
     if expect == "stop":
-        summary["onset_to_stop_ms"] = percentiles([r["onset_to_stop_ms"] for r in records if r["onset_to_stop_ms"] is not None])
+        summary["onset_to_stop_ms"] = percentiles(
+            [r["onset_to_stop_ms"] for r in records if r["onset_to_stop_ms"] is not None]
+        )
         summary["onset_to_decided_ms"] = percentiles(
             [r["onset_to_decided_ms"] for r in records if r["onset_to_decided_ms"] is not None]
         )

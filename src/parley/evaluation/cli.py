@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 
 evaluate = typer.Typer(
-    add_completion=False, no_args_is_help=True,
+    add_completion=False,
+    no_args_is_help=True,
     help="Evaluations: recognition accuracy (stt) and barge-in decisions (bargein).",
 )
 _progress_console = Console(stderr=True)
@@ -29,10 +30,13 @@ def _progress(quiet: bool):  # type: ignore[no-untyped-def]
 def stt(
     mode: str = typer.Option("two-pass", "--stt", help="two-pass (pocketsphinx + Whisper), pocketsphinx or whisper."),
     variant_list: str = typer.Option(
-        "clean,noise10,noise5,telephone", "--variants",
+        "clean,noise10,noise5,telephone",
+        "--variants",
         help="Comma-separated: clean, telephone, noise<SNR>[-white|-pink|-babble] (pink by default).",
     ),
-    model: Path | None = typer.Option(None, "--model", help="CTranslate2 Whisper model directory (default: the bundled tiny.en)."),
+    model: Path | None = typer.Option(
+        None, "--model", help="CTranslate2 Whisper model directory (default: the bundled tiny.en)."
+    ),
     limit: int | None = typer.Option(None, "--limit", "--clips", min=1, help="Use only the first N LibriVox clips."),
     hypotheses: bool = typer.Option(False, "--hypotheses", help="Also print every clip's texts."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
@@ -58,7 +62,8 @@ def stt(
 def bargein(
     trials: int = typer.Option(4, min=1, help="Calls per scenario."),
     scenario_list: str = typer.Option(
-        "interrupt,interrupt_echo,noise10,echo,backchannel,cough", "--scenarios",
+        "interrupt,interrupt_echo,noise10,echo,backchannel,cough",
+        "--scenarios",
         help="Comma-separated: interrupt, interrupt_echo, noise10, noise_bed, echo, backchannel, cough.",
     ),
     seed: int = typer.Option(11, help="Seed for trigger times and noise."),
@@ -74,8 +79,10 @@ def bargein(
     scenarios = _split(scenario_list)
     unknown = [name for name in scenarios if name not in module.SCENARIOS]
     if unknown or not scenarios:
-        _progress_console.print(f"[red]error:[/red] unknown scenario(s) {', '.join(unknown) or '(none given)'}; "
-                                f"use {', '.join(module.SCENARIOS)}")
+        _progress_console.print(
+            f"[red]error:[/red] unknown scenario(s) {', '.join(unknown) or '(none given)'}; "
+            f"use {', '.join(module.SCENARIOS)}"
+        )
         raise typer.Exit(2)
     # A server we start gets a greeting long enough to outlast trigger + stimulus + listening.
     with server_under_test(url, server, greeting=module.LONG_GREETING) as sut:

@@ -51,7 +51,7 @@ class Variant:
 
 
 def parse_variant(name: str) -> Variant:
-    """"clean", "telephone", or "noise<SNR dB>[-white|-pink|-babble]" (pink by default)."""
+    """ "clean", "telephone", or "noise<SNR dB>[-white|-pink|-babble]" (pink by default)."""
     if name == "clean":
         return Variant(name, "as recorded", lambda pcm, _seed: pcm)
     if name == "telephone":
@@ -63,9 +63,7 @@ def parse_variant(name: str) -> Variant:
         )
     snr = float(match["snr"])
     kind: variants.NoiseKind = match["kind"] or "pink"  # type: ignore[assignment]
-    return Variant(
-        name, f"{kind} noise at {snr:g} dB SNR", lambda pcm, seed: variants.add_noise(pcm, snr, kind, seed)
-    )
+    return Variant(name, f"{kind} noise at {snr:g} dB SNR", lambda pcm, seed: variants.add_noise(pcm, snr, kind, seed))
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,8 +254,13 @@ def print_result(result: dict[str, Any], console: Console | None = None, hypothe
     console = console or Console()
     table = Table(title=f"parley eval stt ({result['mode']}, {len(result['clips'])} clips)")
     for column, justify in (
-        ("variant", "left"), ("final WER", "right"), ("sphinx WER", "right"), ("S/D/I", "right"),
-        ("whisper WER", "right"), ("S/D/I", "right"), ("whisper ms p50/p95", "right"),
+        ("variant", "left"),
+        ("final WER", "right"),
+        ("sphinx WER", "right"),
+        ("S/D/I", "right"),
+        ("whisper WER", "right"),
+        ("S/D/I", "right"),
+        ("whisper ms p50/p95", "right"),
         ("1st partial ms", "right"),
     ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
@@ -277,8 +280,10 @@ def print_result(result: dict[str, Any], console: Console | None = None, hypothe
     if hypotheses:
         _print_hypotheses(result, console)
     machine = result["machine"]
-    console.print(f"[dim]{machine['cores']} cores ({machine['cpu']}), Python {machine['python']}, "
-                  f"whisper model {result['whisper_model']}[/dim]")
+    console.print(
+        f"[dim]{machine['cores']} cores ({machine['cpu']}), Python {machine['python']}, "
+        f"whisper model {result['whisper_model']}[/dim]"
+    )
 
 
 def _sdi(summary: dict[str, Any] | None) -> str:

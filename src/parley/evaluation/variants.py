@@ -188,7 +188,10 @@ def add_noise(
 
 
 def noise_bed(
-    seconds: float, kind: NoiseKind = "pink", level_dbfs: float = -40.0, seed: int = 0,
+    seconds: float,
+    kind: NoiseKind = "pink",
+    level_dbfs: float = -40.0,
+    seed: int = 0,
     sample_rate: int = SAMPLE_RATE,
 ) -> np.ndarray:
     """Noise on its own at an RMS of `level_dbfs`; loops seamlessly (see `_shape_spectrum`)."""
@@ -290,8 +293,7 @@ def _cough_shape(centres: list[float]) -> Shape:
 
     def shape(freqs: np.ndarray) -> np.ndarray:
         bumps = sum(
-            w * np.exp(-0.5 * ((freqs - c) / bw) ** 2)
-            for w, c, bw in zip(weights, centres, widths, strict=True)
+            w * np.exp(-0.5 * ((freqs - c) / bw) ** 2) for w, c, bw in zip(weights, centres, widths, strict=True)
         )
         return np.where(freqs < 80.0, 0.0, bumps + 0.05)
 
@@ -324,7 +326,11 @@ BACKCHANNELS: Final = ("uh-huh", "mm-hmm", "yeah", "okay", "right")
 # phonemiser (Piper uses it too) reads "mm" as the letters "em em"; "um-hum" gives /ʌmˈhʌm/, the
 # usual spoken "mm-hmm". The full stop gives the falling pitch of an acknowledgement.
 _TTS_SPELLING: Final = {
-    "mm-hmm": "um-hum.", "uh-huh": "uh-huh.", "okay": "okay.", "yeah": "yeah.", "right": "right.",
+    "mm-hmm": "um-hum.",
+    "uh-huh": "uh-huh.",
+    "okay": "okay.",
+    "yeah": "yeah.",
+    "right": "right.",
 }
 
 

@@ -100,8 +100,13 @@ class WordErrors:
         )
 
     def to_dict(self) -> dict[str, float | int]:
-        return {"wer": round(self.wer, 4), "substitutions": self.substitutions,
-                "deletions": self.deletions, "insertions": self.insertions, "words": self.words}
+        return {
+            "wer": round(self.wer, 4),
+            "substitutions": self.substitutions,
+            "deletions": self.deletions,
+            "insertions": self.insertions,
+            "words": self.words,
+        }
 
 
 def align(reference: list[str], hypothesis: list[str]) -> WordErrors:

@@ -30,10 +30,35 @@ AgentState = Literal["thinking", "speaking"]
 Action = Literal["none", "pause", "hold", "cancel", "resume"]
 
 DEFAULT_BACKCHANNELS = (
-    "uh-huh", "mm-hmm", "mhm", "mm", "hmm", "uh", "um", "ah", "oh", "huh", "yeah", "yep", "okay",
-    "ok", "right", "alright", "sure", "i see", "got it", "cool", "nice", "wow",
+    "uh-huh",
+    "mm-hmm",
+    "mhm",
+    "mm",
+    "hmm",
+    "uh",
+    "um",
+    "ah",
+    "oh",
+    "huh",
+    "yeah",
+    "yep",
+    "okay",
+    "ok",
+    "right",
+    "alright",
+    "sure",
+    "i see",
+    "got it",
+    "cool",
+    "nice",
+    "wow",
     # how Whisper spells a hummed "mm-hmm"
-    "um-hum", "uh-hum", "mm-hm", "hm", "hum", "mmm",
+    "um-hum",
+    "uh-hum",
+    "mm-hm",
+    "hm",
+    "hum",
+    "mmm",
 )
 _ECHO_SHARE = 0.6  # at least this share of the words were in what the agent just said: echo
 _FUNCTION_WORDS = frozenset(

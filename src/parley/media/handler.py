@@ -177,8 +177,12 @@ class MediaHandler:
         gate = self.recognition.echo_gate if self.recognition else None
         if gate is None:
             return None
-        return {"state": gate.state.value, "loss_db": round(gate.loss_db, 1),
-                "lag_ms": round(gate.lag_s * 1000), "suppressed_windows": gate.suppressed}
+        return {
+            "state": gate.state.value,
+            "loss_db": round(gate.loss_db, 1),
+            "lag_ms": round(gate.lag_s * 1000),
+            "suppressed_windows": gate.suppressed,
+        }
 
     @property
     def dropped_frames(self) -> int:
@@ -219,8 +223,7 @@ class MediaHandler:
             # The codec only lets such a frame through when its length names a supported rate.
             inferred = acs.infer_format(len(frame.pcm))
             assert inferred is not None
-            log.warning("call %s: AudioData before AudioMetadata; assuming %d Hz",
-                        self.call_id, inferred.sample_rate)
+            log.warning("call %s: AudioData before AudioMetadata; assuming %d Hz", self.call_id, inferred.sample_rate)
             self._start_media(inferred)
         self.frames_in += 1
         self.recognition.submit(frame.pcm, arrival_t)  # type: ignore[union-attr]
@@ -247,9 +250,7 @@ class MediaHandler:
     def _start_media(self, audio_format: acs.AudioFormat) -> None:
         self.format = audio_format
         assert self.writer is not None
-        self.player = Player(
-            self.writer, audio_format.frame_bytes, self.settings.playout_lead_ms, self.echo_reference
-        )
+        self.player = Player(self.writer, audio_format.frame_bytes, self.settings.playout_lead_ms, self.echo_reference)
         self.bridge = ThreadBridge(asyncio.get_running_loop(), self)
         self.recognition = RecognitionThread(
             call_id=self.call_id,
@@ -286,9 +287,7 @@ class MediaHandler:
     # ------------------------------------------------------------------ speech events (from the bridge)
     def on_speech_started(self, event: SpeechStarted) -> None:
         self._latest_utterance_id = max(self._latest_utterance_id, event.utterance_id)
-        self.events.emit(
-            "speech_started", t=event.detected_t, utterance_id=event.utterance_id, onset_t=event.onset_t
-        )
+        self.events.emit("speech_started", t=event.detected_t, utterance_id=event.utterance_id, onset_t=event.onset_t)
         self.inbox.hold()  # answer once the caller has finished, everything they said at once
         self._consider_barge_in(Signal("vad", event.utterance_id))
 
@@ -300,10 +299,17 @@ class MediaHandler:
         self._consider_barge_in(Signal("partial", event.utterance_id, event.text))
 
     def on_final(self, event: Final) -> None:
-        self.events.emit("speech_ended", t=event.endpoint_t or event.t, utterance_id=event.utterance_id,
-                         speech_end_t=event.speech_end_t)
         self.events.emit(
-            "final", t=event.t, utterance_id=event.utterance_id, text=event.text,
+            "speech_ended",
+            t=event.endpoint_t or event.t,
+            utterance_id=event.utterance_id,
+            speech_end_t=event.speech_end_t,
+        )
+        self.events.emit(
+            "final",
+            t=event.t,
+            utterance_id=event.utterance_id,
+            text=event.text,
             speech_end_t=event.speech_end_t,
         )
         decision = self._consider_barge_in(Signal("final", event.utterance_id, event.text))
@@ -341,8 +347,7 @@ class MediaHandler:
         elif decision.action == "resume":
             self._resume(turn, decision.reason)
         elif signal.trigger not in ("partial", "final", "timeout"):
-            self.events.emit("barge_in_ignored", turn_id=active.turn_id, reason=decision.reason,
-                             trigger=signal.trigger)
+            self.events.emit("barge_in_ignored", turn_id=active.turn_id, reason=decision.reason, trigger=signal.trigger)
         return decision
 
     def _active_turn(self, turn: Turn, now: float) -> ActiveTurn:
@@ -354,9 +359,12 @@ class MediaHandler:
         speaking = track is not None and track.start_t is not None
         recent = " ".join(track.played_text(now).split()[-_RECENT_WORDS:]) if track else ""
         return ActiveTurn(
-            turn.id, interruptible, turn.source_utterance_id,
+            turn.id,
+            interruptible,
+            turn.source_utterance_id,
             state="speaking" if speaking else "thinking",
-            pending=turn.interruption_pending, recent_text=recent,
+            pending=turn.interruption_pending,
+            recent_text=recent,
         )
 
     def _barge_in(self, turn: Turn, trigger: str) -> None:
@@ -399,8 +407,13 @@ class MediaHandler:
         if pause and track is not None:
             self.writer.pause_audio(turn.id)
             heard = round(self.player.pause(track, now), 1)
-        self.events.emit("barge_in_paused" if pause else "barge_in_pending", t=now, turn_id=turn.id,
-                         utterance_id=utterance_id, heard_ms=heard)
+        self.events.emit(
+            "barge_in_paused" if pause else "barge_in_pending",
+            t=now,
+            turn_id=turn.id,
+            utterance_id=utterance_id,
+            heard_ms=heard,
+        )
         asyncio.get_running_loop().call_later(
             self.settings.resume_after_ms / 1000, self._on_pending_timeout, turn, turn.pending_count
         )
@@ -419,14 +432,15 @@ class MediaHandler:
         position = None
         if track is not None and track.paused:
             position = round(self.player.resume(track), 1)
-        self.events.emit("barge_in_resumed", t=time.monotonic(), turn_id=turn.id, reason=reason,
-                         from_ms=position)
+        self.events.emit("barge_in_resumed", t=time.monotonic(), turn_id=turn.id, reason=reason, from_ms=position)
 
     # ------------------------------------------------------------------ one turn
     async def _run_turn(self, turn: Turn) -> None:
         assert self.player is not None
         self.events.emit(
-            "turn_started", turn_id=turn.id, kind=turn.kind,
+            "turn_started",
+            turn_id=turn.id,
+            kind=turn.kind,
             input=(turn.user.text or turn.user.digits) if turn.user else turn.say,
         )
         track = self.player.begin(turn.id)
@@ -441,11 +455,20 @@ class MediaHandler:
                     await self.player.play(track, item.pcm, item.text, item.interruptible)
             await producer
             await self.player.finish(track)
-            self.events.emit("turn_completed", turn_id=turn.id, audio_ms=track.sent_ms,
-                             text=" ".join(segment.text for segment in track.segments))
+            self.events.emit(
+                "turn_completed",
+                turn_id=turn.id,
+                audio_ms=track.sent_ms,
+                text=" ".join(segment.text for segment in track.segments),
+            )
         except asyncio.CancelledError:
-            self.events.emit("turn_cancelled", turn_id=turn.id, heard_ms=round(turn.heard_ms, 1),
-                             heard_text=turn.heard_text, audio_ms=track.sent_ms)
+            self.events.emit(
+                "turn_cancelled",
+                turn_id=turn.id,
+                heard_ms=round(turn.heard_ms, 1),
+                heard_text=turn.heard_text,
+                audio_ms=track.sent_ms,
+            )
             raise
         except Exception as exc:
             log.exception("call %s: turn %d failed", self.call_id, turn.id)
@@ -474,8 +497,12 @@ class MediaHandler:
         if control is not None:
             self._request(control.transfer(self.call_id, transfer.target), "transfer")
             return
-        log.warning("call %s: the agent asked to transfer to %s, but no call control (ACS Call "
-                    "Automation) is configured; ending the call", self.call_id, transfer.target)
+        log.warning(
+            "call %s: the agent asked to transfer to %s, but no call control (ACS Call "
+            "Automation) is configured; ending the call",
+            self.call_id,
+            transfer.target,
+        )
         self.end_call(f"transfer_unavailable:{transfer.target}")
 
     def _request(self, request, what: str) -> None:  # type: ignore[no-untyped-def]

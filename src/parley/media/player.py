@@ -125,9 +125,7 @@ class Player:
         """The track of `turn_id` if it is the one playing (a turn cancelled while thinking has none)."""
         return self.current if self.current is not None and self.current.turn_id == turn_id else None
 
-    async def play(
-        self, track: Track, pcm: bytes, text: str | None = None, interruptible: bool = True
-    ) -> None:
+    async def play(self, track: Track, pcm: bytes, text: str | None = None, interruptible: bool = True) -> None:
         """Queue `pcm` (any length) for playout, sending whole frames as the clock allows."""
         if text:
             track.segments.append(Segment(text, track.pushed_ms, track.pushed_ms, interruptible))
@@ -204,4 +202,3 @@ class Player:
         self._playout_end_t = time.monotonic() if now is None else now
         if self._echo_reference is not None:
             self._echo_reference.cut(self._playout_end_t)
-

@@ -280,9 +280,7 @@ class RecognitionThread:
         self._input_rate = input_rate
         self._stopping = threading.Event()
         self.dropped_frames = 0
-        self._thread = threading.Thread(
-            target=self._run, name=f"recognition-{call_id[:12]}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name=f"recognition-{call_id[:12]}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -320,9 +318,7 @@ class RecognitionThread:
         try:
             vad = self._vads.acquire()
             recognizer = self._recognizers.acquire()
-            segmenter = SpeechSegmenter(
-                vad, recognizer, self._bridge, self._config, self._final_pass, self.echo_gate
-            )
+            segmenter = SpeechSegmenter(vad, recognizer, self._bridge, self._config, self._final_pass, self.echo_gate)
             resampler = StreamResampler(self._input_rate, vad.sample_rate)
             self._consume(segmenter, resampler)
             segmenter.flush()

@@ -107,8 +107,12 @@ class RouteTurnLoop:
         while True:
             pending = await self._inbox.get()
             turn = Turn(
-                next(self._ids), pending.kind, pending.user, pending.utterance_id,
-                pending.interruptible, pending.say,
+                next(self._ids),
+                pending.kind,
+                pending.user,
+                pending.utterance_id,
+                pending.interruptible,
+                pending.say,
             )
             turn.task = asyncio.create_task(self._run_turn(turn), name=f"turn-{turn.id}")
             self.current = turn

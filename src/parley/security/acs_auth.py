@@ -438,7 +438,9 @@ async def check_websocket(websocket: WebSocket, validator: AcsTokenValidator | N
     except AuthError as exc:
         log.warning(
             "media WebSocket from %s refused: %s (call %.64r)",
-            _peer(websocket.client), exc, websocket.headers.get("x-ms-call-connection-id", "-"),
+            _peer(websocket.client),
+            exc,
+            websocket.headers.get("x-ms-call-connection-id", "-"),
         )
         await websocket.close(code=WEBSOCKET_POLICY_VIOLATION, reason=f"unauthorized: {exc.reason.value}")
         return False

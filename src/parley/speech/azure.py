@@ -133,8 +133,13 @@ class _RecognitionSession:
     """
 
     def __init__(
-        self, options: AzureSpeechOptions, *, trailing_silence_ms: int, padding_ms: int,
-        final_timeout_s: float, end_slack_ms: int,
+        self,
+        options: AzureSpeechOptions,
+        *,
+        trailing_silence_ms: int,
+        padding_ms: int,
+        final_timeout_s: float,
+        end_slack_ms: int,
     ) -> None:
         self._rate = AzureRecognizer.sample_rate
         self._trailing = self._rate * trailing_silence_ms // 1000
@@ -426,8 +431,10 @@ class AzureRecognizer:
     ) -> None:
         self._options = options
         self._session_args = {
-            "trailing_silence_ms": trailing_silence_ms, "padding_ms": padding_ms,
-            "final_timeout_s": final_timeout_s, "end_slack_ms": end_slack_ms,
+            "trailing_silence_ms": trailing_silence_ms,
+            "padding_ms": padding_ms,
+            "final_timeout_s": final_timeout_s,
+            "end_slack_ms": end_slack_ms,
         }
         self._session: _RecognitionSession | None = None
         self._current: _RecognitionSession | None = None  # the session of the open utterance

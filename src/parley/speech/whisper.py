@@ -114,20 +114,32 @@ class WhisperTranscriber:
             verify_bundled_model(path)
         started = time.perf_counter()
         self._model = WhisperModel(
-            str(path), device="cpu", compute_type=compute_type, cpu_threads=cpu_threads,
-            num_workers=workers, local_files_only=True,
+            str(path),
+            device="cpu",
+            compute_type=compute_type,
+            cpu_threads=cpu_threads,
+            num_workers=workers,
+            local_files_only=True,
         )
         multilingual = self._model.model.is_multilingual
         self._tokenizer = Tokenizer(
-            self._model.hf_tokenizer, multilingual, task="transcribe",
+            self._model.hf_tokenizer,
+            multilingual,
+            task="transcribe",
             language=language if multilingual else "en",
         )
         self._prompt = [*self._tokenizer.sot_sequence, self._tokenizer.no_timestamps]
         self._beam_size = beam_size
         self._trim_context = trim_context
         self.model_dir = path
-        log.info("Whisper model %s loaded in %.2f s (%s, %d threads, trim=%s)", path,
-                 time.perf_counter() - started, compute_type, cpu_threads, trim_context)
+        log.info(
+            "Whisper model %s loaded in %.2f s (%s, %d threads, trim=%s)",
+            path,
+            time.perf_counter() - started,
+            compute_type,
+            cpu_threads,
+            trim_context,
+        )
 
     def transcribe(self, pcm: bytes) -> str:
         """Blocking (run it on an executor). "" when the audio holds no words (a cough, noise)."""

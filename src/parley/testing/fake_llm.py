@@ -65,16 +65,27 @@ def deltas(*texts: str, gap: float = 0.0, first_delay: float = 0.0) -> list[Chun
     return [Chunk(text, first_delay if i == 0 else gap) for i, text in enumerate(texts)]
 
 
-def tool_call(name: str, arguments: dict[str, Any] | str, *, index: int = 0, call_id: str | None = None,
-              pieces: int = 2, delay: float = 0.0) -> list[Chunk]:
+def tool_call(
+    name: str,
+    arguments: dict[str, Any] | str,
+    *,
+    index: int = 0,
+    call_id: str | None = None,
+    pieces: int = 2,
+    delay: float = 0.0,
+) -> list[Chunk]:
     """A tool call streamed as OpenAI does: id and name first, then the arguments in pieces."""
     text = arguments if isinstance(arguments, str) else json.dumps(arguments)
     size = max(1, -(-len(text) // pieces))
-    first = {"index": index, "id": call_id or f"call_{name}_{index}", "type": "function",
-             "function": {"name": name, "arguments": ""}}
+    first = {
+        "index": index,
+        "id": call_id or f"call_{name}_{index}",
+        "type": "function",
+        "function": {"name": name, "arguments": ""},
+    }
     chunks = [Chunk(tool_call=first, delay=delay)]
     for start in range(0, len(text), size):
-        chunks.append(Chunk(tool_call={"index": index, "function": {"arguments": text[start:start + size]}}))
+        chunks.append(Chunk(tool_call={"index": index, "function": {"arguments": text[start : start + size]}}))
     return chunks
 
 
@@ -128,11 +139,13 @@ class FakeLlm:
             await _send_json(send, plan.status, {"error": error})
             record.finished_t = time.monotonic()
             return
-        await send({
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
-        })
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
+            }
+        )
         await _send_event(send, _chunk_json({"role": "assistant", "content": ""}))
         for chunk in plan.chunks:
             if not await _pause(chunk.delay, watcher):
@@ -198,11 +211,13 @@ async def _send_event(send: Any, payload: dict[str, Any]) -> None:
 
 async def _send_json(send: Any, status: int, payload: dict[str, Any]) -> None:
     body = json.dumps(payload).encode()
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
@@ -211,8 +226,13 @@ class ServerThread:
 
     def __init__(self, app: Any) -> None:
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, lifespan="off", log_level="critical",
-            access_log=False, timeout_graceful_shutdown=1,
+            app,
+            host="127.0.0.1",
+            port=0,
+            lifespan="off",
+            log_level="critical",
+            access_log=False,
+            timeout_graceful_shutdown=1,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="fake-llm", daemon=True)

@@ -135,16 +135,23 @@ class FakeSpeechService:
 
     async def _serve(self) -> Server:
         return await serve(
-            self._handle, "127.0.0.1", 0, subprotocols=[Subprotocol("USP")], process_request=self._admit,
-            max_size=None, close_timeout=0.5,  # an idle SDK connection may not answer a close frame
+            self._handle,
+            "127.0.0.1",
+            0,
+            subprotocols=[Subprotocol("USP")],
+            process_request=self._admit,
+            max_size=None,
+            close_timeout=0.5,  # an idle SDK connection may not answer a close frame
         )
 
     def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
         """Record the attempt; refuse the upgrade with the next scripted status, if any."""
         url = urlsplit(request.path)
         record = SpeechConnection(
-            path=url.path, query=dict(parse_qsl(url.query)),
-            headers={k.lower(): v for k, v in request.headers.raw_items()}, opened_t=time.monotonic(),
+            path=url.path,
+            query=dict(parse_qsl(url.query)),
+            headers={k.lower(): v for k, v in request.headers.raw_items()},
+            opened_t=time.monotonic(),
         )
         self.connections.append(record)
         self._records[id(connection)] = record

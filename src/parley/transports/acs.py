@@ -143,8 +143,7 @@ def _check_sample_rate(sample_rate: int) -> None:
     if isinstance(sample_rate, bool) or sample_rate not in SUPPORTED_SAMPLE_RATES:
         rates = " or ".join(str(r) for r in SUPPORTED_SAMPLE_RATES)
         raise UnsupportedFormat(
-            f"unsupported sampleRate {_preview(sample_rate)}: ACS media streaming audio must be "
-            f"{rates} Hz"
+            f"unsupported sampleRate {_preview(sample_rate)}: ACS media streaming audio must be {rates} Hz"
         )
 
 
@@ -152,13 +151,9 @@ def _check_format(sample_rate: int, channels: int, encoding: str) -> None:
     """Reject formats we cannot stream; messages use the ACS field names so they map to the wire."""
     _check_sample_rate(sample_rate)
     if isinstance(channels, bool) or channels != 1:
-        raise UnsupportedFormat(
-            f"unsupported channels {_preview(channels)}: only mono (channels=1) audio is supported"
-        )
+        raise UnsupportedFormat(f"unsupported channels {_preview(channels)}: only mono (channels=1) audio is supported")
     if not isinstance(encoding, str) or encoding.upper() != "PCM":
-        raise UnsupportedFormat(
-            f"unsupported encoding {_preview(encoding)}: only 16-bit PCM ('PCM') is supported"
-        )
+        raise UnsupportedFormat(f"unsupported encoding {_preview(encoding)}: only 16-bit PCM ('PCM') is supported")
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,9 +296,7 @@ def _lower_keys(obj: dict[str, Any], where: str) -> dict[str, Any]:
         seen: dict[str, str] = {}
         for key in obj:
             if key.lower() in seen:
-                raise MalformedMessage(
-                    f"{where} has keys {seen[key.lower()]!r} and {key!r} that differ only in case"
-                )
+                raise MalformedMessage(f"{where} has keys {seen[key.lower()]!r} and {key!r} that differ only in case")
             seen[key.lower()] = key
     return lowered
 
@@ -313,9 +306,7 @@ def _decode_envelope(message: str | bytes, max_chars: int) -> tuple[str, dict[st
     # Measured before decoding: for bytes this counts bytes, which is never fewer than the
     # characters they encode, so the check is conservative and we never decode a huge frame.
     if len(message) > max_chars:
-        raise MalformedMessage(
-            f"message is {len(message)} characters long, more than the {max_chars} allowed"
-        )
+        raise MalformedMessage(f"message is {len(message)} characters long, more than the {max_chars} allowed")
     if isinstance(message, (bytes, bytearray, memoryview)):
         try:
             message = bytes(message).decode("utf-8")
@@ -324,9 +315,7 @@ def _decode_envelope(message: str | bytes, max_chars: int) -> tuple[str, dict[st
     try:
         obj = json.loads(message)
     except json.JSONDecodeError as exc:
-        raise MalformedMessage(
-            f"message is not valid JSON: {exc.msg} at position {exc.pos}"
-        ) from None
+        raise MalformedMessage(f"message is not valid JSON: {exc.msg} at position {exc.pos}") from None
     except RecursionError:
         raise MalformedMessage("message is not valid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
@@ -359,9 +348,7 @@ def _payload(top: dict[str, Any], kind: str, name: str) -> dict[str, Any]:
 
 
 def _ill_typed(where: str, name: str, expected: str, value: object) -> MalformedMessage:
-    return MalformedMessage(
-        f"{where} field '{name}' must be {expected}, got {_json_type(value)} {_preview(value)}"
-    )
+    return MalformedMessage(f"{where} field '{name}' must be {expected}, got {_json_type(value)} {_preview(value)}")
 
 
 def _required_str(payload: dict[str, Any], name: str, where: str) -> str:
@@ -413,9 +400,7 @@ def _decode_base64(data: str, where: str) -> bytes:
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise InvalidAudio(
-            f"{where} field 'data' is not valid base64 ({exc}): {_preview(data)}"
-        ) from None
+        raise InvalidAudio(f"{where} field 'data' is not valid base64 ({exc}): {_preview(data)}") from None
 
 
 def _check_dtmf(digits: str) -> str:
@@ -453,8 +438,7 @@ def _parse_audio_metadata(payload: dict[str, Any], _fmt: AudioFormat | None) -> 
     fmt = AudioFormat(rate, channels, encoding, subscription_id)
     if length is not None and length != fmt.frame_bytes:
         raise UnsupportedFormat(
-            f"AudioMetadata length {length} does not match 20 ms frames at {rate} Hz "
-            f"(expected {fmt.frame_bytes} bytes)"
+            f"AudioMetadata length {length} does not match 20 ms frames at {rate} Hz (expected {fmt.frame_bytes} bytes)"
         )
     return AudioMetadata(fmt)
 
@@ -468,12 +452,9 @@ def _check_frame_length(pcm: bytes, fmt: AudioFormat | None) -> None:
                 f"is {fmt.frame_bytes} bytes"
             )
     elif size not in _FORMAT_BY_FRAME_LENGTH:
-        options = " or ".join(
-            f"{length} bytes at {f.sample_rate} Hz" for length, f in _FORMAT_BY_FRAME_LENGTH.items()
-        )
+        options = " or ".join(f"{length} bytes at {f.sample_rate} Hz" for length, f in _FORMAT_BY_FRAME_LENGTH.items())
         raise FrameLengthError(
-            f"AudioData frame is {size} bytes and arrived before AudioMetadata; "
-            f"it must be one 20 ms frame ({options})"
+            f"AudioData frame is {size} bytes and arrived before AudioMetadata; it must be one 20 ms frame ({options})"
         )
 
 
@@ -493,16 +474,12 @@ def _parse_dtmf(payload: dict[str, Any], _fmt: AudioFormat | None) -> Dtmf:
     return Dtmf(_check_dtmf(_required_str(payload, "data", "DtmfData")))
 
 
-def _parse_transcription_metadata(
-    payload: dict[str, Any], _fmt: AudioFormat | None
-) -> TranscriptionMetadata:
+def _parse_transcription_metadata(payload: dict[str, Any], _fmt: AudioFormat | None) -> TranscriptionMetadata:
     # Informational only (logging); _payload already made a fresh lower-cased copy.
     return TranscriptionMetadata(dict(payload))
 
 
-def _parse_transcription_data(
-    payload: dict[str, Any], _fmt: AudioFormat | None
-) -> TranscriptionData:
+def _parse_transcription_data(payload: dict[str, Any], _fmt: AudioFormat | None) -> TranscriptionData:
     where = "TranscriptionData"
     return TranscriptionData(
         text=_required_str(payload, "text", where),
@@ -568,9 +545,7 @@ def parse_outbound(message: str | bytes, *, max_chars: int = MAX_MESSAGE_CHARS) 
     payload = _payload(top, kind, "AudioData")
     pcm = _decode_base64(_required_str(payload, "data", "AudioData"), "AudioData")
     if len(pcm) % BYTES_PER_SAMPLE:
-        raise FrameLengthError(
-            f"outbound AudioData is {len(pcm)} bytes, not a whole number of 16-bit samples"
-        )
+        raise FrameLengthError(f"outbound AudioData is {len(pcm)} bytes, not a whole number of 16-bit samples")
     return OutboundAudio(pcm)
 
 
@@ -578,9 +553,7 @@ def parse_outbound(message: str | bytes, *, max_chars: int = MAX_MESSAGE_CHARS) 
 # Outbound builders (app -> ACS): the exact documented form
 # --------------------------------------------------------------------------------------------
 
-STOP_AUDIO_MESSAGE: Final = json.dumps(
-    {"Kind": "StopAudio", "AudioData": None, "StopAudio": {}}, separators=(",", ":")
-)
+STOP_AUDIO_MESSAGE: Final = json.dumps({"Kind": "StopAudio", "AudioData": None, "StopAudio": {}}, separators=(",", ":"))
 
 # Base64 never contains characters JSON must escape, so splicing it between these halves is
 # byte-identical to json.dumps and avoids building a dict per frame on the hot path.
@@ -593,9 +566,7 @@ def audio_data_message(pcm: bytes) -> str:
     if not pcm:
         raise InvalidAudio("refusing to build an AudioData message with no audio")
     if len(pcm) % BYTES_PER_SAMPLE:
-        raise FrameLengthError(
-            f"outbound audio is {len(pcm)} bytes, not a whole number of 16-bit samples"
-        )
+        raise FrameLengthError(f"outbound audio is {len(pcm)} bytes, not a whole number of 16-bit samples")
     return _AUDIO_PREFIX + base64.b64encode(pcm).decode("ascii") + _AUDIO_SUFFIX
 
 

@@ -33,9 +33,7 @@ _NEWLINE = "\n"
 _LATER_SOFT_FACTOR = 3
 """After the first clause a comma/colon/dash only cuts a clause of min_chars * this."""
 
-_ABBREVIATIONS = frozenset(
-    {"mr.", "mrs.", "ms.", "dr.", "st.", "jr.", "sr.", "prof.", "vs.", "mt.", "approx."}
-)
+_ABBREVIATIONS = frozenset({"mr.", "mrs.", "ms.", "dr.", "st.", "jr.", "sr.", "prof.", "vs.", "mt.", "approx."})
 _INITIALS = re.compile(r"(?:[A-Za-z]\.){2,}|[A-Z]\.")
 """'e.g.', 'i.e.', 'a.m.', 'U.S.' and single initials like the 'J.' of 'J. K. Rowling'."""
 _WHITESPACE = re.compile(r"\s+")
@@ -201,7 +199,7 @@ def quick_start(clauses: list[str], *, over_chars: int = 40, min_chars: int = 16
     if opener is not None and len(first) - opener.end() >= min_chars:
         # "Sure, ..." / "Of course, ...": the opener is a phrase of its own, said in ~80 ms of
         # synthesis, and its comma is where a speaker pauses while the rest renders.
-        return [opener.group(1), first[opener.end():], *clauses[1:]]
+        return [opener.group(1), first[opener.end() :], *clauses[1:]]
     for match in re.finditer(r" (\w+)", first):
         if match.start() >= min_chars and match.group(1).lower() in _PHRASE_STARTERS:
             if len(first) - match.start() < min_chars:

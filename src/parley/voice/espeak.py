@@ -25,9 +25,7 @@ _CHARS_UTF8 = 1
 _PARAM_RATE = 1
 _BUFFER_MS = 60
 
-_SynthCallback = ctypes.CFUNCTYPE(
-    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
-)
+_SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
 
 
 class EspeakError(RuntimeError):
@@ -54,8 +52,14 @@ class EspeakEngine:
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         lib.espeak_Synth.argtypes = [
-            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-            ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
         ]
         data_path = espeakng_loader.get_data_path().encode()
         rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, _BUFFER_MS, data_path, _INITIALIZE_DONT_EXIT)
@@ -73,9 +77,7 @@ class EspeakEngine:
             if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
                 raise EspeakError(f"espeak-ng has no voice named {voice!r}")
 
-    def synthesize(
-        self, text: str, voice: str, rate_wpm: int, on_samples: Callable[[np.ndarray], bool]
-    ) -> None:
+    def synthesize(self, text: str, voice: str, rate_wpm: int, on_samples: Callable[[np.ndarray], bool]) -> None:
         """Blocking. `on_samples(int16 array at self.sample_rate)` returns False to abort."""
         encoded = text.encode("utf-8") + b"\0"
         with self._lock:

@@ -113,9 +113,7 @@ def _check_pins(files: VoiceFiles) -> None:
         try:
             verify_sha256(path, expected, size=size)
         except IntegrityError as exc:
-            raise VoiceModelError(
-                f"voice {files.name!r} failed its integrity check, reinstall it: {exc}"
-            ) from exc
+            raise VoiceModelError(f"voice {files.name!r} failed its integrity check, reinstall it: {exc}") from exc
 
 
 def _read_voice(files: VoiceFiles, intra_op_threads: int) -> PiperVoice:
@@ -125,7 +123,8 @@ def _read_voice(files: VoiceFiles, intra_op_threads: int) -> PiperVoice:
         raise VoiceModelError(f"{files.config}: not a Piper voice config ({exc!r})") from exc
     try:
         session = onnxruntime.InferenceSession(
-            str(files.model), sess_options=_session_options(intra_op_threads),
+            str(files.model),
+            sess_options=_session_options(intra_op_threads),
             providers=["CPUExecutionProvider"],
         )
     except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable models
@@ -184,8 +183,12 @@ class PiperSynthesizer:
         if not voice or voice == self.voice or _same_file(voice, self.model_path):
             return self
         return PiperSynthesizer(
-            self._executor, voice, rate=self.rate, intra_op_threads=self.intra_op_threads,
-            clause_pause_ms=self.clause_pause_ms, sentence_pause_ms=self.sentence_pause_ms,
+            self._executor,
+            voice,
+            rate=self.rate,
+            intra_op_threads=self.intra_op_threads,
+            clause_pause_ms=self.clause_pause_ms,
+            sentence_pause_ms=self.sentence_pause_ms,
         )
 
     def stream(self, text: str, sample_rate: int) -> AsyncIterator[bytes]:
@@ -230,9 +233,7 @@ class PiperSynthesizer:
         return _shape(np.concatenate(parts), self.sample_rate, pause_ms)
 
 
-def load_default_piper(
-    executor: Executor, intra_op_threads: int = 1, rate: float = 1.0
-) -> PiperSynthesizer:
+def load_default_piper(executor: Executor, intra_op_threads: int = 1, rate: float = 1.0) -> PiperSynthesizer:
     """The bundled voice, hash-checked and loaded once per process (later calls reuse it)."""
     return PiperSynthesizer(executor, rate=rate, intra_op_threads=intra_op_threads)
 

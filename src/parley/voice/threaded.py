@@ -16,9 +16,7 @@ Emit = Callable[[bytes], bool]
 _DONE = object()
 
 
-async def stream_from_executor(
-    executor: Executor, produce: Callable[[Emit], None]
-) -> AsyncIterator[bytes]:
+async def stream_from_executor(executor: Executor, produce: Callable[[Emit], None]) -> AsyncIterator[bytes]:
     loop = asyncio.get_running_loop()
     chunks: asyncio.Queue[object] = asyncio.Queue()
     cancelled = threading.Event()
