@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tests.conftest import TEST_GREETING, make_server
 
 from parley.caller import CallOptions, CallReport, run_call
-from tests.conftest import TEST_GREETING, make_server
 
 GREETING_TURN = 1
 
@@ -63,9 +63,13 @@ async def test_a_backchannel_pauses_the_agent_and_it_resumes(server, voice, word
     report = await call(server, pcm, barge_in_at=1.5)
     assert report.errors == []
     assert_resumed_and_completed(report)
-    # Whisper writes the sound as the word ("Uh-huh."), as nothing, or (on some runs, depending on
-    # how much of the closing silence its pass saw) as a lone letter ("F."): none is a request.
-    assert events_named(report, "barge_in_resumed")[0]["reason"] in ("backchannel", "no_words", "no_content")
+    # Whisper spells the sound as the word ("Uh-huh."), as nothing, or as a murmur it has to
+    # invent a spelling for ("F.", "Fuh.", "FER.", "Uh-uh."): the policy judges its shape and
+    # Whisper's own doubt, so every one of these is a non-request and the agent resumes.
+    final = events_named(report, "final")[0]
+    assert final["voiced_ms"] > 0
+    reason = events_named(report, "barge_in_resumed")[0]["reason"]
+    assert reason in ("backchannel", "no_words", "no_content", "unclear"), (final["text"], reason)
 
 
 async def test_a_cough_pauses_the_agent_and_it_resumes(server) -> None:  # type: ignore[no-untyped-def]

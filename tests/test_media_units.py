@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from parley.media.bargein import ActiveTurn, BargeInPolicy, Signal
-from parley.media.bridge import SpeechContinues, Final, Partial, SpeechStarted, ThreadBridge
+from parley.media.bargein import ActiveTurn, BargeInPolicy, Signal, SpeechEvidence, is_answer, is_hum
+from parley.media.bridge import Final, Partial, SpeechContinues, SpeechStarted, ThreadBridge
 from parley.media.events import EventLog
 from parley.media.player import Player
 from parley.media.turns import Pending, TurnInbox
@@ -135,6 +135,77 @@ THINKING = ActiveTurn(1, True, 1, state="thinking")
 def test_barge_in_policy(signal: Signal, turn: ActiveTurn | None, action: str, reason: str) -> None:
     decision = BargeInPolicy(partial_min_chars=4).decide(signal, turn)
     assert (decision.action, decision.reason) == (action, reason)
+
+
+# How Whisper tiny.en spelled listeners' hums and short answers in this repo's measurements
+# (espeak-ng and Piper voices, two levels, two closing silences): a backchannel must not depend on
+# one spelling, and a short real answer must never be taken for one.
+HUM_SPELLINGS = [
+    "Uh-huh.",
+    "Uh-uh.",
+    "FER.",
+    "Uh.",
+    "Fuh.",
+    "F.",
+    "Hmm.",
+    "Mhm.",
+    "Mm-mm",
+    "mmm",
+    "Mmm, Mm, Mm",
+    "mamamamamamamam",
+    "Huh?",
+    "Er...",
+    "I'm.",
+    "I'm... I'm... I'm... I",
+    "I'll...",
+    "Hm-hm.",
+    "Ahh.",
+    "And I'm them",
+]
+SHORT_ANSWERS = ["Yes.", "No", "No.", "Stop", "Stop.", "2.", "Two.", "Wait.", "Wait", "Yes, please", "Nope.", "10."]
+
+
+@pytest.mark.parametrize("text", HUM_SPELLINGS)
+def test_a_hum_said_over_the_agent_is_not_a_request_however_it_is_spelled(text: str) -> None:
+    decision = BargeInPolicy().decide(Signal("final", 2, text), PENDING)
+    assert decision.action == "resume" and decision.said_over_agent, decision
+
+
+@pytest.mark.parametrize("text", SHORT_ANSWERS)
+def test_a_short_answer_said_over_the_agent_is_a_request(text: str) -> None:
+    unsure = SpeechEvidence(voiced_ms=380, avg_logprob=-1.8, no_speech_prob=0.5)  # clipped, doubtful
+    for evidence in (None, unsure):
+        decision = BargeInPolicy().decide(Signal("final", 2, text, evidence), PENDING)
+        assert decision.action == "cancel" and not decision.said_over_agent, (text, evidence)
+
+
+def test_a_short_answer_is_a_request_even_when_the_agent_just_said_it() -> None:
+    turn = ActiveTurn(1, True, 1, pending=True, recent_text="small, medium or large? Yes or no?")
+    assert BargeInPolicy().decide(Signal("final", 2, "Yes."), turn).action == "cancel"
+
+
+def test_hum_shaped_real_words_are_requests() -> None:
+    for text in ("Ham.", "Farm.", "Form."):
+        assert BargeInPolicy().decide(Signal("final", 2, text), PENDING).action == "cancel", text
+
+
+def test_one_doubtful_short_word_is_unclear_but_a_confident_one_is_a_request() -> None:
+    doubtful = SpeechEvidence(voiced_ms=300, avg_logprob=-1.5, no_speech_prob=0.55)
+    confident = SpeechEvidence(voiced_ms=300, avg_logprob=-0.3, no_speech_prob=0.1)
+    long_voiced = SpeechEvidence(voiced_ms=900, avg_logprob=-1.5, no_speech_prob=0.55)
+    policy = BargeInPolicy()
+    assert policy.decide(Signal("final", 2, "Number.", doubtful), PENDING).reason == "unclear"
+    assert policy.decide(Signal("final", 2, "Number.", confident), PENDING).action == "cancel"
+    assert policy.decide(Signal("final", 2, "Number.", long_voiced), PENDING).action == "cancel"
+    assert policy.decide(Signal("final", 2, "Large pepperoni.", doubtful), PENDING).action == "cancel"
+    assert policy.decide(Signal("final", 2, "Number.", None), PENDING).action == "cancel"
+
+
+def test_hum_and_answer_token_rules() -> None:
+    assert all(is_hum(token) for token in ("fuh", "fer", "uh", "hmm", "mhm", "mmm", "huh", "er", "mamama", "ahh"))
+    assert not any(is_hum(token) for token in ("no", "two", "yes", "hi", "home", "more", "ham", "f", "stop"))
+    assert all(is_answer(token) for token in ("yes", "no", "stop", "wait", "two", "10", "4th"))
+    assert not any(is_answer(token) for token in ("yeah", "okay", "uh", "pizza"))
 
 
 def test_policy_modes() -> None:

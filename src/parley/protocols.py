@@ -64,6 +64,22 @@ class Transcriber(Protocol):
     def transcribe(self, pcm: bytes) -> str: ...
 
 
+class ScoredText(Protocol):
+    """A final text with the recognizer's own confidence in it."""
+
+    text: str
+    avg_logprob: float
+    no_speech_prob: float
+
+
+@runtime_checkable
+class ScoringTranscriber(Protocol):
+    """A Transcriber that can also say how sure it is (Whisper): the barge-in policy weighs a
+    short doubtful sound said over the agent differently from a clear word."""
+
+    def transcribe_detailed(self, pcm: bytes) -> ScoredText: ...
+
+
 @runtime_checkable
 class Synthesizer(Protocol):
     """Text to 16-bit mono PCM at the requested rate, streamed in chunks as it is produced.

@@ -21,6 +21,8 @@ Scenarios:
 - backchannel: "uh-huh", "mm-hmm", "yeah", "okay" or "right" (TTS voice, at speech level). A stop
   is a failure (target: at most 5 % of trials); a pause that resumes is acceptable.
 - cough: a synthetic cough; counted like backchannel.
+- answer: a short real answer ("yes", "no", "stop", "two", "wait", TTS voice, at speech level); MISSED
+  when the turn was not cancelled (taken for a backchannel, echo or noise).
 
 In every scenario a pause or stop *before* the stimulus began (the agent reacting to nothing, its
 echo or the noise) also counts as FALSE.
@@ -29,7 +31,8 @@ echo or the noise) also counts as FALSE.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -53,6 +56,7 @@ SCENARIOS: Final[dict[str, Expect]] = {
     "echo": "nothing",
     "backchannel": "carry_on",
     "cough": "carry_on",
+    "answer": "stop",
 }
 DEFAULT_SCENARIOS: Final = ("interrupt", "interrupt_echo", "noise10", "echo", "backchannel", "cough")
 DEFAULT_TRIALS: Final = 4
@@ -118,7 +122,7 @@ class Stimuli:
         levels = [variants.active_level_dbfs(clip.pcm) for clip in self.clips]
         self.speech_dbfs = float(10 * np.log10(np.mean([10 ** (level / 10) for level in levels])))
         self._voice: variants.BlockingSynthesizer | None = None
-        self._backchannels: dict[str, np.ndarray] = {}
+        self._backchannels: dict[str, np.ndarray] = {}  # and short answers: spoken words by the TTS voice
 
     def for_trial(self, scenario: str, trial: int) -> Stimulus:
         silence = np.zeros(round(SILENT_STIMULUS_S * SAMPLE_RATE), dtype=np.int16)
@@ -138,6 +142,9 @@ class Stimuli:
                 return Stimulus(word, self._backchannel(word))
             case "cough":
                 return Stimulus(f"cough seed {trial}", variants.cough(seed=trial))
+            case "answer":
+                word = variants.SHORT_ANSWERS[trial % len(variants.SHORT_ANSWERS)]
+                return Stimulus(word, self._backchannel(word))
         raise ValueError(f"unknown scenario {scenario!r}; use {', '.join(SCENARIOS)}")
 
     def _backchannel(self, word: str) -> np.ndarray:
@@ -322,6 +329,11 @@ def summarize(scenario: str, records: list[dict[str, Any]]) -> dict[str, Any]:
         **{key: count(key) for key in ("stopped", "paused", "pending", "resumed", "false", "missed")},
         "echo_suppressed": sum(r["echo_suppressed"] for r in records),
         "errors": sum(len(r["errors"]) for r in records),
+        # How the recognizer spelled what the caller said, and what the policy made of it.
+        "finals": _tally(e.get("text", "") for r in records for e in r["events"] if e["event"] == "final"),
+        "resume_reasons": _tally(
+            e.get("reason", "") for r in records for e in r["events"] if e["event"] == "barge_in_resumed"
+        ),
     }
     if expect == "stop":
         summary["onset_to_stop_ms"] = percentiles(
@@ -333,6 +345,10 @@ def summarize(scenario: str, records: list[dict[str, Any]]) -> dict[str, Any]:
     summary["target"], summary["passed"] = _verdict(expect, summary)
     summary["per_trial"] = records
     return summary
+
+
+def _tally(values: Iterable[str]) -> dict[str, int]:
+    return dict(Counter(values).most_common())
 
 
 def _verdict(expect: Expect, summary: dict[str, Any]) -> tuple[str, bool]:

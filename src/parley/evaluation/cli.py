@@ -64,7 +64,7 @@ def bargein(
     scenario_list: str = typer.Option(
         "interrupt,interrupt_echo,noise10,echo,backchannel,cough",
         "--scenarios",
-        help="Comma-separated: interrupt, interrupt_echo, noise10, noise_bed, echo, backchannel, cough.",
+        help="Comma-separated: interrupt, interrupt_echo, noise10, noise_bed, echo, backchannel, cough, answer.",
     ),
     seed: int = typer.Option(11, help="Seed for trigger times and noise."),
     url: str | None = typer.Option(None, "--url", help="ws://.../ws/acs of a running server (default: start one)."),

@@ -321,6 +321,8 @@ def cough(
 
 
 BACKCHANNELS: Final = ("uh-huh", "mm-hmm", "yeah", "okay", "right")
+SHORT_ANSWERS: Final = ("yes", "no", "stop", "two", "wait")
+"""Short real answers said over the agent: never to be taken for a backchannel."""
 
 # How to spell each backchannel so the TTS voice says it as a listener would: espeak-ng's
 # phonemiser (Piper uses it too) reads "mm" as the letters "em em"; "um-hum" gives /ʌmˈhʌm/, the
@@ -331,6 +333,11 @@ _TTS_SPELLING: Final = {
     "okay": "okay.",
     "yeah": "yeah.",
     "right": "right.",
+    "yes": "yes.",
+    "no": "no.",
+    "stop": "stop.",
+    "two": "two.",
+    "wait": "wait.",
 }
 
 

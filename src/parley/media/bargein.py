@@ -62,12 +62,55 @@ DEFAULT_BACKCHANNELS = (
 )
 _ECHO_SHARE = 0.6  # at least this share of the words were in what the agent just said: echo
 _FUNCTION_WORDS = frozenset(
-    "i i'm im me my a an the and or but so to of on in at it it's its is was be this that they"
+    "i i'm im i'll i'd i've me my a an the and or but so to of on in at it it's its is was be this that they"
     " them we you he she his her there".split()
 )
 """Words that carry no request on their own: a final made only of these ("I'm on.", "and them")
 is a misheard hum or the start of a sentence the caller abandoned, not a reason to cut the agent.
 "no", "stop", "wait" and every other content word still interrupt."""
+
+_ANSWER_WORDS = frozenset(
+    "yes no nope nah stop wait hold cancel help repeat pardon sorry zero one two three four five six"
+    " seven eight nine ten eleven twelve hundred thousand".split()
+)
+"""Short real answers: said over the agent they are always a request, however Whisper scored them
+(a clipped "No" or "Stop" is often decoded with low confidence)."""
+
+# How a hum, a breath or an "uh-huh" comes out of Whisper when it has to spell it: "Fuh", "Uh",
+# "Hmm", "Mhm", "Er", "Huh", "Mm-mm", "mamama". One optional f/h/m onset, at most one vowel (never
+# "i": hums are not "hi"), then only h, m or r: the shape of a murmur, not of a word.
+_HUM_SHAPE = re.compile(r"^[fhm]?[aeou]?[hmr]*$")
+_REPEATED_SYLLABLE = re.compile(r"^([a-z]{1,3})\1+[a-z]{0,2}$")
+_HUM_SHAPED_WORDS = frozenset("ham harm farm form far for fur mom mum mar hem fem".split())
+"""Real words of the hum shape: never taken for a hum."""
+
+# Whisper's own "probably not speech" rule, with a lower no-speech bar for one short word said over
+# the agent (most such sounds are listeners' noises): `transcribe` already drops text above 0.6.
+_SHORT_ANSWER_TOKENS = 2  # "yes", "no", "two", "yes please": longer finals go through every rule
+_UNCLEAR_NO_SPEECH = 0.45
+_UNCLEAR_LOGPROB = -1.0
+_SHORT_VOICED_MS = 600
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechEvidence:
+    """What the recognizer knows of an utterance besides its words: how long it was voiced and how
+    sure the final pass was (Whisper's average log-probability and no-speech probability; None from
+    recognizers that do not say)."""
+
+    voiced_ms: int = 0
+    avg_logprob: float | None = None
+    no_speech_prob: float | None = None
+
+    def unclear(self) -> bool:
+        """Short, and the recognizer itself doubts it was speech."""
+        return (
+            0 < self.voiced_ms < _SHORT_VOICED_MS
+            and self.avg_logprob is not None
+            and self.no_speech_prob is not None
+            and self.avg_logprob < _UNCLEAR_LOGPROB
+            and self.no_speech_prob > _UNCLEAR_NO_SPEECH
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +118,7 @@ class Signal:
     trigger: Trigger
     utterance_id: int = 0  # 0 for DTMF
     text: str = ""
+    evidence: SpeechEvidence | None = None  # how the final's audio sounded (finals only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,12 +133,33 @@ class ActiveTurn:
     recent_text: str = ""  # what the agent said in the last seconds (to recognise its echo)
 
 
-_NOT_A_REQUEST = frozenset({"backchannel", "echo", "no_content"})
+_NOT_A_REQUEST = frozenset({"backchannel", "echo", "no_content", "unclear"})
 
 
 def _is_letter(word: str) -> bool:
     """A lone letter ("F.") is what Whisper makes of a short hum or breath, not a request."""
     return len(word) == 1 and word.isalpha()
+
+
+def is_hum(token: str) -> bool:
+    """A token spelled like a murmur ("fuh", "hmm", "mhm", "uh", "er", "mamama"), not a word."""
+    if token in _HUM_SHAPED_WORDS or len(token) < 2:
+        return False
+    collapsed = re.sub(r"(.)\1+", r"\1", token)
+    if _HUM_SHAPE.match(collapsed):
+        return True
+    repeated = _REPEATED_SYLLABLE.match(collapsed)
+    return repeated is not None and _HUM_SHAPE.match(repeated.group(1)) is not None
+
+
+def is_answer(token: str) -> bool:
+    """A short real answer ("yes", "no", "stop", "two", "4"): always a request."""
+    return token in _ANSWER_WORDS or any(char.isdigit() for char in token)
+
+
+def sound_tokens(text: str) -> list[str]:
+    """Lower-case tokens split at hyphens too ("Uh-huh." -> uh, huh; "Mm-term" -> mm, term)."""
+    return re.findall(r"[a-z0-9']+", text.lower())
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +234,7 @@ class BargeInPolicy:
             return Decision("pause" if mode == "pause" else "hold", "vad")
         if signal.trigger == "continues":
             return Decision("cancel", "sustained_speech")
-        words, reason = self._content_words(signal.text, turn.recent_text)
+        words, reason = self._content_words(signal.text, turn.recent_text, signal.evidence)
         if signal.trigger == "partial":
             return self._partial(words, reason, mode)
         # final: the whole utterance is known
@@ -190,19 +255,36 @@ class BargeInPolicy:
             return Decision("cancel", "partial")
         return Decision("none", reason or "partial_too_short")
 
-    def _content_words(self, text: str, recent_text: str) -> tuple[list[str], str]:
-        """Words that mean the caller wants the floor, and why there are none ('' if there are)."""
+    def _content_words(
+        self, text: str, recent_text: str, evidence: SpeechEvidence | None = None
+    ) -> tuple[list[str], str]:
+        """Words that mean the caller wants the floor, and why there are none ('' if there are).
+
+        Said over the agent, a sound is judged on several pieces of evidence, not on one spelling:
+        the configured backchannel phrases, the shape of each token (a hum spelled "Fuh" or "Mm-mm"
+        is still a hum), function words and lone letters, our own recent words (echo), and the
+        recognizer's own doubt about one short word. A short real answer ("yes", "no", "stop",
+        "two", "wait", "yes please") always counts as a request.
+        """
         words = normalize_words(text)
         if not words:
             return [], "no_words"
-        if " ".join(words) in self._phrases or all(word in self._fillers for word in words):
+        if " ".join(words) in self._phrases:
+            return [], "backchannel"
+        tokens = sound_tokens(text)
+        if len(tokens) <= _SHORT_ANSWER_TOKENS and any(is_answer(token) for token in tokens):
+            return words, ""
+        murmurs = [token in self._fillers or is_hum(token) for token in tokens]
+        if all(murmurs):
             return [], "backchannel"
         spoken = set(normalize_words(recent_text))
         if spoken and sum(word in spoken for word in words) >= _ECHO_SHARE * len(words):
             return [], "echo"
-        content = [word for word in words if word not in self._fillers]
+        content = [token for token, murmur in zip(tokens, murmurs, strict=True) if not murmur]
         if all(word in _FUNCTION_WORDS or _is_letter(word) for word in content):
             return [], "no_content"
+        if len(content) == 1 and evidence is not None and evidence.unclear():
+            return [], "unclear"
         return content, ""
 
     def _long_enough(self, text: str) -> bool:

@@ -52,6 +52,9 @@ class Final:
     t: float  # when the final text was ready
     speech_end_t: float  # end of the last speech window
     endpoint_t: float = 0.0  # when the silence after it was long enough to end the utterance
+    voiced_ms: int = 0  # voiced speech in the utterance (VAD windows over the release threshold)
+    avg_logprob: float | None = None  # the final pass's confidence, when it reports one (Whisper)
+    no_speech_prob: float | None = None
 
 
 class SpeechSink:

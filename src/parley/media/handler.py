@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from starlette.websockets import WebSocket, WebSocketState
 
 from parley.engines import Engines
-from parley.media.bargein import ActiveTurn, BargeInPolicy, Decision, Signal
+from parley.media.bargein import ActiveTurn, BargeInPolicy, Decision, Signal, SpeechEvidence
 from parley.media.bridge import (
     Final,
     Partial,
@@ -311,8 +311,12 @@ class MediaHandler:
             utterance_id=event.utterance_id,
             text=event.text,
             speech_end_t=event.speech_end_t,
+            voiced_ms=event.voiced_ms,
+            avg_logprob=None if event.avg_logprob is None else round(event.avg_logprob, 3),
+            no_speech_prob=None if event.no_speech_prob is None else round(event.no_speech_prob, 3),
         )
-        decision = self._consider_barge_in(Signal("final", event.utterance_id, event.text))
+        evidence = SpeechEvidence(event.voiced_ms, event.avg_logprob, event.no_speech_prob)
+        decision = self._consider_barge_in(Signal("final", event.utterance_id, event.text, evidence))
         if event.text.strip() and not decision.said_over_agent:
             self.inbox.put(Pending("speech", UserInput("speech", text=event.text), event.utterance_id))
         if event.utterance_id >= self._latest_utterance_id:

@@ -15,6 +15,7 @@ import time
 from collections import deque
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -22,11 +23,20 @@ from parley.audio import SILENCE_DBFS, StreamResampler, pcm_to_float
 from parley.media.bridge import Final, Partial, SpeechContinues, SpeechStarted, ThreadBridge
 from parley.media.echo import EchoGate
 from parley.pool import EnginePool
-from parley.protocols import Recognizer, Transcriber, Vad
+from parley.protocols import Recognizer, ScoringTranscriber, Transcriber, Vad
 
 log = logging.getLogger(__name__)
 
 _STOP = None  # queue sentinel
+
+
+@dataclass(frozen=True, slots=True)
+class FinalText:
+    """The second pass's text, with its confidence when the transcriber reports one."""
+
+    text: str
+    avg_logprob: float | None = None
+    no_speech_prob: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +72,37 @@ class FinalPass:
         self.transcriber = transcriber
         self._executor = executor
 
-    def submit(self, pcm: bytes) -> Future[str]:
-        return self._executor.submit(self.transcriber.transcribe, pcm)
+    def submit(self, pcm: bytes) -> Future[FinalText]:
+        return self._executor.submit(self._transcribe, pcm)
+
+    def _transcribe(self, pcm: bytes) -> FinalText:
+        transcriber = self.transcriber
+        if isinstance(transcriber, ScoringTranscriber):
+            scored = transcriber.transcribe_detailed(pcm)
+            return FinalText(scored.text, scored.avg_logprob, scored.no_speech_prob)
+        return FinalText(transcriber.transcribe(pcm))
+
+
+@dataclass(frozen=True, slots=True)
+class _FinalOf:
+    """What the segmenter knows of an ended utterance while its final text is being made."""
+
+    utterance_id: int
+    speech_end_t: float
+    endpoint_t: float
+    voiced_ms: int
+
+    def made(self, heard: FinalText) -> Final:
+        return Final(
+            self.utterance_id,
+            heard.text,
+            time.monotonic(),
+            self.speech_end_t,
+            self.endpoint_t,
+            voiced_ms=self.voiced_ms,
+            avg_logprob=heard.avg_logprob,
+            no_speech_prob=heard.no_speech_prob,
+        )
 
 
 class SpeechSegmenter:
@@ -109,7 +148,7 @@ class SpeechSegmenter:
         self._utterance_id = 0
         self._utterance_started_t: float | None = None
         self._audio = bytearray()  # the open utterance, for the final pass
-        self._early: Future[str] | None = None
+        self._early: Future[FinalText] | None = None
         self._voiced = 0  # speech windows in the open utterance
 
     @property
@@ -199,34 +238,33 @@ class SpeechSegmenter:
         endpoint_t = time.monotonic()
         result = self._recognizer.end()
         self._utterance_started_t = None
-        utterance_id = self._utterance_id
+        final = _FinalOf(self._utterance_id, speech_end_t, endpoint_t, round(self._voiced * self._window_s * 1000))
         if isinstance(result, Future):  # the recognizer finalizes itself (a cloud service)
             self._discard_early_final()
             self._audio.clear()
-            self._deliver_when_done(result, "", utterance_id, speech_end_t, endpoint_t)
+            self._deliver_when_done(result, "", final)
             return
         if self._final_pass is None:
-            self._bridge.queue_speech_result(Final(utterance_id, result, time.monotonic(), speech_end_t, endpoint_t))
+            self._bridge.queue_speech_result(final.made(FinalText(result)))
             return
         future = self._early or self._final_pass.submit(bytes(self._audio))
         self._early = None
         self._audio.clear()
-        self._deliver_when_done(future, result, utterance_id, speech_end_t, endpoint_t)
+        self._deliver_when_done(future, result, final)
 
-    def _deliver_when_done(
-        self, future: Future[str], fallback: str, utterance_id: int, speech_end_t: float, endpoint_t: float
-    ) -> None:
+    def _deliver_when_done(self, future: Future[Any], fallback: str, final: _FinalOf) -> None:
         """Queue the future's text as the utterance's final once it is resolved (`fallback` if it
         failed). Runs on whichever thread resolves it: only the bridge is touched there."""
         bridge = self._bridge
 
-        def deliver(done: Future[str]) -> None:
-            final_text = fallback
+        def deliver(done: Future[Any]) -> None:  # str from a cloud recognizer, FinalText from the pass
+            heard = FinalText(fallback)
             if not done.cancelled() and done.exception() is None:
-                final_text = done.result()
+                result = done.result()
+                heard = result if isinstance(result, FinalText) else FinalText(result)
             elif not done.cancelled():
                 log.error("final recognition failed, using the streaming text: %s", done.exception())
-            bridge.queue_speech_result(Final(utterance_id, final_text, time.monotonic(), speech_end_t, endpoint_t))
+            bridge.queue_speech_result(final.made(heard))
 
         future.add_done_callback(deliver)
 
