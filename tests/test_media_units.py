@@ -161,6 +161,11 @@ HUM_SPELLINGS = [
     "Hm-hm.",
     "Ahh.",
     "And I'm them",
+    "I'm mom",
+    "I'm not",
+    "I'm um",
+    "I'm on",
+    "Ah",
 ]
 SHORT_ANSWERS = ["Yes.", "No", "No.", "Stop", "Stop.", "2.", "Two.", "Wait.", "Wait", "Yes, please", "Nope.", "10."]
 

@@ -219,7 +219,18 @@ def _interrupts(event: dict[str, Any]) -> bool:
 
 
 def _brief(event: dict[str, Any]) -> dict[str, Any]:
-    keep = ("event", "t_ms", "turn_id", "trigger", "reason", "utterance_id", "text")
+    keep = (
+        "event",
+        "t_ms",
+        "turn_id",
+        "trigger",
+        "reason",
+        "utterance_id",
+        "text",
+        "voiced_ms",
+        "avg_logprob",
+        "no_speech_prob",
+    )
     return {key: event[key] for key in keep if key in event}
 
 

@@ -63,10 +63,12 @@ DEFAULT_BACKCHANNELS = (
 _ECHO_SHARE = 0.6  # at least this share of the words were in what the agent just said: echo
 _FUNCTION_WORDS = frozenset(
     "i i'm im i'll i'd i've me my a an the and or but so to of on in at it it's its is was be this that they"
-    " them we you he she his her there".split()
+    " them we you he she his her there not".split()
 )
 """Words that carry no request on their own: a final made only of these ("I'm on.", "and them")
 is a misheard hum or the start of a sentence the caller abandoned, not a reason to cut the agent.
+"not" is here because Whisper hears a hummed "mm-hmm" as "I'm not" (a final decides only
+utterances voiced under 600 ms: "I'm not sure" said in full has been confirmed by then).
 "no", "stop", "wait" and every other content word still interrupt."""
 
 _ANSWER_WORDS = frozenset(
@@ -81,8 +83,9 @@ _ANSWER_WORDS = frozenset(
 # "i": hums are not "hi"), then only h, m or r: the shape of a murmur, not of a word.
 _HUM_SHAPE = re.compile(r"^[fhm]?[aeou]?[hmr]*$")
 _REPEATED_SYLLABLE = re.compile(r"^([a-z]{1,3})\1+[a-z]{0,2}$")
-_HUM_SHAPED_WORDS = frozenset("ham harm farm form far for fur mom mum mar hem fem".split())
-"""Real words of the hum shape: never taken for a hum."""
+_HUM_SHAPED_WORDS = frozenset("ham harm farm form far for fur mar hem fem".split())
+"""Real words of the hum shape: never taken for a hum ("mom", "mum" are: Whisper writes a hummed
+"mm-hmm" as "I'm mom")."""
 
 # Whisper's own "probably not speech" rule, with a lower no-speech bar for one short word said over
 # the agent (most such sounds are listeners' noises): `transcribe` already drops text above 0.6.
