@@ -10,7 +10,7 @@ import time
 import pytest
 
 from parley.media.bargein import ActiveTurn, BargeInPolicy, Signal
-from parley.media.bridge import SpeechContinues, Final, Partial, SpeechStarted, ThreadBridge
+from parley.media.bridge import Final, Partial, SpeechContinues, SpeechStarted, ThreadBridge
 from parley.media.events import EventLog
 from parley.media.player import Player
 from parley.media.turns import Pending, TurnInbox
