@@ -48,3 +48,24 @@ demo-llama: llama
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info
+
+# Quality gates (ruff and mypy come with the test extra; configs in pyproject.toml).
+#   make lint        ruff check + ruff format --check
+#   make typecheck   mypy on src/parley
+#   make check       both; CI runs it before the tests
+#   make test-fast   the unit and in-memory tests (pytest -m "not slow"), seconds
+#   make test        everything, slow tiers included (servers, models, real-time calls)
+.PHONY: lint typecheck check test-fast
+LINT_PATHS := src tests
+
+lint: setup
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
+
+typecheck: setup
+	$(PY) -m mypy
+
+check: lint typecheck
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"

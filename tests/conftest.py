@@ -66,3 +66,78 @@ def fake_server() -> Iterator[FakeLlm]:
     app.url = server.start()
     yield app
     server.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Test tiers. `make test-fast` (pytest -m "not slow") runs the unit and in-memory tests in
+# seconds; `make test` runs everything. Every test module is classified here, in one place:
+# FAST, SLOW (it starts parley servers, loads speech or language models, or makes real-time
+# calls), or a set of its slow tests when only those are. An unclassified module, or a listed
+# test that no longer exists, stops the run.
+# --------------------------------------------------------------------------------------------
+
+FAST = "fast"
+SLOW = "slow"
+
+TIERS: dict[str, str | frozenset[str]] = {
+    "test_acs_auth.py": FAST,  # JWT checks; a JWKS server and a small app on loopback
+    "test_acs_call_automation.py": SLOW,  # parley with fake ACS over TLS, the real SDK
+    "test_acs_codec.py": FAST,
+    "test_azure_speech.py": SLOW,  # the real Speech SDK against a fake service, calls
+    "test_bargein_e2e.py": SLOW,
+    "test_bench_smoke.py": SLOW,
+    "test_caller.py": SLOW,  # real-time calls against local servers
+    "test_clauses.py": FAST,
+    "test_cli.py": SLOW,
+    "test_e2e.py": SLOW,
+    "test_echo_gate.py": SLOW,  # Silero VAD and pocketsphinx on real-time audio
+    "test_engines.py": SLOW,  # loads every engine
+    "test_eval.py": frozenset({"test_eval_stt_smoke", "test_eval_bargein_smoke"}),
+    "test_llama.py": frozenset(  # the ones that load SmolLM2 (skipped without the llama extra)
+        {
+            "test_streams_openai_chunks_with_text",
+            "test_close_mid_stream_returns_at_once_and_frees_the_model",
+            "test_concurrent_requests_take_turns_without_blocking_the_loop",
+            "test_closing_a_queued_request_skips_it",
+            "test_generation_errors_surface_from_anext",
+            "test_only_streaming_is_offered",
+            "test_tools_are_ignored_with_one_warning_without_a_tool_format",
+            "test_forced_tool_call_streams_tool_call_deltas",
+            "test_llm_agent_answers_with_say_outputs",
+            "test_llm_agent_barge_in_closes_the_stream",
+        }
+    ),
+    "test_llm_agent.py": FAST,  # against a local fake LLM server
+    "test_llm_e2e.py": SLOW,
+    "test_loadgen.py": frozenset(  # the ones that send real-time calls
+        {
+            "test_the_caller_sends_valid_acs_frames_on_a_steady_schedule",
+            "test_concurrent_calls_against_a_plumbing_server",
+            "test_misbehaving_server_is_recorded_per_call",
+        }
+    ),
+    "test_media_units.py": FAST,
+    "test_piper.py": SLOW,  # the Piper voice model
+    "test_recognition.py": SLOW,  # Whisper, pocketsphinx, Silero
+    "test_robustness.py": SLOW,
+    "test_scenario.py": FAST,
+    "test_scripted_agent.py": FAST,
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    problems: set[str] = set()
+    for item in items:
+        module = item.path.name
+        tier = TIERS.get(module)
+        if tier is None:
+            problems.add(f"{module} is not classified: add it to TIERS in tests/conftest.py")
+        elif tier == SLOW:
+            item.add_marker(pytest.mark.slow)
+        elif isinstance(tier, frozenset):
+            missing = {name for name in tier if not hasattr(getattr(item, "module", None), name)}
+            problems.update(f"{module}: TIERS names {name}, which it does not define" for name in missing)
+            if getattr(item, "originalname", item.name) in tier:
+                item.add_marker(pytest.mark.slow)
+    if problems:
+        raise pytest.UsageError("test tiers:\n  " + "\n  ".join(sorted(problems)))

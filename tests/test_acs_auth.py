@@ -449,7 +449,7 @@ def protected_app(validator: AcsTokenValidator) -> FastAPI:
 
     @app.post("/api/callbacks")
     # A default value, not Annotated[...]: this module has `from __future__ import annotations`.
-    async def callbacks(verified: Claims = Depends(acs_auth_dependency(validator))) -> dict[str, str]:  # noqa: B008
+    async def callbacks(verified: Claims = Depends(acs_auth_dependency(validator))) -> dict[str, str]:
         return {"sub": verified["sub"]}
 
     return app
@@ -459,7 +459,6 @@ class ThreadedUvicorn:
     def __init__(self, app: FastAPI, ws: str) -> None:
         config = uvicorn.Config(app, host="127.0.0.1", port=0, ws=ws, lifespan="off", log_level="warning")
         self._server = uvicorn.Server(config)
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread = threading.Thread(target=self._server.run, name="uvicorn-test", daemon=True)
 
     def __enter__(self) -> str:

@@ -726,7 +726,7 @@ async def test_transfer_asks_acs_to_transfer(
 
 
 async def test_transfer_to_a_bad_target_asks_nothing(service: CallAutomation, fake_acs: FakeAcs) -> None:
-    with pytest.raises(ValueError, match="E.164"):
+    with pytest.raises(ValueError, match=r"E\.164"):
         await service.transfer("conn-7", "front desk")
     assert fake_acs.requests == []
 

@@ -633,7 +633,7 @@ class TestOutboundBuilders:
 
     def test_stop_audio_exact(self) -> None:
         assert stop_audio_message() == '{"Kind":"StopAudio","AudioData":null,"StopAudio":{}}'
-        assert acs.STOP_AUDIO_MESSAGE == stop_audio_message()
+        assert stop_audio_message() == acs.STOP_AUDIO_MESSAGE
 
     @pytest.mark.parametrize(
         ("audio", "exc", "fragments"),

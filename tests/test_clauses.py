@@ -125,7 +125,7 @@ def test_flush_resets_for_the_next_reply():
 
 def _chunkings(text: str, rng: random.Random) -> list[list[str]]:
     """Whole, one character at a time, token-like pieces and random cuts."""
-    ways = [[text], list(text), [piece + " " for piece in text.split(" ")][:-1] + [text.split(" ")[-1]]]
+    ways = [[text], list(text), [*[piece + " " for piece in text.split(" ")][:-1], text.split(" ")[-1]]]
     for _ in range(20):
         cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(1, 12))))
         ways.append([text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)])

@@ -59,8 +59,11 @@ def test_noise_kinds_have_their_spectra() -> None:
     assert band_fraction(white, 4000) == pytest.approx(0.5, abs=0.02)  # flat to 8 kHz
     assert band_fraction(pink, 4000) < 0.15  # 1/f: most power low
     assert band_fraction(babble, 4000) < 0.1
+
+    def frames(x: np.ndarray) -> np.ndarray:  # RMS of each 20 ms frame
+        return np.sqrt(np.mean(x[: x.size // 320 * 320].reshape(-1, 320) ** 2, axis=1))
+
     # Babble comes and goes with the syllables; white noise is steady.
-    frames = lambda x: np.sqrt(np.mean(x[: x.size // 320 * 320].reshape(-1, 320) ** 2, axis=1))
     assert np.std(frames(babble)) > 3 * np.std(frames(white))
 
 

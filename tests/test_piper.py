@@ -207,10 +207,10 @@ def test_user_voice_by_path(executor: ThreadPoolExecutor, piper: PiperSynthesize
 
 
 def test_missing_user_voice_is_a_clear_error(executor: ThreadPoolExecutor, tmp_path: Path):
-    with pytest.raises(VoiceModelError, match="model not found: .*nope.onnx"):
+    with pytest.raises(VoiceModelError, match=r"model not found: .*nope\.onnx"):
         PiperSynthesizer(executor, tmp_path / "nope.onnx")
     (tmp_path / "half.onnx").write_bytes(b"onnx")
-    with pytest.raises(VoiceModelError, match="config not found: .*half.onnx.json"):
+    with pytest.raises(VoiceModelError, match=r"config not found: .*half\.onnx\.json"):
         PiperSynthesizer(executor, tmp_path / "half.onnx")
     with pytest.raises(VoiceModelError, match=r"\.onnx model"):
         PiperSynthesizer(executor, tmp_path / "voice.bin")

@@ -5,19 +5,19 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from concurrent.futures import ThreadPoolExecutor
 
-from parley.media.bridge import ThreadBridge
 from parley.audio import read_wav
 from parley.benchmarks.common import CLIPS_DIR
+from parley.engines import recognizer_pool, vad_pool
+from parley.media.bridge import ThreadBridge
 from parley.media.recognition import FinalPass, RecognitionThread, SegmenterConfig
 from parley.speech.pocketsphinx import PocketsphinxRecognizer
-from parley.speech.whisper import WhisperTranscriber
 from parley.speech.vad import SileroVad
-from parley.engines import recognizer_pool, vad_pool
+from parley.speech.whisper import WhisperTranscriber
 from tests.test_media_units import RecordingSink
 
 VADS = vad_pool(SileroVad, 2)
@@ -167,7 +167,7 @@ def test_bundled_whisper_model_is_verified(tmp_path) -> None:  # type: ignore[no
     verify_bundled_model(copy)
     with open(copy / "config.json", "a") as config:
         config.write(" ")
-    with pytest.raises(WhisperModelError, match="config.json"):
+    with pytest.raises(WhisperModelError, match=r"config\.json"):
         verify_bundled_model(copy)
     with pytest.raises(WhisperModelError, match="not a CTranslate2 Whisper model"):
         WhisperTranscriber(tmp_path)

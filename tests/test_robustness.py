@@ -62,7 +62,7 @@ async def test_bad_messages_are_logged_and_the_call_goes_on(server, speech_dir) 
     errors = [e["error"] for e in events if e["event"] == "input_error"]
     assert len(errors) == len(BAD_MESSAGES) - 1
     assert any("24000" in error and "16000" in error for error in errors)  # rate change refused
-    ended = [e for e in events if e["event"] == "call_ended"][0]
+    ended = next(e for e in events if e["event"] == "call_ended")
     assert ended["input_errors"] == len(BAD_MESSAGES) - 1 and ended["frames_in"] == 25
     # The server is unharmed: a normal call right after works.
     report = await run_call(CallOptions(url=server.url, audio=speech_dir / "hours_16000.wav"))
@@ -97,7 +97,7 @@ async def test_audio_before_metadata_infers_the_format(server) -> None:  # type:
         message = await asyncio.wait_for(ws.recv(), 5)  # the greeting starts anyway
     assert isinstance(acs.parse_outbound(message), acs.OutboundAudio)
     events = await ended_events(server, call_id)
-    assert [e for e in events if e["event"] == "call_ended"][0]["frames_in"] == 10
+    assert next(e for e in events if e["event"] == "call_ended")["frames_in"] == 10
 
 
 async def test_call_id_from_query_and_ws_alias(server) -> None:  # type: ignore[no-untyped-def]

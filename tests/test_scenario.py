@@ -212,7 +212,7 @@ def test_tool_import_errors_fail_at_startup(tmp_path: Path, llm_defaults: LlmCon
             tools: [{name: t, python: "parley.no_such_module:f"}]
         """,
     )
-    with pytest.raises(ScenarioError, match="agent 'a': cannot import 'parley.no_such_module'"):
+    with pytest.raises(ScenarioError, match=r"agent 'a': cannot import 'parley\.no_such_module'"):
         Scenario(load_scenario(path), llm_defaults)
 
 

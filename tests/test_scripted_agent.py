@@ -674,7 +674,7 @@ def test_resolve_unknown_name_lists_packaged_examples() -> None:
 
 
 def test_resolve_missing_path_lists_packaged_examples(tmp_path: Path) -> None:
-    with pytest.raises(ScriptError, match="available: .*pizza"):
+    with pytest.raises(ScriptError, match=r"available: .*pizza"):
         resolve_script_path(str(tmp_path / "missing.yaml"))
 
 

@@ -20,7 +20,8 @@ def pcm_to_float(pcm: bytes | np.ndarray) -> np.ndarray:
 
 
 def float_to_pcm(samples: np.ndarray) -> bytes:
-    return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+    scaled: np.ndarray = np.clip(samples, -1.0, 1.0) * 32767.0
+    return scaled.astype("<i2").tobytes()
 
 
 def dbfs(pcm: bytes | np.ndarray) -> float:
@@ -47,7 +48,8 @@ class StreamResampler:
         if self._stream is None:
             return pcm
         samples = np.frombuffer(pcm, dtype="<i2")
-        return self._stream.resample_chunk(samples, last=last).astype("<i2").tobytes()
+        resampled: np.ndarray = self._stream.resample_chunk(samples, last=last)  # soxr is untyped
+        return resampled.astype("<i2").tobytes()
 
 
 class Framer:
@@ -110,7 +112,8 @@ def to_frames(pcm: np.ndarray, samples_per_frame: int) -> np.ndarray:
 def loud_frames(frames: np.ndarray, threshold_dbfs: float = SPEECH_ONSET_DBFS) -> np.ndarray:
     """One bool per frame: RMS (full scale 32768) above `threshold_dbfs`."""
     rms = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1))
-    return rms > FULL_SCALE * 10.0 ** (threshold_dbfs / 20.0)
+    loud: np.ndarray = rms > FULL_SCALE * 10.0 ** (threshold_dbfs / 20.0)
+    return loud
 
 
 def write_wav(path: str | Path, pcm: bytes | np.ndarray, sample_rate: int) -> None:

@@ -19,6 +19,9 @@ from parley.settings import Settings
 
 if TYPE_CHECKING:
     from parley.speech.azure import AzureSpeechOptions
+    from parley.voice.azure import AzureSynthesizer
+    from parley.voice.espeak import EspeakSynthesizer
+    from parley.voice.piper import PiperSynthesizer
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +181,7 @@ def _voices(
 
         azure = AzureSynthesizer(options, settings.tts_voice or settings.azure_tts_voice)
         closers.append(azure.close)
-        default: Synthesizer = azure
+        default: AzureSynthesizer | PiperSynthesizer | EspeakSynthesizer = azure
     elif settings.tts == "piper":
         from parley.voice.piper import PiperSynthesizer
 
@@ -194,8 +197,10 @@ def _voices(
     def synthesizer_for(voice: str | None) -> Synthesizer:
         if voice not in voices:
             try:
-                voices[voice] = default.with_voice(voice)  # type: ignore[attr-defined]
-            except Exception as exc:  # a voice of the other engine, a missing file: say so once
+                voices[voice] = default.with_voice(voice)
+            # A voice of the other engine, a missing or broken file (onnxruntime raises its own
+            # types): say so once and keep the call on the default voice.
+            except Exception as exc:  # noqa: BLE001 - any failure to load a voice falls back to the default
                 log.warning(
                     "voice %r is not usable with tts=%s (%s); using the default voice", voice, settings.tts, exc
                 )

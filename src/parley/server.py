@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +47,7 @@ def create_app(
         engines.call_control = call_automation  # the agents' Hangup / Transfer reach the phone call
 
     @asynccontextmanager
-    async def lifespan(app_: FastAPI):  # type: ignore[no-untyped-def]
+    async def lifespan(app_: FastAPI) -> AsyncIterator[None]:
         app_.state.loop = asyncio.get_running_loop()  # tests and benchmarks inspect the call tasks
         if validator is not None:
             await _prefetch_signing_keys(validator)
@@ -198,7 +198,6 @@ class BackgroundServer:
         self.app = create_app(settings, engines, acs_client_options=acs_client_options)
         config = uvicorn_config(self.app, settings)
         self._server = uvicorn.Server(config)
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread = threading.Thread(target=self._server.run, name="parley-server", daemon=True)
         self.port = 0
 

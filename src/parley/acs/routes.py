@@ -16,7 +16,8 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, field_validator
@@ -40,6 +41,8 @@ from parley.security import AcsTokenValidator, Claims, acs_auth_dependency
 from parley.settings import Settings
 
 log = logging.getLogger(__name__)
+
+_Event = TypeVar("_Event")
 
 MAX_BODY_BYTES = 1024 * 1024  # Event Grid's own limit for one delivery
 SEEN_EVENTS_KEPT = 1024
@@ -122,7 +125,7 @@ def acs_router(service: CallAutomation, settings: Settings, validator: AcsTokenV
         # A default value, not Annotated[...]: see acs_auth_dependency.
         call_key: str,
         request: Request,
-        claims: Claims = Depends(acs_auth_dependency(validator)),  # noqa: B008
+        claims: Claims = Depends(acs_auth_dependency(validator)),
     ) -> dict[str, Any]:
         received_t = time.monotonic()
         events = _parsed(parse_callbacks, await read_json(request), request)
@@ -165,7 +168,7 @@ async def _answer_all(
     return answered, failed
 
 
-def _parsed(parse, body: object, request: Request):  # type: ignore[no-untyped-def]
+def _parsed(parse: Callable[[object], list[_Event]], body: object, request: Request) -> list[_Event]:
     try:
         return parse(body)
     except MalformedEvents as exc:

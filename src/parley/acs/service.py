@@ -377,7 +377,7 @@ def _require_aiohttp() -> None:
 
 def _entra_credential() -> Any:
     try:
-        from azure.identity.aio import DefaultAzureCredential  # type: ignore[import-untyped, import-not-found, unused-ignore]
+        from azure.identity.aio import DefaultAzureCredential
     except ImportError as exc:
         raise RuntimeError(
             "PARLEY_ACS_ENDPOINT uses Entra ID, which needs the azure-identity package"

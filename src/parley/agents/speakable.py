@@ -115,6 +115,7 @@ _HEADING = re.compile(r"[ \t]*#{1,6}[ \t]+")
 _BULLET = re.compile(r"[ \t]*[-*+•][ \t]+")
 _NUMBER = re.compile(r"[ \t]*\d{1,2}[.)][ \t]+")
 _QUOTE = re.compile(r"[ \t]*>[> \t]*(?=[^>\s])")
+_PREFIXES: tuple[tuple[re.Pattern[str], _Kind], ...] = ((_HEADING, "heading"), (_BULLET, "item"), (_NUMBER, "item"))
 _FENCE = re.compile(r"[ \t]*(?:```|~~~)")
 _MAYBE_FENCE = re.compile(r"[ \t]*(?:`{0,2}|~{0,2})")
 _RULE = re.compile(r"[ \t]*([-*_])(?:[ \t]*\1){2,}[ \t]*")
@@ -235,9 +236,9 @@ def _classify_head(head: str, *, at_line_end: bool, in_fence: bool) -> tuple[_Ki
         if not at_line_end and _MAYBE_FENCE.fullmatch(head):
             return None  # may be the closing fence
         return "text", 0  # code is read as it is (rarely useful, but never dropped)
-    for pattern, kind in ((_HEADING, "heading"), (_BULLET, "item"), (_NUMBER, "item")):
+    for pattern, kind in _PREFIXES:
         if marker := pattern.match(head):
-            return kind, marker.end()  # type: ignore[return-value]
+            return kind, marker.end()
     if at_line_end:
         if _RULE.fullmatch(head) or _BARE_MARKER.fullmatch(head):
             return "skip", len(head)

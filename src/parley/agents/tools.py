@@ -290,10 +290,10 @@ def import_callable(reference: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ToolError(f"cannot import {module_name!r} for tool {reference!r}: {exc}") from None
-    function = getattr(module, attribute, None)
+    function: object = getattr(module, attribute, None)
     if not callable(function):
         raise ToolError(f"{reference!r}: {module_name} has no callable {attribute!r}")
-    return function  # type: ignore[no-any-return]
+    return function
 
 
 class Toolbox:

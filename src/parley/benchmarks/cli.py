@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -20,7 +21,7 @@ ServerOption = typer.Option("subprocess", "--server", help="Where to start the s
 JsonOption = typer.Option(None, "--json", help="Write the results as JSON here.")
 
 
-def _finish(title: str, result: dict, rows: list, json_path: Path | None) -> None:  # type: ignore[type-arg]
+def _finish(title: str, result: dict[str, Any], rows: list[tuple[str, object]], json_path: Path | None) -> None:
     common.write_json(json_path, result)
     common.print_summary(title, rows, result["machine"])
 

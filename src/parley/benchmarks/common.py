@@ -69,7 +69,7 @@ def load_clips(paths: list[Path] | None, sample_rate: int = 16000) -> list[Clip]
 
 
 def machine_info() -> dict[str, Any]:
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in _PACKAGES:
         try:
             versions[name] = metadata.version(name)

@@ -453,7 +453,7 @@ def _frame_listener(state: CallerState) -> FrameListener:
         # connection and pass for a server hang-up, so a bug is recorded as what it is.
         try:
             on_frame(frame, now)
-        except Exception as exc:  # noqa: BLE001 (see above)
+        except Exception as exc:  # noqa: BLE001 - a receiver bug is recorded, not taken for a hang-up
             state.error(now, f"receiver failed: {_describe(exc)}")
 
     return guarded
@@ -611,7 +611,7 @@ class Metronome:
 def _tick_isolated(sender: _Sender, now: float, now_ms: int) -> bool:
     try:
         return sender.tick(now, now_ms)
-    except Exception as exc:  # noqa: BLE001 (one call's bug must not stop the shared timer)
+    except Exception as exc:  # noqa: BLE001 - one call's bug must not stop the shared timer
         sender.fail(exc)
         return False
 
@@ -730,7 +730,7 @@ async def _isolated_call(
         await asyncio.sleep(delay)
     try:
         return await _run_call(url, plan, audio, wire, metronome, call_id, rng)
-    except Exception as exc:  # noqa: BLE001 (one broken call must not end the others)
+    except Exception as exc:  # noqa: BLE001 - one broken call must not end the others
         return CallStats(call_id, errors=[f"call failed: {_describe(exc)}"])
 
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from parley.benchmarks.common import ServerUnderTest, load_clips, machine_info
 from parley.caller import CallOptions, run_call
@@ -21,7 +24,7 @@ SETTLE_S = 2.0
 MAX_WARMUP_CALLS = 200
 
 
-async def _warm_up(server: ServerUnderTest, one, parallel: int) -> int:  # type: ignore[no-untyped-def]
+async def _warm_up(server: ServerUnderTest, one: Callable[[int], Awaitable[None]], parallel: int) -> int:
     """Run overlapping calls, as in the soak, until the recognizer pool stops growing.
 
     Server-side sessions outlive the callers' by a little, so more than `parallel` overlap and the
@@ -40,7 +43,7 @@ async def _warm_up(server: ServerUnderTest, one, parallel: int) -> int:  # type:
     return done
 
 
-def _options(url: str, index: int, pcm) -> CallOptions:  # type: ignore[no-untyped-def]
+def _options(url: str, index: int, pcm: np.ndarray) -> CallOptions:
     if index % 2 == 0:
         return CallOptions(url=url, pcm=pcm, barge_in_at=0.3, end_after_stop_s=0.8, max_wait_s=1.0, fetch_events=False)
     return CallOptions(
@@ -58,7 +61,7 @@ async def run(server: ServerUnderTest, calls: int, parallel: int, clips: list[Pa
         try:
             report = await run_call(_options(server.url, index, shortest.pcm))
             errors.extend(f"call {index}: {e}" for e in report.errors)
-        except Exception as exc:  # a failed call is a finding, not the end of the soak
+        except Exception as exc:  # noqa: BLE001 - a failed call is a finding, not the end of the soak
             errors.append(f"call {index}: {type(exc).__name__}: {exc}")
 
     warmup = await _warm_up(server, one, parallel)

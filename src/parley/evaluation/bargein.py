@@ -333,7 +333,10 @@ async def run(
 
 def summarize(scenario: str, records: list[dict[str, Any]]) -> dict[str, Any]:
     expect = SCENARIOS[scenario]
-    count = lambda key: sum(bool(r[key]) for r in records)  # a local tally
+
+    def count(key: str) -> int:
+        return sum(bool(r[key]) for r in records)
+
     summary: dict[str, Any] = {
         "expect": expect,
         "trials": len(records),

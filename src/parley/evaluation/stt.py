@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import numpy as np
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.table import Table
 from rich.text import Text
 
@@ -62,7 +62,7 @@ def parse_variant(name: str) -> Variant:
             f"unknown variant {name!r}: use clean, telephone or noise<SNR>[-white|-pink|-babble] (e.g. noise10)"
         )
     snr = float(match["snr"])
-    kind: variants.NoiseKind = match["kind"] or "pink"  # type: ignore[assignment]
+    kind = cast("variants.NoiseKind", match["kind"] or "pink")  # _NOISE_RE admits only the NOISE_KINDS
     return Variant(name, f"{kind} noise at {snr:g} dB SNR", lambda pcm, seed: variants.add_noise(pcm, snr, kind, seed))
 
 
@@ -253,7 +253,7 @@ def _ms(stats: dict[str, Any] | None, key: str) -> str:
 def print_result(result: dict[str, Any], console: Console | None = None, hypotheses: bool = False) -> None:
     console = console or Console()
     table = Table(title=f"parley eval stt ({result['mode']}, {len(result['clips'])} clips)")
-    for column, justify in (
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("variant", "left"),
         ("final WER", "right"),
         ("sphinx WER", "right"),
@@ -262,8 +262,9 @@ def print_result(result: dict[str, Any], console: Console | None = None, hypothe
         ("S/D/I", "right"),
         ("whisper ms p50/p95", "right"),
         ("1st partial ms", "right"),
-    ):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    )
+    for column, justify in columns:
+        table.add_column(column, justify=justify)
     for name, summary in result["variants"].items():
         sphinx, whisper = summary.get("pocketsphinx"), summary.get("whisper")
         table.add_row(

@@ -23,6 +23,7 @@ empty).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -194,7 +195,7 @@ class _RecognitionSession:
         with self._lock:
             if self._open is None:
                 return ""
-            return _joined(self._open.texts + [self._hypothesis])
+            return _joined([*self._open.texts, self._hypothesis])
 
     def close_utterance(self) -> str | Future[str]:
         """Push the padding and return the utterance's final text, now or as a future."""
@@ -429,13 +430,14 @@ class AzureRecognizer:
         backoff_first_s: float = 1.0,
         backoff_max_s: float = 30.0,
     ) -> None:
-        self._options = options
-        self._session_args = {
-            "trailing_silence_ms": trailing_silence_ms,
-            "padding_ms": padding_ms,
-            "final_timeout_s": final_timeout_s,
-            "end_slack_ms": end_slack_ms,
-        }
+        self._new_session = functools.partial(
+            _RecognitionSession,
+            options,
+            trailing_silence_ms=trailing_silence_ms,
+            padding_ms=padding_ms,
+            final_timeout_s=final_timeout_s,
+            end_slack_ms=end_slack_ms,
+        )
         self._session: _RecognitionSession | None = None
         self._current: _RecognitionSession | None = None  # the session of the open utterance
         self._backoff = _Backoff(backoff_first_s, backoff_max_s)
@@ -481,7 +483,7 @@ class AzureRecognizer:
             log.warning("azure speech: a new recognizer after %.1f s (backoff)", self._backoff.delay_s)
         if session is None and self._backoff.ready():
             try:
-                session = _RecognitionSession(self._options, **self._session_args)  # type: ignore[arg-type]
+                session = self._new_session()
             except Exception:  # the SDK refusing its configuration: retried with backoff too
                 log.exception("azure speech: could not create a recognizer")
                 self._backoff.failed()

@@ -108,7 +108,7 @@ class WhisperTranscriber:
         from faster_whisper.tokenizer import Tokenizer
 
         bundled = model_dir is None
-        path = bundled_model_dir() if bundled else Path(model_dir).expanduser()
+        path = bundled_model_dir() if model_dir is None else Path(model_dir).expanduser()
         check_model_dir(path)
         if bundled:
             verify_bundled_model(path)
