@@ -139,9 +139,7 @@ def serve(
     except (ValueError, RuntimeError, OSError) as exc:
         _startup_error(exc)
         return
-    import uvicorn
-
-    uvicorn.Server(server.uvicorn_config(app_, settings)).run()
+    server.uvicorn_server(app_, settings).run()
 
 
 @app.command()
