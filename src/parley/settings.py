@@ -108,8 +108,8 @@ class Settings(BaseSettings):
     # --- agent ------------------------------------------------------------------------------------
     agent: str = Field(
         "pizza",
-        description="Agent or scenario: a packaged example (pizza, bank: scripted, offline; openai,"
-        " pizza-llm, bank-llm: LLM agents) or a YAML path.",
+        description="Agent or scenario: a packaged example from agents/examples/ (`parley serve --help`"
+        " lists them) or a YAML path.",
     )
     greeting: str | None = Field(None, description="Overrides the agent's greeting ('' = no greeting).")
     greeting_interruptible: bool | None = Field(
