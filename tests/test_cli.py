@@ -80,3 +80,20 @@ def test_call_barges_in_and_writes_the_report(speech_dir, tmp_path) -> None:  # 
 def test_call_with_a_missing_file_fails_cleanly(tmp_path) -> None:  # type: ignore[no-untyped-def]
     result = runner.invoke(app, ["call", str(tmp_path / "missing.wav"), "--url", "ws://127.0.0.1:9/ws"])
     assert result.exit_code == 2 and "missing.wav" in result.output
+
+
+def test_startup_log_names_the_agent_the_engines_and_the_media_url(caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    from parley.server import BackgroundServer, describe_engines
+
+    assert describe_engines(load_settings()) == (
+        "engines: vad silero, stt two-pass (pocketsphinx partials, Whisper tiny.en finals), tts piper (en_US-joe-medium)"
+    )
+    assert "tts espeak (en-us)" in describe_engines(load_settings(stt="whisper", tts="espeak"))
+    settings = load_settings(host="127.0.0.1", port=0, engines="plumbing", engine_pool_warm=0, event_log=False)
+    with caplog.at_level(logging.INFO, logger="parley.server"), BackgroundServer(settings) as server:
+        pass
+    messages = [record.getMessage() for record in caplog.records if record.name == "parley.server"]
+    assert any("PLUMBING" in message and "agent" in message for message in messages), messages
+    assert f"media WebSocket: ws://127.0.0.1:{server.port}/ws/acs" in " ".join(messages)

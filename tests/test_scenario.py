@@ -212,8 +212,16 @@ def test_tool_import_errors_fail_at_startup(tmp_path: Path, llm_defaults: LlmCon
             tools: [{name: t, python: "parley.no_such_module:f"}]
         """,
     )
-    with pytest.raises(ScenarioError, match=r"agent 'a': cannot import 'parley\.no_such_module'"):
+    # The file and the place, like every other scenario error (docs/agents.md).
+    with pytest.raises(ScenarioError) as caught:
         Scenario(load_scenario(path), llm_defaults)
+    assert str(caught.value).startswith(f"{path}: agents[0] (a).tools[0] (t).python: cannot import")
+    assert "cannot import 'parley.no_such_module'" in str(caught.value)
+    path.write_text(path.read_text().replace("parley.no_such_module:f", "parley.agents.demo_tools:no_such_tool"))
+    with pytest.raises(ScenarioError) as caught:
+        load_scenario(path)
+    assert str(caught.value).startswith(f"{path}: agents[0] (a).tools[0] (t).python: ")
+    assert "has no callable 'no_such_tool'" in str(caught.value)
 
 
 def test_missing_llm_credentials_fail_at_startup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

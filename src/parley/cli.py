@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from importlib import metadata, resources
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from parley.settings import Settings, SettingsError, load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="parley: a real-time voice agent server.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # soft wrap: an error stays one line in a log
 
 
 def _add_bench() -> None:
@@ -27,31 +29,78 @@ def _add_bench() -> None:
 _add_bench()
 
 
+def _version(value: bool) -> None:
+    if value:
+        try:
+            version = metadata.version("parley")
+        except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+            from parley import __version__ as version
+        typer.echo(f"parley {version}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print parley's version and exit."
+    ),
+) -> None:
+    pass
+
+
+# Settings given as flags that are not spelled like the setting.
+_FLAGS = {"bargein_speaking": "--bargein"}
+
+
 def _settings(**overrides: object) -> Settings:
     try:
         return load_settings(**overrides)
     except SettingsError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        for problem in exc.problems:
+            given = problem.field is not None and overrides.get(problem.field) is not None
+            flag = _FLAGS.get(problem.field or "", f"--{(problem.field or '').replace('_', '-')}") if given else None
+            console.print("[red]error:[/red]", escape(problem.line(flag).replace("\n", " ")))
         raise typer.Exit(2) from None
 
 
+def _default(name: str) -> str:
+    """A setting's default for --help (typer prints it; [default: ...] in a help text would be
+    taken for rich markup and vanish)."""
+    return str(Settings.model_fields[name].get_default(call_default_factory=True))
+
+
+def _packaged_agents() -> str:
+    examples = resources.files("parley.agents").joinpath("examples")
+    return ", ".join(
+        sorted(item.name.removesuffix(".yaml") for item in examples.iterdir() if item.name.endswith(".yaml"))
+    )
+
+
 def _startup_error(exc: Exception) -> None:
-    console.print(f"[red]error:[/red] {exc}")
+    console.print("[red]error:[/red]", escape(str(exc)))
     raise typer.Exit(2)
 
 
 @app.command()
 def serve(
-    host: str | None = typer.Option(None, help="Interface to listen on [default: 127.0.0.1]."),
-    port: int | None = typer.Option(None, help="TCP port [default: 8000]."),
+    host: str | None = typer.Option(None, help="Interface to listen on.", show_default=_default("host")),
+    port: int | None = typer.Option(None, help="TCP port (0: any free port).", show_default=_default("port")),
     agent: str | None = typer.Option(
-        None, help="Agent or scenario: pizza, bank (scripted), openai, pizza-llm, bank-llm (LLM) or a YAML path."
+        None,
+        help=f"Agent or scenario: a packaged example ({_packaged_agents()}) or a YAML path.",
+        show_default=_default("agent"),
     ),
     greeting: str | None = typer.Option(None, help="Greeting text ('' for none)."),
-    llm_provider: str | None = typer.Option(None, help="openai, azure, compatible or llama-cpp."),
-    llm_model: str | None = typer.Option(None, help="Model (Azure: deployment; llama-cpp: .gguf or name)."),
+    llm_provider: str | None = typer.Option(
+        None, help="openai, azure, compatible or llama-cpp.", show_default=_default("llm_provider")
+    ),
+    llm_model: str | None = typer.Option(
+        None, help="Model (Azure: deployment; llama-cpp: .gguf or name).", show_default=_default("llm_model")
+    ),
     llm_base_url: str | None = typer.Option(None, help="compatible: e.g. http://localhost:11434/v1"),
-    log_level: str | None = typer.Option(None, help="debug, info, warning or error."),
+    log_level: str | None = typer.Option(
+        None, help="debug, info, warning or error.", show_default=_default("log_level")
+    ),
     stt: str | None = typer.Option(
         None,
         help="two-pass (default: pocketsphinx partials + Whisper finals), pocketsphinx, whisper or"
@@ -90,15 +139,13 @@ def serve(
     except (ValueError, RuntimeError, OSError) as exc:
         _startup_error(exc)
         return
-    import uvicorn
-
-    uvicorn.Server(server.uvicorn_config(app_, settings)).run()
+    server.uvicorn_server(app_, settings).run()
 
 
 @app.command()
 def call(
     audio: Path = typer.Argument(..., help="WAV file the simulated caller says (16-bit PCM)."),
-    url: str | None = typer.Option(None, help="ws://... of a running server [default: start one in-process]."),
+    url: str | None = typer.Option(None, help="ws://... of a running server.", show_default="start one in-process"),
     out: Path | None = typer.Option(None, help="Write what the caller heard to this WAV."),
     barge_in_at: float | None = typer.Option(None, help="Start speaking once the agent has talked this many seconds."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON here."),

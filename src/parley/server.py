@@ -52,6 +52,7 @@ def create_app(
         if validator is not None:
             await _prefetch_signing_keys(validator)
         await asyncio.to_thread(engines.warm)
+        log.info("parley %s: %s; %s", __version__, describe_agent(settings, engines), describe_engines(settings))
         monitor = asyncio.create_task(registry.stats.monitor.run(), name="loop-lag-monitor")
         yield
         monitor.cancel()
@@ -172,6 +173,50 @@ async def _prefetch_signing_keys(validator: AcsTokenValidator) -> None:
         log.warning("ACS signing keys not loaded at startup (%s); retrying when the first token comes", exc)
 
 
+def describe_agent(settings: Settings, engines: Engines) -> str:
+    if settings.engines == "plumbing":
+        return "agent: a test double"
+    scenario = getattr(engines.agent_factory, "__self__", None)  # a Scenario's bound `agent`
+    if getattr(scenario, "uses_llm", False):
+        return f"agent {settings.agent} (LLM: {settings.llm_provider} {settings.llm_model})"
+    return f"agent {settings.agent}"
+
+
+def describe_engines(settings: Settings) -> str:
+    """The engines a call uses, for the startup log: vad silero, stt two-pass (...), tts piper (...)."""
+    if settings.engines == "plumbing":
+        return "engines: PLUMBING test doubles for stt, agent and tts (vad silero), never for real calls"
+    whisper = f"Whisper {settings.stt_model or 'tiny.en'}"
+    stt = {
+        "two-pass": f"two-pass (pocketsphinx partials, {whisper} finals)",
+        "pocketsphinx": "pocketsphinx",
+        "whisper": f"whisper ({whisper}, no partials)",
+        "azure": f"azure ({settings.azure_speech_endpoint or settings.azure_speech_region}, {settings.azure_speech_language})",
+    }[settings.stt]
+    voice = (
+        settings.tts_voice
+        or {"piper": "en_US-joe-medium", "espeak": "en-us", "azure": settings.azure_tts_voice}[settings.tts]
+    )
+    return f"engines: vad silero, stt {stt}, tts {settings.tts} ({voice})"
+
+
+class ParleyServer(uvicorn.Server):
+    """uvicorn's server, logging the media URL once it listens (the port may be chosen then)."""
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.should_exit or not self.servers or not self.servers[0].sockets:
+            return
+        port = self.servers[0].sockets[0].getsockname()[1]
+        host = self.config.host
+        host = f"[{host}]" if ":" in host else host
+        log.info("media WebSocket: ws://%s:%d/ws/acs (ACS streams calls here; also /ws)", host, port)
+
+
+def uvicorn_server(app: FastAPI, settings: Settings) -> uvicorn.Server:
+    return ParleyServer(uvicorn_config(app, settings))
+
+
 def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     return uvicorn.Config(
         app,
@@ -196,8 +241,7 @@ class BackgroundServer:
     ) -> None:
         self.settings = settings
         self.app = create_app(settings, engines, acs_client_options=acs_client_options)
-        config = uvicorn_config(self.app, settings)
-        self._server = uvicorn.Server(config)
+        self._server = uvicorn_server(self.app, settings)
         self._thread = threading.Thread(target=self._server.run, name="parley-server", daemon=True)
         self.port = 0
 
@@ -235,7 +279,7 @@ class BackgroundServer:
 
 
 async def serve_forever(settings: Settings) -> None:
-    server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
+    server = uvicorn_server(create_app(settings), settings)
     await server.serve()
 
 

@@ -6,11 +6,15 @@ The object is built once at startup and passed down; nothing deeper reads the en
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import pydantic_settings
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from parley.acs import config as acs_config
 from parley.media.bargein import DEFAULT_BACKCHANNELS
@@ -20,8 +24,62 @@ if TYPE_CHECKING:
     from parley.agents.llm import LlmConfig
 
 
+@dataclass(frozen=True, slots=True)
+class SettingsProblem:
+    """One bad setting. `field` is the setting at fault (None: the message names the settings)."""
+
+    message: str
+    field: str | None = None
+
+    @property
+    def env(self) -> str | None:
+        return f"PARLEY_{self.field.upper()}" if self.field else None
+
+    def line(self, flag: str | None = None) -> str:
+        """One line for the console: `PARLEY_PORT (--port): Input should be ...`."""
+        if self.env is None:
+            return self.message
+        return f"{self.env}{f' ({flag})' if flag else ''}: {self.message}"
+
+    def __str__(self) -> str:
+        return f"{self.field} ({self.env}): {self.message}" if self.field else self.message
+
+
 class SettingsError(ValueError):
-    """Bad configuration, with a message naming each offending setting."""
+    """Bad configuration: `problems` name each offending setting, one line each."""
+
+    def __init__(self, problems: list[SettingsProblem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(problem) for problem in problems))
+
+
+class _Problems(ValueError):
+    """Raised by the validators below; load_settings turns it into SettingsError."""
+
+    def __init__(self, problems: list[SettingsProblem]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(str(problem) for problem in problems))
+
+
+def _problem(message: str, field: str | None = None) -> _Problems:
+    return _Problems([SettingsProblem(message, field)])
+
+
+def _split_list(value: object) -> object:
+    """A list setting from the environment: comma-separated (`uh-huh, okay`) or a JSON list."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a JSON list ({exc.msg}); or give comma-separated values") from None
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+# NoDecode: pydantic-settings would otherwise insist on JSON for a list and fail with a traceback.
+StrList = Annotated[list[str], NoDecode, BeforeValidator(_split_list)]
 
 
 class Settings(BaseSettings):
@@ -50,8 +108,8 @@ class Settings(BaseSettings):
     # --- agent ------------------------------------------------------------------------------------
     agent: str = Field(
         "pizza",
-        description="Agent or scenario: a packaged example (pizza, bank: scripted, offline; openai,"
-        " pizza-llm, bank-llm: LLM agents) or a YAML path.",
+        description="Agent or scenario: a packaged example from agents/examples/ (`parley serve --help`"
+        " lists them) or a YAML path.",
     )
     greeting: str | None = Field(None, description="Overrides the agent's greeting ('' = no greeting).")
     greeting_interruptible: bool | None = Field(
@@ -111,9 +169,9 @@ class Settings(BaseSettings):
     resume_after_ms: int = Field(
         2000, ge=200, le=20000, description="A pending barge-in with no words after this long resumes the reply."
     )
-    backchannels: list[str] = Field(
+    backchannels: StrList = Field(
         default_factory=lambda: list(DEFAULT_BACKCHANNELS),
-        description="Words/phrases that never interrupt the agent on their own (JSON list in env).",
+        description="Words/phrases that never interrupt the agent on their own (comma-separated or a JSON list).",
     )
     echo_gate: bool = Field(True, description="Ignore inbound audio explained by the echo of the agent's own voice.")
 
@@ -169,12 +227,13 @@ class Settings(BaseSettings):
         "key", description="A key, or Entra ID (needs azure-identity and the custom-domain endpoint)."
     )
     azure_speech_language: str = Field("en-US", description="Recognition language.")
-    azure_speech_languages: list[str] = Field(
+    azure_speech_languages: StrList = Field(
         default_factory=list,
-        description="Two or more locales: continuous language identification among them (JSON list).",
+        description="Two or more locales: continuous language identification among them (comma-separated"
+        " or a JSON list).",
     )
-    azure_speech_phrases: list[str] = Field(
-        default_factory=list, description="Phrase list: names and terms to favour (JSON list)."
+    azure_speech_phrases: StrList = Field(
+        default_factory=list, description="Phrase list: names and terms to favour (comma-separated or a JSON list)."
     )
     azure_speech_segmentation_silence_ms: int | None = Field(
         None, ge=100, le=5000, description="Silence that ends an Azure phrase (service default if unset)."
@@ -189,18 +248,21 @@ class Settings(BaseSettings):
         if "azure" not in (self.stt, self.tts):
             return self
         if self.azure_speech_auth == "entra" and not self.azure_speech_endpoint:
-            raise ValueError("azure_speech_auth=entra needs azure_speech_endpoint (the resource's custom domain)")
+            raise _problem(
+                "PARLEY_AZURE_SPEECH_AUTH=entra needs PARLEY_AZURE_SPEECH_ENDPOINT (the resource's custom domain)",
+                "azure_speech_endpoint",
+            )
         if not self.azure_speech_endpoint and not (self.azure_speech_key and self.azure_speech_region):
-            raise ValueError(
+            raise _problem(
                 "Azure Speech (stt/tts=azure) needs azure_speech_key and azure_speech_region"
                 " (PARLEY_AZURE_SPEECH_KEY, PARLEY_AZURE_SPEECH_REGION), or azure_speech_endpoint"
                 " (PARLEY_AZURE_SPEECH_ENDPOINT)"
             )
         endpoint = self.azure_speech_endpoint
         if endpoint and not endpoint.startswith(("wss://", "ws://", "https://")):
-            raise ValueError(f"azure_speech_endpoint must be a wss://, ws:// or https:// URL (got {endpoint!r})")
+            raise _problem(f"must be a wss://, ws:// or https:// URL (got {endpoint!r})", "azure_speech_endpoint")
         if len(self.azure_speech_languages) == 1:
-            raise ValueError("azure_speech_languages needs two or more locales (or use azure_speech_language)")
+            raise _problem("needs two or more locales (or use PARLEY_AZURE_SPEECH_LANGUAGE)", "azure_speech_languages")
         return self
 
     playout_lead_ms: int = Field(
@@ -297,85 +359,42 @@ class Settings(BaseSettings):
             jwks_max_age_s=self.acs_auth_jwks_max_age_s,
         )
 
-    @staticmethod
-    def _env_name(name: str) -> str:
-        return f"{name} (PARLEY_{name.upper()})"
-
     @model_validator(mode="after")
     def _check_acs(self) -> Settings:
-        problems = self._acs_value_problems() + self._acs_auth_problems()
+        problems = acs_config.settings_problems(self)
         if problems:
-            raise ValueError("ACS settings:\n    " + "\n    ".join(problems))
+            raise _Problems([SettingsProblem(problem) for problem in problems])
         return self
-
-    def _acs_value_problems(self) -> list[str]:
-        problems: list[str] = []
-
-        def check(name: str, value: str | None, checker) -> None:  # type: ignore[no-untyped-def]
-            if value is None:
-                return
-            try:
-                checker(value)
-            except acs_config.AcsConfigError as exc:
-                problems.append(f"{self._env_name(name)}: {exc}")
-
-        secret = self.acs_connection_string
-        if secret is not None and self.acs_endpoint:
-            problems.append(
-                f"set {self._env_name('acs_connection_string')} or {self._env_name('acs_endpoint')}, not both"
-            )
-        check(
-            "acs_connection_string", secret.get_secret_value() if secret else None, acs_config.check_connection_string
-        )
-        check("acs_endpoint", self.acs_endpoint or None, acs_config.check_endpoint)
-        check("acs_callback_url", self.acs_callback_url, acs_config.public_base_url)
-        if self.acs_configured and not self.acs_callback_url:
-            problems.append(
-                f"{self._env_name('acs_callback_url')} is required with ACS: the public https base"
-                " URL ACS reaches this server at (e.g. a dev tunnel)"
-            )
-        if self.acs_sample_rate not in acs_config.SAMPLE_RATES:
-            problems.append(f"{self._env_name('acs_sample_rate')} must be 16000 or 24000, got {self.acs_sample_rate}")
-        if self.acs_source_caller_id is not None and not acs_config.is_e164(self.acs_source_caller_id):
-            problems.append(
-                f"{self._env_name('acs_source_caller_id')} must be an E.164 number like"
-                f" +15551234567, got {self.acs_source_caller_id[:40]!r}"
-            )
-        for name in ("acs_incoming_code", "acs_outbound_token"):
-            value: SecretStr | None = getattr(self, name)
-            if value is not None and len(value.get_secret_value()) < 16:
-                problems.append(f"{self._env_name(name)} must be at least 16 characters (a random secret)")
-        return problems
-
-    def _acs_auth_problems(self) -> list[str]:
-        resource_id = self._env_name("acs_resource_id")
-        if self.acs_auth_enabled is True and not self.acs_resource_id.strip():
-            return [f"acs_auth_enabled is true but {resource_id} is empty: ACS tokens are checked against it"]
-        if self.acs_configured and self.acs_auth_enabled is None and not self.acs_resource_id.strip():
-            return [
-                (
-                    f"ACS is configured but {resource_id} is empty: set it to the ACS resource's immutable id"
-                    " (the audience of the tokens ACS sends with media streams and callbacks), or set"
-                    " PARLEY_ACS_AUTH_ENABLED=false for local development only"
-                )
-            ]
-        if not self.acs_auth_active:
-            return []
-        try:
-            self.acs_auth_config()
-        except ValidationError as exc:
-            return [
-                f"ACS authentication (PARLEY_ACS_AUTH_*): {error['msg'].removeprefix('Value error, ')}"
-                for error in exc.errors()
-            ]
-        return []
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
+        problems = []
         if self.endpoint_silence_ms <= self.speech_start_ms:
-            raise ValueError("endpoint_silence_ms must be longer than speech_start_ms")
-        if self.early_final_ms >= self.endpoint_silence_ms:
-            raise ValueError("early_final_ms must be shorter than endpoint_silence_ms")
+            problems.append(
+                SettingsProblem(
+                    f"must be longer than PARLEY_SPEECH_START_MS ({self.endpoint_silence_ms} ms <="
+                    f" {self.speech_start_ms} ms)",
+                    "endpoint_silence_ms",
+                )
+            )
+        elif self.early_final_ms >= self.endpoint_silence_ms:
+            problems.append(
+                SettingsProblem(
+                    f"must be shorter than PARLEY_ENDPOINT_SILENCE_MS ({self.early_final_ms} ms >="
+                    f" {self.endpoint_silence_ms} ms)",
+                    "early_final_ms",
+                )
+            )
+        if self.llm_provider == "compatible" and not self.llm_base_url:
+            problems.append(
+                SettingsProblem(
+                    "needed with PARLEY_LLM_PROVIDER=compatible (flag --llm-base-url): the server's base URL,"
+                    " e.g. http://localhost:11434/v1",
+                    "llm_base_url",
+                )
+            )
+        if problems:
+            raise _Problems(problems)
         return self
 
     def llm_config(self) -> LlmConfig:
@@ -408,20 +427,41 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**given)
     except ValidationError as exc:
         raise SettingsError(_describe(exc)) from None
+    except pydantic_settings.SettingsError as exc:  # a value the environment source cannot even parse
+        raise SettingsError([_unparsable(exc)]) from None
 
 
-def _describe(exc: ValidationError) -> str:
-    lines = []
+def _describe(exc: ValidationError) -> list[SettingsProblem]:
+    problems: list[SettingsProblem] = []
     for error in exc.errors():
-        name = ".".join(str(part) for part in error["loc"]) or "settings"
-        env = f"PARLEY_{name.upper()}" if error["loc"] else ""
-        where = f"{name} ({env})" if env else name
-        # A model-level error's input is every given value, secrets included: never echo it, nor
-        # the value of a secret field.
-        secret = name in _SECRET_FIELDS or not error["loc"]
-        got = "" if secret else f" (got {error.get('input')!r})"
-        lines.append(f"  {where}: {error['msg']}{got}")
-    return "invalid settings:\n" + "\n".join(lines)
+        cause = error.get("ctx", {}).get("error")
+        if isinstance(cause, _Problems):
+            problems.extend(cause.problems)
+            continue
+        message = error["msg"].removeprefix("Value error, ")
+        if not error["loc"]:
+            # A model-level error's input is every given value, secrets included: never echo it.
+            problems.append(SettingsProblem(message))
+            continue
+        field, *inner = (str(part) for part in error["loc"])
+        if inner:
+            message = f"item {'.'.join(inner)}: {message}"
+        got = "" if field in _SECRET_FIELDS else f" (got {_shown(error.get('input'))})"
+        problems.append(SettingsProblem(f"{message}{got}", field))
+    return problems
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _unparsable(exc: pydantic_settings.SettingsError) -> SettingsProblem:
+    match = re.search(r'field "(\w+)"', str(exc))
+    cause = f": {exc.__cause__}" if exc.__cause__ else ""
+    if match is None:
+        return SettingsProblem(f"{exc}{cause}")
+    return SettingsProblem(f"cannot read the value{cause}", match.group(1))
 
 
 _SECRET_FIELDS = frozenset(

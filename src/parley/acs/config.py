@@ -1,7 +1,8 @@
 """Checks and small value types for the ACS settings, free of SDK imports.
 
-`parley.settings` validates with these at startup, so this module must stay light: no Azure SDK,
-no FastAPI. The service (`parley.acs.service`) uses the same functions at run time.
+`parley.settings` validates with these at startup (`settings_problems`), so this module must stay
+light: no Azure SDK, no FastAPI. The service (`parley.acs.service`) uses the same functions at run
+time.
 """
 
 from __future__ import annotations
@@ -11,8 +12,15 @@ import binascii
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlencode, urlsplit
+
+from pydantic import SecretStr, ValidationError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from parley.settings import Settings
 
 # E.164: a plus, a non-zero country code digit, at most 15 digits in all. Nothing else (no spaces,
 # dashes or brackets): ACS rejects anything else, and rejecting it here gives a clearer message.
@@ -120,3 +128,75 @@ def media_url(base_url: str, call_key: str, caller_id: str) -> str:
     ws_scheme = "wss" if scheme == "https" else "ws"
     query = urlencode({"callId": call_key, "callerId": caller_id} if caller_id else {"callId": call_key})
     return f"{ws_scheme}://{rest}{MEDIA_PATH}?{query}"
+
+
+# --------------------------------------------------------------------------------------------
+# The ACS settings as a whole (called by Settings' validator)
+
+
+def env_name(name: str) -> str:
+    """A setting as the user sets it: `acs_callback_url (PARLEY_ACS_CALLBACK_URL)`."""
+    return f"{name} (PARLEY_{name.upper()})"
+
+
+def settings_problems(settings: Settings) -> list[str]:
+    """Every problem with the ACS settings, each naming its setting (empty: all fine)."""
+    return _value_problems(settings) + _auth_problems(settings)
+
+
+def _value_problems(settings: Settings) -> list[str]:
+    problems: list[str] = []
+
+    def check(name: str, value: str | None, checker: Callable[[str], object]) -> None:
+        if value is None:
+            return
+        try:
+            checker(value)
+        except AcsConfigError as exc:
+            problems.append(f"{env_name(name)}: {exc}")
+
+    secret = settings.acs_connection_string
+    if secret is not None and settings.acs_endpoint:
+        problems.append(f"set {env_name('acs_connection_string')} or {env_name('acs_endpoint')}, not both")
+    check("acs_connection_string", secret.get_secret_value() if secret else None, check_connection_string)
+    check("acs_endpoint", settings.acs_endpoint or None, check_endpoint)
+    check("acs_callback_url", settings.acs_callback_url, public_base_url)
+    if settings.acs_configured and not settings.acs_callback_url:
+        problems.append(
+            f"{env_name('acs_callback_url')} is required with ACS: the public https base"
+            " URL ACS reaches this server at (e.g. a dev tunnel)"
+        )
+    if settings.acs_sample_rate not in SAMPLE_RATES:
+        problems.append(f"{env_name('acs_sample_rate')} must be 16000 or 24000, got {settings.acs_sample_rate}")
+    if settings.acs_source_caller_id is not None and not is_e164(settings.acs_source_caller_id):
+        problems.append(
+            f"{env_name('acs_source_caller_id')} must be an E.164 number like"
+            f" +15551234567, got {settings.acs_source_caller_id[:40]!r}"
+        )
+    for name in ("acs_incoming_code", "acs_outbound_token"):
+        value: SecretStr | None = getattr(settings, name)
+        if value is not None and len(value.get_secret_value()) < 16:
+            problems.append(f"{env_name(name)} must be at least 16 characters (a random secret)")
+    return problems
+
+
+def _auth_problems(settings: Settings) -> list[str]:
+    resource_id = env_name("acs_resource_id")
+    if settings.acs_auth_enabled is True and not settings.acs_resource_id.strip():
+        return [f"acs_auth_enabled is true but {resource_id} is empty: ACS tokens are checked against it"]
+    if settings.acs_configured and settings.acs_auth_enabled is None and not settings.acs_resource_id.strip():
+        return [
+            f"ACS is configured but {resource_id} is empty: set it to the ACS resource's immutable id"
+            " (the audience of the tokens ACS sends with media streams and callbacks), or set"
+            " PARLEY_ACS_AUTH_ENABLED=false for local development only"
+        ]
+    if not settings.acs_auth_active:
+        return []
+    try:
+        settings.acs_auth_config()
+    except ValidationError as exc:
+        return [
+            f"ACS authentication (PARLEY_ACS_AUTH_*): {error['msg'].removeprefix('Value error, ')}"
+            for error in exc.errors()
+        ]
+    return []

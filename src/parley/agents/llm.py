@@ -133,7 +133,11 @@ def build_client(config: LlmConfig) -> openai.AsyncOpenAI | openai.AsyncAzureOpe
     if config.provider == "compatible":
         api_key = api_key or COMPATIBLE_DUMMY_KEY
     elif not api_key:
-        raise ValueError("provider 'openai' needs api_key (or the OPENAI_API_KEY variable)")
+        raise ValueError(
+            "provider 'openai' needs api_key (or the OPENAI_API_KEY variable); an agent written for the"
+            " in-process model (pizza-local) needs PARLEY_LLM_PROVIDER=llama-cpp and"
+            " PARLEY_LLM_MODEL=qwen2.5-0.5b instead, with the llama extra (`make llama`)"
+        )
     return openai.AsyncOpenAI(api_key=api_key, base_url=config.base_url, timeout=timeout, max_retries=0)
 
 

