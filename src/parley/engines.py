@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from parley.media.recognition import FinalPass
 from parley.pool import EnginePool
-from parley.protocols import AgentFactory, CallControl, Recognizer, Synthesizer, Vad
+from parley.protocols import AgentFactory, CallControl, MultiVoiceSynthesizer, Recognizer, Synthesizer, Vad
 from parley.settings import Settings
 
 if TYPE_CHECKING:
@@ -194,7 +194,9 @@ def _voices(
     def synthesizer_for(voice: str | None) -> Synthesizer:
         if voice not in voices:
             try:
-                voices[voice] = default.with_voice(voice)  # type: ignore[attr-defined]
+                if not isinstance(default, MultiVoiceSynthesizer):
+                    raise ValueError("this synthesizer has a single voice")
+                voices[voice] = default.with_voice(voice)
             except Exception as exc:  # a voice of the other engine, a missing file: say so once
                 log.warning(
                     "voice %r is not usable with tts=%s (%s); using the default voice", voice, settings.tts, exc

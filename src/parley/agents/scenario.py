@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -59,11 +59,15 @@ from parley.agents.tools import (
 )
 from parley.protocols import (
     Agent,
+    AgentEventListener,
     AgentFactory,
     AgentOutput,
     CallContext,
     Handoff,
+    KeepsHistory,
+    Message,
     Say,
+    TruncatesReplies,
     UserInput,
 )
 
@@ -341,10 +345,10 @@ class ScenarioAgent:
         self._agents: dict[str, Agent] = {}
         self._speaker: Agent | None = None  # who said the latest words (truncation goes there)
         self._speaker_offset = 0  # words said earlier in the same turn by others
-        self._listener: Callable[..., None] | None = None
+        self._listener: AgentEventListener | None = None
         self._last_input: UserInput | None = None
 
-    def listen(self, listener: Callable[..., None]) -> None:
+    def listen(self, listener: AgentEventListener) -> None:
         """`listener(event_name, **fields)` hears handoffs and tool calls (the call's event log)."""
         self._listener = listener
 
@@ -421,20 +425,18 @@ class ScenarioAgent:
             history=spec.history,
             then=spec.then,
         )
-        messages: list[dict[str, Any]] = []
-        if spec.history == "shared":
+        messages: list[Message] = []
+        if spec.history == "shared" and isinstance(source, KeepsHistory):
             # Taken before the announcement is recorded: it closes the source's turn.
-            history = getattr(source, "history", None)
-            messages = history(before_last_input=spec.then == "respond") if history else []
+            messages = source.history(before_last_input=spec.then == "respond")
         if spec.announce:
             _record_spoken(source, spec.announce)
             if spec.history == "shared" and spec.then == "greet":
                 messages.append({"role": "assistant", "content": spec.announce})
             yield Say(spec.announce, voice=self._voice(self.active))
         target = self.member(spec.to)
-        adopt = getattr(target, "adopt_history", None)
-        if adopt is not None:
-            adopt(messages)
+        if isinstance(target, KeepsHistory):
+            target.adopt_history(messages)
         self.active = spec.to
         if spec.then == "greet":
             greeting = self.scenario.members[spec.to].spec.greeting
@@ -449,11 +451,10 @@ class ScenarioAgent:
     def truncate_last_reply(self, heard_text: str, *, forget_input: bool = False) -> None:
         """Tell the agent that spoke last what the caller heard of its words."""
         speaker = self._speaker
-        truncate = getattr(speaker, "truncate_last_reply", None)
-        if truncate is None:
+        if not isinstance(speaker, TruncatesReplies):
             return
         words = heard_text.split()
-        truncate(" ".join(words[self._speaker_offset :]), forget_input=forget_input and not words)
+        speaker.truncate_last_reply(" ".join(words[self._speaker_offset :]), forget_input=forget_input and not words)
 
     # ------------------------------------------------------------------ helpers
     def _voice(self, name: str) -> str:
@@ -486,6 +487,5 @@ def _handoff_description(scenario: Scenario, handoff: HandoffSpec) -> str:
 
 
 def _record_spoken(agent: Agent, text: str) -> None:
-    record = getattr(agent, "record_spoken", None)
-    if record is not None:
-        record(text)
+    if isinstance(agent, KeepsHistory):
+        agent.record_spoken(text)
