@@ -17,6 +17,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,8 @@ class Final:
     endpoint_t: float = 0.0  # when the silence after it was long enough to end the utterance
 
 
-class SpeechSink:
-    """What the event loop side implements (the media handler)."""
+class SpeechSink(Protocol):
+    """What the event loop side implements (the media handler). Called on the loop only."""
 
     def on_speech_started(self, event: SpeechStarted) -> None: ...
 

@@ -90,7 +90,7 @@ class EspeakEngine:
             finally:
                 self._on_samples = None
 
-    def _dispatch(self, wav: ctypes.POINTER(ctypes.c_short), count: int, _events: int) -> int:
+    def _dispatch(self, wav: ctypes._Pointer[ctypes.c_short], count: int, _events: int) -> int:
         if count <= 0 or self._on_samples is None:
             return 0
         samples = np.ctypeslib.as_array(wav, shape=(count,)).copy()

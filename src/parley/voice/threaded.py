@@ -13,12 +13,10 @@ from concurrent.futures import Executor
 
 Emit = Callable[[bytes], bool]
 
-_DONE = object()
-
 
 async def stream_from_executor(executor: Executor, produce: Callable[[Emit], None]) -> AsyncIterator[bytes]:
     loop = asyncio.get_running_loop()
-    chunks: asyncio.Queue[object] = asyncio.Queue()
+    chunks: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: the engine is done
     cancelled = threading.Event()
 
     def emit(chunk: bytes) -> bool:
@@ -33,15 +31,12 @@ async def stream_from_executor(executor: Executor, produce: Callable[[Emit], Non
             produce(emit)
         finally:
             if not cancelled.is_set():
-                loop.call_soon_threadsafe(chunks.put_nowait, _DONE)
+                loop.call_soon_threadsafe(chunks.put_nowait, None)
 
     future = asyncio.wrap_future(executor.submit(job))
     try:
-        while True:
-            item = await chunks.get()
-            if item is _DONE:
-                break
-            yield item  # type: ignore[misc]
+        while (chunk := await chunks.get()) is not None:
+            yield chunk
         await future  # re-raises an engine error
     finally:
         cancelled.set()
