@@ -28,7 +28,7 @@ import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -73,6 +73,7 @@ from parley.protocols import (
 
 log = logging.getLogger(__name__)
 
+_Model = TypeVar("_Model", bound=BaseModel)
 MAX_HANDOFFS_PER_TURN = 3  # A -> B -> A ... within one caller turn is a loop, not a conversation
 ScenarioError = AgentConfigError
 
@@ -87,12 +88,12 @@ class ModelSpec(BaseModel):
     base_url: str | None = None
     azure_endpoint: str | None = None
     api_version: str | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    max_tokens: int | None = Field(None, gt=0)
-    first_token_timeout_s: float | None = Field(None, gt=0.0)
-    total_timeout_s: float | None = Field(None, gt=0.0)
-    max_retries: int | None = Field(None, ge=0)
-    threads: int | None = Field(None, ge=1, le=64)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(default=None, gt=0)
+    first_token_timeout_s: float | None = Field(default=None, gt=0.0)
+    total_timeout_s: float | None = Field(default=None, gt=0.0)
+    max_retries: int | None = Field(default=None, ge=0)
+    threads: int | None = Field(default=None, ge=1, le=64)
 
     def apply(self, defaults: LlmConfig, **extra: Any) -> LlmConfig:
         """`defaults` with this agent's settings on top. Another provider than the server's
@@ -171,7 +172,7 @@ class ScenarioSpec(BaseModel):
 
     name: str = Field(min_length=1)
     description: str = ""
-    start: str | None = Field(None, description="The agent answering the call (default: the first).")
+    start: str | None = Field(default=None, description="The agent answering the call (default: the first).")
     timezone: str | None = None
     facts: dict[str, Any] = Field(default_factory=dict)
     agents: list[AgentSpec] = Field(min_length=1)
@@ -238,12 +239,15 @@ def load_scenario(path: str | Path) -> ScenarioSpec:
     if "agents" in data:
         return _validate(path, data, ScenarioSpec)
     agent = _with_kind(data)
-    model: type[BaseModel] = LlmAgentSpec if agent.get("kind") == "llm" else ScriptSpec
-    spec = _validate(path, agent, model)
-    return ScenarioSpec(name=spec.name, agents=[spec])  # type: ignore[list-item]
+    spec: ScriptSpec | LlmAgentSpec
+    if agent.get("kind") == "llm":
+        spec = _validate(path, agent, LlmAgentSpec)
+    else:
+        spec = _validate(path, agent, ScriptSpec)
+    return ScenarioSpec(name=spec.name, agents=[spec])
 
 
-def _validate(path: Path, data: dict[str, Any], model: type[Any]) -> Any:
+def _validate(path: Path, data: dict[str, Any], model: type[_Model]) -> _Model:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
