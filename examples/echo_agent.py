@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 
-from parley.engines import Engines, embedded_engines
+from parley.engines import Engines, build_engines
 from parley.protocols import AgentOutput, CallContext, Hangup, Say, UserInput
 from parley.settings import Settings
 
@@ -46,8 +46,8 @@ class EchoAgent:
 
 
 def echo_engines(settings: Settings) -> Engines:
-    """The server's embedded engines, with EchoAgent answering every call."""
-    engines = embedded_engines(settings)
+    """The engines the settings name (the embedded ones by default), EchoAgent answering calls."""
+    engines = build_engines(settings)
     engines.agent_factory = EchoAgent  # any callable CallContext -> Agent
     return engines
 
