@@ -7,7 +7,7 @@ of speech engines. Never use them for real calls: they do not recognise or say a
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from functools import lru_cache
 
 import numpy as np
@@ -39,7 +39,7 @@ class AgentDouble:
     def greeting(self) -> str | None:
         return self._greeting
 
-    async def respond(self, user: UserInput) -> AsyncIterator[AgentOutput]:
+    async def respond(self, user: UserInput) -> AsyncGenerator[AgentOutput, None]:
         yield Say(self._reply)
 
 

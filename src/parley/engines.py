@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from parley.media.recognition import FinalPass
 from parley.pool import EnginePool
-from parley.protocols import AgentFactory, CallControl, Recognizer, Synthesizer, Vad
+from parley.protocols import AgentFactory, CallControl, MultiVoiceSynthesizer, Recognizer, Synthesizer, Vad
 from parley.settings import Settings
 
 if TYPE_CHECKING:
@@ -197,6 +197,8 @@ def _voices(
     def synthesizer_for(voice: str | None) -> Synthesizer:
         if voice not in voices:
             try:
+                if not isinstance(default, MultiVoiceSynthesizer):
+                    raise ValueError("this synthesizer has a single voice")
                 voices[voice] = default.with_voice(voice)
             # A voice of the other engine, a missing or broken file (onnxruntime raises its own
             # types): say so once and keep the call on the default voice.

@@ -1,15 +1,20 @@
-"""The small Protocols every engine plugs in behind.
+"""The small Protocols every engine and agent plugs in behind.
 
-The media handler only knows these shapes; it never imports an engine. Engines are plain objects
-(no framework base class): anything with the right methods works.
+The media handler only knows these shapes; it never imports an engine. Engines and agents are plain
+objects (no framework base class): anything with the right methods works.
+
+Some capabilities are optional: an agent or synthesizer that has them gets more from the server,
+one that has not still works. Each is a Protocol of its own, checked with `isinstance` where it is
+used (`MultiVoiceSynthesizer`, `SpeakingPreferences`, `TruncatesReplies`, `KeepsHistory`,
+`ReportsEvents`). docs/extending.md describes them all.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -90,6 +95,19 @@ class Synthesizer(Protocol):
     def stream(self, text: str, sample_rate: int) -> AsyncIterator[bytes]: ...
 
 
+@runtime_checkable
+class MultiVoiceSynthesizer(Synthesizer, Protocol):
+    """Optional: a synthesizer that can speak in other voices than its default one.
+
+    `with_voice(name)` returns the synthesizer for voice `name` (itself for None or its own voice);
+    it is called once per voice, at startup for the voices agents name, and may load a model. It
+    raises (any exception) when the voice does not exist; the default voice is used then.
+    Without it, every agent speaks in the default voice.
+    """
+
+    def with_voice(self, voice: str | None) -> Synthesizer: ...
+
+
 @dataclass(frozen=True, slots=True)
 class UserInput:
     """What the caller gave the agent in one turn: recognised speech or DTMF digits."""
@@ -153,15 +171,99 @@ class CallContext:
 
 @runtime_checkable
 class Agent(Protocol):
-    """One conversation's agent (one instance per call, so it may keep state)."""
+    """One conversation's agent (one instance per call, so it may keep state).
+
+    `greeting()` is asked once, when the call's audio starts: the text to open with, or None.
+    `respond(user)` answers one caller turn; write it as an async generator (`async def` with
+    `yield`). The server closes the generator (`aclose()`) the moment the caller barges in, so a
+    `finally:` in it (or `async with` around an HTTP stream) runs at once; it must not swallow
+    `GeneratorExit` or `CancelledError`.
+    """
 
     def greeting(self) -> str | None: ...
 
-    def respond(self, user: UserInput) -> AsyncIterator[AgentOutput]: ...
+    def respond(self, user: UserInput) -> AsyncGenerator[AgentOutput, None]: ...
 
 
 class AgentFactory(Protocol):
+    """Builds the agent of one call; called on the event loop as the call connects (keep it quick)."""
+
     def __call__(self, context: CallContext) -> Agent: ...
+
+
+# Optional agent capabilities: the handler and the scenario look for them with isinstance.
+
+
+@runtime_checkable
+class SpeakingPreferences(Protocol):
+    """Optional: how the agent's words are delivered.
+
+    `voice`: the voice its `Say`s are spoken in when they name none (None: the server's default;
+    the synthesizer must be a `MultiVoiceSynthesizer` for another voice to be used).
+    `greeting_interruptible`: may the caller barge in on its greeting (without it: yes). The
+    server's `greeting_interruptible` setting, when given, overrides it. Both are read when used,
+    so they may change during the call (a scenario answers with whichever agent is active).
+    """
+
+    @property
+    def voice(self) -> str | None: ...
+
+    @property
+    def greeting_interruptible(self) -> bool: ...
+
+
+@runtime_checkable
+class TruncatesReplies(Protocol):
+    """Optional: an agent that remembers what it said hears what the caller actually heard.
+
+    After a barge-in the handler calls `truncate_last_reply(heard_text)` synchronously, before the
+    interrupted reply's cleanup ran: the agent keeps only `heard_text` (the words played before the
+    interruption, possibly "") of its last reply. `forget_input=True` means nothing was heard and
+    the same caller input will be answered again (merged with what comes next): the agent drops that
+    input too so it is not remembered twice.
+    """
+
+    def truncate_last_reply(self, heard_text: str, *, forget_input: bool = False) -> None: ...
+
+
+Message = dict[str, Any]
+"""One chat message: {"role": "user" | "assistant", "content": text} (the OpenAI chat shape)."""
+
+
+@runtime_checkable
+class KeepsHistory(TruncatesReplies, Protocol):
+    """Optional: an agent with a conversation history that a scenario carries across handoffs.
+
+    `history()` is the conversation so far as plain user/assistant messages;
+    `before_last_input=True` leaves out the latest caller input and what followed it (the next
+    agent answers that input itself). `adopt_history(messages)` continues a conversation another
+    agent had. `record_spoken(text)` notes words said in this agent's name outside a reply (a
+    handoff announcement, a greeting the scenario spoke for it).
+    """
+
+    def history(self, *, before_last_input: bool = False) -> list[Message]: ...
+
+    def adopt_history(self, messages: list[Message]) -> None: ...
+
+    def record_spoken(self, text: str) -> None: ...
+
+
+class AgentEventListener(Protocol):
+    """Receives an agent's events: `listener("agent_handoff", source=..., target=...)`."""
+
+    def __call__(self, name: str, /, **fields: Any) -> None: ...
+
+
+@runtime_checkable
+class ReportsEvents(Protocol):
+    """Optional: an agent whose handoffs and tool calls go into the call's event log.
+
+    The handler calls `listen(listener)` once, right after building the agent; the agent then calls
+    `listener(name, **fields)` with `name` "agent_handoff" or "tool_called" (other names are
+    ignored) and JSON-serialisable fields.
+    """
+
+    def listen(self, listener: AgentEventListener) -> None: ...
 
 
 @runtime_checkable

@@ -69,26 +69,30 @@ class LlmConfig(BaseModel):
 
     provider: Literal["openai", "azure", "compatible", "llama-cpp"] = "openai"
     model: str = Field(
-        "gpt-4o-mini",
+        default="gpt-4o-mini",
         min_length=1,
         description="Model name; for Azure the deployment; for llama-cpp a GGUF path or a packaged model name.",
     )
-    base_url: str | None = Field(None, description="Compatible servers: e.g. http://localhost:11434/v1 (Ollama).")
-    api_key: SecretStr | None = Field(None, description="Default: OPENAI_API_KEY (AZURE_OPENAI_API_KEY for Azure).")
-    azure_endpoint: str | None = Field(None, description="Default: AZURE_OPENAI_ENDPOINT.")
-    api_version: str | None = Field(None, description="Azure API version; default OPENAI_API_VERSION.")
-    azure_ad_token: SecretStr | None = Field(None, description="Azure: an Entra ID access token.")
-    azure_ad_token_provider: TokenProvider | None = Field(
-        None, exclude=True, description="Azure: returns (or awaits) a fresh Entra ID token."
+    base_url: str | None = Field(
+        default=None, description="Compatible servers: e.g. http://localhost:11434/v1 (Ollama)."
     )
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="None: the server's default.")
-    threads: int = Field(2, ge=1, le=64, description="llama-cpp: CPU threads for generation.")
-    max_tokens: int | None = Field(None, gt=0)
-    first_token_timeout_s: float = Field(4.0, gt=0.0)
-    total_timeout_s: float = Field(20.0, gt=0.0)
-    max_retries: int = Field(2, ge=0, description="Before the first token only.")
-    retry_backoff_s: float = Field(0.25, ge=0.0, description="First retry delay; doubles, jittered.")
-    fallback_text: str = Field(DEFAULT_FALLBACK, min_length=1)
+    api_key: SecretStr | None = Field(
+        default=None, description="Default: OPENAI_API_KEY (AZURE_OPENAI_API_KEY for Azure)."
+    )
+    azure_endpoint: str | None = Field(default=None, description="Default: AZURE_OPENAI_ENDPOINT.")
+    api_version: str | None = Field(default=None, description="Azure API version; default OPENAI_API_VERSION.")
+    azure_ad_token: SecretStr | None = Field(default=None, description="Azure: an Entra ID access token.")
+    azure_ad_token_provider: TokenProvider | None = Field(
+        default=None, exclude=True, description="Azure: returns (or awaits) a fresh Entra ID token."
+    )
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="None: the server's default.")
+    threads: int = Field(default=2, ge=1, le=64, description="llama-cpp: CPU threads for generation.")
+    max_tokens: int | None = Field(default=None, gt=0)
+    first_token_timeout_s: float = Field(default=4.0, gt=0.0)
+    total_timeout_s: float = Field(default=20.0, gt=0.0)
+    max_retries: int = Field(default=2, ge=0, description="Before the first token only.")
+    retry_backoff_s: float = Field(default=0.25, ge=0.0, description="First retry delay; doubles, jittered.")
+    fallback_text: str = Field(default=DEFAULT_FALLBACK, min_length=1)
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     greeting: str | None = None
 

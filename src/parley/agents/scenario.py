@@ -25,10 +25,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -59,16 +59,21 @@ from parley.agents.tools import (
 )
 from parley.protocols import (
     Agent,
+    AgentEventListener,
     AgentFactory,
     AgentOutput,
     CallContext,
     Handoff,
+    KeepsHistory,
+    Message,
     Say,
+    TruncatesReplies,
     UserInput,
 )
 
 log = logging.getLogger(__name__)
 
+_Model = TypeVar("_Model", bound=BaseModel)
 MAX_HANDOFFS_PER_TURN = 3  # A -> B -> A ... within one caller turn is a loop, not a conversation
 ScenarioError = AgentConfigError
 
@@ -83,12 +88,12 @@ class ModelSpec(BaseModel):
     base_url: str | None = None
     azure_endpoint: str | None = None
     api_version: str | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    max_tokens: int | None = Field(None, gt=0)
-    first_token_timeout_s: float | None = Field(None, gt=0.0)
-    total_timeout_s: float | None = Field(None, gt=0.0)
-    max_retries: int | None = Field(None, ge=0)
-    threads: int | None = Field(None, ge=1, le=64)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(default=None, gt=0)
+    first_token_timeout_s: float | None = Field(default=None, gt=0.0)
+    total_timeout_s: float | None = Field(default=None, gt=0.0)
+    max_retries: int | None = Field(default=None, ge=0)
+    threads: int | None = Field(default=None, ge=1, le=64)
 
     def apply(self, defaults: LlmConfig, **extra: Any) -> LlmConfig:
         """`defaults` with this agent's settings on top. Another provider than the server's
@@ -167,7 +172,7 @@ class ScenarioSpec(BaseModel):
 
     name: str = Field(min_length=1)
     description: str = ""
-    start: str | None = Field(None, description="The agent answering the call (default: the first).")
+    start: str | None = Field(default=None, description="The agent answering the call (default: the first).")
     timezone: str | None = None
     facts: dict[str, Any] = Field(default_factory=dict)
     agents: list[AgentSpec] = Field(min_length=1)
@@ -234,12 +239,15 @@ def load_scenario(path: str | Path) -> ScenarioSpec:
     if "agents" in data:
         return _validate(path, data, ScenarioSpec)
     agent = _with_kind(data)
-    model: type[BaseModel] = LlmAgentSpec if agent.get("kind") == "llm" else ScriptSpec
-    spec = _validate(path, agent, model)
-    return ScenarioSpec(name=spec.name, agents=[spec])  # type: ignore[list-item]
+    spec: ScriptSpec | LlmAgentSpec
+    if agent.get("kind") == "llm":
+        spec = _validate(path, agent, LlmAgentSpec)
+    else:
+        spec = _validate(path, agent, ScriptSpec)
+    return ScenarioSpec(name=spec.name, agents=[spec])
 
 
-def _validate(path: Path, data: dict[str, Any], model: type[Any]) -> Any:
+def _validate(path: Path, data: dict[str, Any], model: type[_Model]) -> _Model:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -341,10 +349,10 @@ class ScenarioAgent:
         self._agents: dict[str, Agent] = {}
         self._speaker: Agent | None = None  # who said the latest words (truncation goes there)
         self._speaker_offset = 0  # words said earlier in the same turn by others
-        self._listener: Callable[..., None] | None = None
+        self._listener: AgentEventListener | None = None
         self._last_input: UserInput | None = None
 
-    def listen(self, listener: Callable[..., None]) -> None:
+    def listen(self, listener: AgentEventListener) -> None:
         """`listener(event_name, **fields)` hears handoffs and tool calls (the call's event log)."""
         self._listener = listener
 
@@ -421,20 +429,18 @@ class ScenarioAgent:
             history=spec.history,
             then=spec.then,
         )
-        messages: list[dict[str, Any]] = []
-        if spec.history == "shared":
+        messages: list[Message] = []
+        if spec.history == "shared" and isinstance(source, KeepsHistory):
             # Taken before the announcement is recorded: it closes the source's turn.
-            history = getattr(source, "history", None)
-            messages = history(before_last_input=spec.then == "respond") if history else []
+            messages = source.history(before_last_input=spec.then == "respond")
         if spec.announce:
             _record_spoken(source, spec.announce)
             if spec.history == "shared" and spec.then == "greet":
                 messages.append({"role": "assistant", "content": spec.announce})
             yield Say(spec.announce, voice=self._voice(self.active))
         target = self.member(spec.to)
-        adopt = getattr(target, "adopt_history", None)
-        if adopt is not None:
-            adopt(messages)
+        if isinstance(target, KeepsHistory):
+            target.adopt_history(messages)
         self.active = spec.to
         if spec.then == "greet":
             greeting = self.scenario.members[spec.to].spec.greeting
@@ -449,11 +455,10 @@ class ScenarioAgent:
     def truncate_last_reply(self, heard_text: str, *, forget_input: bool = False) -> None:
         """Tell the agent that spoke last what the caller heard of its words."""
         speaker = self._speaker
-        truncate = getattr(speaker, "truncate_last_reply", None)
-        if truncate is None:
+        if not isinstance(speaker, TruncatesReplies):
             return
         words = heard_text.split()
-        truncate(" ".join(words[self._speaker_offset :]), forget_input=forget_input and not words)
+        speaker.truncate_last_reply(" ".join(words[self._speaker_offset :]), forget_input=forget_input and not words)
 
     # ------------------------------------------------------------------ helpers
     def _voice(self, name: str) -> str:
@@ -486,6 +491,5 @@ def _handoff_description(scenario: Scenario, handoff: HandoffSpec) -> str:
 
 
 def _record_spoken(agent: Agent, text: str) -> None:
-    record = getattr(agent, "record_spoken", None)
-    if record is not None:
-        record(text)
+    if isinstance(agent, KeepsHistory):
+        agent.record_spoken(text)

@@ -13,7 +13,7 @@ The same YAML format describes a scripted agent alone or as one agent of a scena
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -383,7 +383,7 @@ class ScriptedAgent:
             self.record_spoken(self.spec.greeting)
         return self.spec.greeting
 
-    async def respond(self, user: UserInput) -> AsyncIterator[AgentOutput]:
+    async def respond(self, user: UserInput) -> AsyncGenerator[AgentOutput, None]:
         intent = self._match(user)
         self.last_intent = intent.name if intent is not None else None
         reply = _fill_placeholders(self._next_reply(intent, user), user.text.strip(), user.digits)

@@ -17,6 +17,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,8 @@ class Final:
     no_speech_prob: float | None = None
 
 
-class SpeechSink:
-    """What the event loop side implements (the media handler)."""
+class SpeechSink(Protocol):
+    """What the event loop side implements (the media handler). Called on the loop only."""
 
     def on_speech_started(self, event: SpeechStarted) -> None: ...
 

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any
+from typing import Any, Protocol
 
 from parley.stats import ServerStats
 
@@ -77,6 +77,22 @@ class EventLog:
         return [record for record in self.snapshot() if record["event"] == event]
 
 
+class LiveCall(Protocol):
+    """What the registry reads of a call in progress (the media handler)."""
+
+    @property
+    def call_id(self) -> str: ...
+
+    @property
+    def events(self) -> EventLog: ...
+
+    @property
+    def dropped_frames(self) -> int: ...
+
+    @property
+    def input_errors(self) -> int: ...
+
+
 class CallRegistry:
     """Live calls (their sessions, by call id) plus the event logs of recently ended calls (bounded)."""
 
@@ -86,13 +102,12 @@ class CallRegistry:
         self._ended: OrderedDict[str, EventLog] = OrderedDict()
         self._keep_ended = keep_ended
 
-    def started(self, session: Any) -> None:
-        """`session` is any object with `call_id` and `events` (the media handler)."""
+    def started(self, session: LiveCall) -> None:
         self._ended.pop(session.call_id, None)
         self._live[session.call_id] = session
         self.stats.calls_started += 1
 
-    def ended(self, session: Any) -> None:
+    def ended(self, session: LiveCall) -> None:
         if self._live.get(session.call_id) is session:
             del self._live[session.call_id]
         self.stats.call_ended(session.dropped_frames, session.input_errors)

@@ -15,7 +15,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketState
 
@@ -34,7 +36,17 @@ from parley.media.player import Player
 from parley.media.recognition import RecognitionThread, SegmenterConfig
 from parley.media.turns import Pending, RouteTurnLoop, Turn, TurnInbox
 from parley.media.writer import OutboundWriter
-from parley.protocols import CallContext, Hangup, Say, Transfer, UserInput
+from parley.protocols import (
+    CallContext,
+    Hangup,
+    ReportsEvents,
+    Say,
+    SpeakingPreferences,
+    Synthesizer,
+    Transfer,
+    TruncatesReplies,
+    UserInput,
+)
 from parley.settings import Settings
 from parley.transports import acs
 from parley.voice.clauses import quick_start, split_clauses
@@ -42,6 +54,7 @@ from parley.voice.clauses import quick_start, split_clauses
 log = logging.getLogger(__name__)
 
 _END = object()  # end of a turn's audio stream
+_Output = Say | Hangup | Transfer  # what the handler takes from an agent (a Handoff stays in its scenario)
 _MAX_CONSECUTIVE_ERRORS = 250  # 5 s of nothing but bad frames: the peer is not speaking ACS
 _LOGGED_ERRORS = 20  # log the first errors in full, then only every 100th
 _RECENT_WORDS = 16  # how much of the agent's speech its echo may repeat back
@@ -74,9 +87,8 @@ class MediaHandler:
         self.registry = registry
         self.events = EventLog(call_id, to_log=settings.event_log)
         self.agent = engines.agent_factory(CallContext(call_id, correlation_id, caller_id))
-        listen = getattr(self.agent, "listen", None)
-        if callable(listen):  # agents that report handoffs and tool calls into the call's events
-            listen(self._agent_event)
+        if isinstance(self.agent, ReportsEvents):  # handoffs and tool calls go into the call's events
+            self.agent.listen(self._agent_event)
         self.policy = BargeInPolicy(
             partial_min_chars=settings.bargein_partial_chars,
             on_dtmf=settings.bargein_on_dtmf,
@@ -144,7 +156,7 @@ class MediaHandler:
             except Exception:  # already closed from the other side
                 pass
 
-    def _spawn(self, coroutine, name: str) -> None:  # type: ignore[no-untyped-def]
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
         self._tasks.append(asyncio.create_task(coroutine, name=f"{name}-{self.call_id}"))
 
     async def _shutdown(self) -> None:
@@ -197,7 +209,7 @@ class MediaHandler:
         self._close_code = close_code
         self._hangup.set()
 
-    def _agent_event(self, name: str, **fields: object) -> None:
+    def _agent_event(self, name: str, /, **fields: Any) -> None:
         if name in ("agent_handoff", "tool_called"):
             self.events.emit(name, **fields)
 
@@ -226,7 +238,8 @@ class MediaHandler:
             log.warning("call %s: AudioData before AudioMetadata; assuming %d Hz", self.call_id, inferred.sample_rate)
             self._start_media(inferred)
         self.frames_in += 1
-        self.recognition.submit(frame.pcm, arrival_t)  # type: ignore[union-attr]
+        assert self.recognition is not None  # started with the media, above or at AudioMetadata
+        self.recognition.submit(frame.pcm, arrival_t)
 
     def _on_metadata(self, audio_format: acs.AudioFormat) -> None:
         if self.format is None:
@@ -281,7 +294,7 @@ class MediaHandler:
             return
         interruptible = self.settings.greeting_interruptible
         if interruptible is None:
-            interruptible = getattr(self.agent, "greeting_interruptible", True)
+            interruptible = self.agent.greeting_interruptible if isinstance(self.agent, SpeakingPreferences) else True
         self.inbox.put(Pending("greeting", None, 0, interruptible, say=text))
 
     # ------------------------------------------------------------------ speech events (from the bridge)
@@ -397,9 +410,8 @@ class MediaHandler:
     def _tell_agent_what_was_heard(self, turn: Turn) -> None:
         """An agent that keeps history (an LLM) remembers only the part of its reply the caller
         heard; if none was heard the input is answered again, so it forgets that too."""
-        truncate = getattr(self.agent, "truncate_last_reply", None)
-        if truncate is not None and turn.agent_started:
-            truncate(turn.heard_text, forget_input=turn.heard_ms == 0 and turn.user is not None)
+        if isinstance(self.agent, TruncatesReplies) and turn.agent_started:
+            self.agent.truncate_last_reply(turn.heard_text, forget_input=turn.heard_ms == 0 and turn.user is not None)
 
     def _hold(self, turn: Turn, now: float, *, pause: bool, utterance_id: int) -> None:
         """A possible barge-in: stop the audio at once (pause) or keep talking (hold) until proof."""
@@ -509,12 +521,12 @@ class MediaHandler:
         )
         self.end_call(f"transfer_unavailable:{transfer.target}")
 
-    def _request(self, request, what: str) -> None:  # type: ignore[no-untyped-def]
+    def _request(self, request: Awaitable[None], what: str) -> None:
         """A call-control request runs to its end even when the call ends now (shutdown waits)."""
         task = asyncio.create_task(self._call_control(request, what), name=f"{what}-{self.call_id}")
         self._control_requests.append(task)
 
-    async def _call_control(self, request, what: str) -> None:  # type: ignore[no-untyped-def]
+    async def _call_control(self, request: Awaitable[None], what: str) -> None:
         try:
             await request
         except Exception as exc:  # noqa: BLE001 - a failed request must not take the call down
@@ -531,7 +543,7 @@ class MediaHandler:
 
         The agent is read by a task of its own, as fast as it writes, so a barge-in closes its
         stream (an LLM's HTTP response) at once instead of after the clause being synthesized."""
-        outputs: asyncio.Queue[object] = asyncio.Queue()
+        outputs: asyncio.Queue[_Output | _AgentFailed | None] = asyncio.Queue()  # None: the end
         turn.agent_task = asyncio.create_task(self._read_agent(turn, outputs), name=f"agent-{turn.id}")
         try:
             await self._synthesize(turn, _until_end(outputs), clips)
@@ -540,7 +552,7 @@ class MediaHandler:
             await asyncio.wait([turn.agent_task])
         await clips.put(_END)
 
-    async def _read_agent(self, turn: Turn, outputs: asyncio.Queue[object]) -> None:
+    async def _read_agent(self, turn: Turn, outputs: asyncio.Queue[_Output | _AgentFailed | None]) -> None:
         try:
             # aclosing: a cancelled read closes the agent's generator (and its HTTP stream) now,
             # not whenever the garbage collector finalises it.
@@ -554,9 +566,9 @@ class MediaHandler:
         except Exception as exc:  # noqa: BLE001 - fails the turn, on the synthesis side
             outputs.put_nowait(_AgentFailed(exc))
             return
-        outputs.put_nowait(_END)
+        outputs.put_nowait(None)
 
-    async def _synthesize(self, turn: Turn, outputs, clips: asyncio.Queue[object]) -> None:  # type: ignore[no-untyped-def]
+    async def _synthesize(self, turn: Turn, outputs: AsyncIterator[_Output], clips: asyncio.Queue[object]) -> None:
         """Each Say cut into clauses, each clause synthesized as soon as the previous is queued."""
         assert self.format is not None
         first_audio = True
@@ -578,12 +590,14 @@ class MediaHandler:
                     await clips.put(_Clip(text, pcm, output.interruptible))
                     text = None
 
-    def _synthesizer(self, say: Say):  # type: ignore[no-untyped-def]
+    def _synthesizer(self, say: Say) -> Synthesizer:
         """The voice a Say names (None: the agent's current voice; "": the server default)."""
-        voice = say.voice if say.voice is not None else getattr(self.agent, "voice", None)
+        voice = say.voice
+        if voice is None and isinstance(self.agent, SpeakingPreferences):
+            voice = self.agent.voice
         return self.engines.synthesizer_for(voice or None)
 
-    async def _agent_outputs(self, turn: Turn):  # type: ignore[no-untyped-def]
+    async def _agent_outputs(self, turn: Turn) -> AsyncGenerator[_Output, None]:
         if turn.say is not None:
             yield Say(turn.say)
             return
@@ -604,9 +618,9 @@ class _AgentFailed:
     error: Exception
 
 
-async def _until_end(outputs: asyncio.Queue[object]):  # type: ignore[no-untyped-def]
+async def _until_end(outputs: asyncio.Queue[_Output | _AgentFailed | None]) -> AsyncGenerator[_Output, None]:
     """The agent's outputs as the reader task queued them; its failure is raised here."""
-    while (item := await outputs.get()) is not _END:
+    while (item := await outputs.get()) is not None:
         if isinstance(item, _AgentFailed):
             raise item.error
         yield item

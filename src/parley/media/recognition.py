@@ -189,7 +189,8 @@ class SpeechSegmenter:
             self._end_utterance(time.monotonic())
 
     def _on_window(self, probability: float, window_t: float) -> None:
-        if not self.in_utterance:
+        started_t = self._utterance_started_t
+        if started_t is None:  # not in an utterance
             self._on_idle_window(probability, window_t)
             return
         if probability >= self._config.release_threshold:
@@ -203,7 +204,7 @@ class SpeechSegmenter:
             self._silence += 1
             if self._silence == self._early_windows:
                 self._start_early_final()
-        too_long = time.monotonic() - self._utterance_started_t > self._config.max_utterance_s
+        too_long = time.monotonic() - started_t > self._config.max_utterance_s
         if self._silence >= self._end_windows or too_long:
             self._end_utterance(self._last_speech_t)
 

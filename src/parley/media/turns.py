@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from parley.protocols import UserInput
 
@@ -47,7 +47,7 @@ class Pending:
 
 
 def _merge(first: Pending, second: Pending) -> Pending:
-    text = " ".join(part for part in (first.user.text, second.user.text) if part)  # type: ignore[union-attr]
+    text = " ".join(p.user.text for p in (first, second) if p.user is not None and p.user.text)
     return Pending("speech", UserInput("speech", text=text), max(first.utterance_id, second.utterance_id))
 
 
@@ -97,7 +97,7 @@ class TurnInbox:
 class RouteTurnLoop:
     """Blocks only on the inbox; runs each turn as its own cancellable playback task."""
 
-    def __init__(self, inbox: TurnInbox, run_turn: Callable[[Turn], Awaitable[None]]) -> None:
+    def __init__(self, inbox: TurnInbox, run_turn: Callable[[Turn], Coroutine[Any, Any, None]]) -> None:
         self._inbox = inbox
         self._run_turn = run_turn
         self._ids = itertools.count(1)

@@ -35,11 +35,8 @@ async def stream_from_executor(executor: Executor, produce: Callable[[Emit], Non
 
     future = asyncio.wrap_future(executor.submit(job))
     try:
-        while True:
-            item = await chunks.get()
-            if item is None:
-                break
-            yield item
+        while (chunk := await chunks.get()) is not None:
+            yield chunk
         await future  # re-raises an engine error
     finally:
         cancelled.set()
