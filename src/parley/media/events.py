@@ -37,6 +37,7 @@ EVENT_NAMES = frozenset(
         "stop_audio_sent",
         "turn_cancelled",
         "turn_completed",
+        "turn_failed",  # the agent or the voice failed or stalled: logged, the apology spoken
         "input_error",
         "agent_text",
         "first_audio_ready",

@@ -12,10 +12,8 @@ through the one writer, cancel the turn's task; cleanup is awaited afterwards.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from dataclasses import dataclass
 
 from starlette.websockets import WebSocket, WebSocketState
 
@@ -32,28 +30,18 @@ from parley.media.echo import EchoGate, EchoReference
 from parley.media.events import CallRegistry, EventLog
 from parley.media.player import Player
 from parley.media.recognition import RecognitionThread, SegmenterConfig
+from parley.media.reply import END, Clip, ReplyLimits, ReplyProducer
 from parley.media.turns import Pending, RouteTurnLoop, Turn, TurnInbox
 from parley.media.writer import OutboundWriter
-from parley.protocols import CallContext, Hangup, Say, Transfer, UserInput
+from parley.protocols import CallContext, Hangup, Transfer, UserInput
 from parley.settings import Settings
 from parley.transports import acs
-from parley.voice.clauses import quick_start, split_clauses
 
 log = logging.getLogger(__name__)
 
-_END = object()  # end of a turn's audio stream
 _MAX_CONSECUTIVE_ERRORS = 250  # 5 s of nothing but bad frames: the peer is not speaking ACS
 _LOGGED_ERRORS = 20  # log the first errors in full, then only every 100th
 _RECENT_WORDS = 16  # how much of the agent's speech its echo may repeat back
-
-
-@dataclass(frozen=True, slots=True)
-class _Clip:
-    """Synthesized audio of one piece of reply text (text only on its first chunk)."""
-
-    text: str | None
-    pcm: bytes
-    interruptible: bool = True
 
 
 class MediaHandler:
@@ -85,10 +73,11 @@ class MediaHandler:
             backchannels=tuple(settings.backchannels),
         )
         self.inbox = TurnInbox(settings.turn_queue_size)
-        self.route = RouteTurnLoop(self.inbox, self._run_turn)
+        self.route = RouteTurnLoop(self.inbox, self._run_turn, call_id)
         self.format: acs.AudioFormat | None = None
         self.writer: OutboundWriter | None = None
         self.player: Player | None = None
+        self.reply: ReplyProducer | None = None
         self.bridge: ThreadBridge | None = None
         self.recognition: RecognitionThread | None = None
         self.echo_reference = EchoReference() if settings.echo_gate else None
@@ -251,6 +240,15 @@ class MediaHandler:
         self.format = audio_format
         assert self.writer is not None
         self.player = Player(self.writer, audio_format.frame_bytes, self.settings.playout_lead_ms, self.echo_reference)
+        self.reply = ReplyProducer(
+            call_id=self.call_id,
+            agent=self.agent,
+            synthesizer_for=self.engines.synthesizer_for,
+            events=self.events,
+            sample_rate=audio_format.sample_rate,
+            limits=ReplyLimits(self.settings.agent_timeout_s, self.settings.turn_cleanup_timeout_s),
+            apology_text=self.settings.apology_text,
+        )
         self.bridge = ThreadBridge(asyncio.get_running_loop(), self)
         self.recognition = RecognitionThread(
             call_id=self.call_id,
@@ -449,13 +447,14 @@ class MediaHandler:
         )
         track = self.player.begin(turn.id)
         clips: asyncio.Queue[object] = asyncio.Queue(maxsize=64)
-        producer = asyncio.create_task(self._produce_audio(turn, clips), name=f"produce-{turn.id}")
+        assert self.reply is not None
+        producer = asyncio.create_task(self.reply.produce(turn, clips), name=f"produce-{self.call_id}-{turn.id}")
         hangup: Hangup | Transfer | None = None
         try:
-            while (item := await clips.get()) is not _END:
+            while (item := await clips.get()) is not END:
                 if isinstance(item, Hangup | Transfer):
                     hangup = item
-                elif isinstance(item, _Clip):
+                elif isinstance(item, Clip):
                     await self.player.play(track, item.pcm, item.text, item.interruptible)
             await producer
             await self.player.finish(track)
@@ -480,11 +479,22 @@ class MediaHandler:
             return
         finally:
             producer.cancel()
-            await asyncio.wait([producer])
+            await self._bounded_wait(producer, f"turn {turn.id}'s audio producer")
         if isinstance(hangup, Transfer):
             self._transfer(hangup)
         elif hangup is not None:
             self._hang_up(hangup)
+
+    async def _bounded_wait(self, task: asyncio.Task[None], what: str) -> None:
+        """Wait for a cancelled task to end, at most the cleanup timeout (it must not hold the call)."""
+        done, _ = await asyncio.wait([task], timeout=self.settings.turn_cleanup_timeout_s)
+        if not done:
+            log.warning(
+                "call %s: %s did not end within %.1f s; left behind",
+                self.call_id,
+                what,
+                self.settings.turn_cleanup_timeout_s,
+            )
 
     def _hang_up(self, hangup: Hangup) -> None:
         """End the call: for everyone through Call Automation when configured, and the media here."""
@@ -525,91 +535,6 @@ class MediaHandler:
                 # Closing the media socket alone would leave the caller on a silent line.
                 self._request(control.hang_up(self.call_id), "hang up")
             self.end_call(f"{what}_failed")
-
-    async def _produce_audio(self, turn: Turn, clips: asyncio.Queue[object]) -> None:
-        """Agent text -> synthesized clips, running ahead of playout (the next clause while one plays).
-
-        The agent is read by a task of its own, as fast as it writes, so a barge-in closes its
-        stream (an LLM's HTTP response) at once instead of after the clause being synthesized."""
-        outputs: asyncio.Queue[object] = asyncio.Queue()
-        turn.agent_task = asyncio.create_task(self._read_agent(turn, outputs), name=f"agent-{turn.id}")
-        try:
-            await self._synthesize(turn, _until_end(outputs), clips)
-        finally:
-            turn.agent_task.cancel()
-            await asyncio.wait([turn.agent_task])
-        await clips.put(_END)
-
-    async def _read_agent(self, turn: Turn, outputs: asyncio.Queue[object]) -> None:
-        try:
-            # aclosing: a cancelled read closes the agent's generator (and its HTTP stream) now,
-            # not whenever the garbage collector finalises it.
-            async with contextlib.aclosing(self._agent_outputs(turn)) as agent_outputs:
-                async for output in agent_outputs:
-                    outputs.put_nowait(output)
-        except asyncio.CancelledError:
-            if turn.agent_started:
-                self.events.emit("agent_stream_closed", turn_id=turn.id)
-            raise
-        except Exception as exc:  # noqa: BLE001 - fails the turn, on the synthesis side
-            outputs.put_nowait(_AgentFailed(exc))
-            return
-        outputs.put_nowait(_END)
-
-    async def _synthesize(self, turn: Turn, outputs, clips: asyncio.Queue[object]) -> None:  # type: ignore[no-untyped-def]
-        """Each Say cut into clauses, each clause synthesized as soon as the previous is queued."""
-        assert self.format is not None
-        first_audio = True
-        async for output in outputs:
-            if isinstance(output, Hangup | Transfer):
-                await clips.put(output)
-                break
-            self.events.emit("agent_text", turn_id=turn.id, text=output.text)
-            synthesizer = self._synthesizer(output)
-            # Clause by clause: the first clause plays while the next is synthesized, and a
-            # resumed reply restarts at a clause boundary.
-            clauses = split_clauses(output.text)
-            for clause in quick_start(clauses) if first_audio else clauses:
-                text: str | None = clause
-                async for pcm in synthesizer.stream(clause, self.format.sample_rate):
-                    if first_audio:
-                        self.events.emit("first_audio_ready", turn_id=turn.id)
-                        first_audio = False
-                    await clips.put(_Clip(text, pcm, output.interruptible))
-                    text = None
-
-    def _synthesizer(self, say: Say):  # type: ignore[no-untyped-def]
-        """The voice a Say names (None: the agent's current voice; "": the server default)."""
-        voice = say.voice if say.voice is not None else getattr(self.agent, "voice", None)
-        return self.engines.synthesizer_for(voice or None)
-
-    async def _agent_outputs(self, turn: Turn):  # type: ignore[no-untyped-def]
-        if turn.say is not None:
-            yield Say(turn.say)
-            return
-        assert turn.user is not None
-        turn.agent_started = True
-        async with contextlib.aclosing(self.agent.respond(turn.user)) as outputs:
-            async for output in outputs:
-                if isinstance(output, Say) and not output.text.strip():
-                    continue
-                if not isinstance(output, Say | Hangup | Transfer):  # a Handoff outside a scenario
-                    log.warning("call %s: ignoring agent output %r", self.call_id, output)
-                    continue
-                yield output
-
-
-@dataclass(frozen=True, slots=True)
-class _AgentFailed:
-    error: Exception
-
-
-async def _until_end(outputs: asyncio.Queue[object]):  # type: ignore[no-untyped-def]
-    """The agent's outputs as the reader task queued them; its failure is raised here."""
-    while (item := await outputs.get()) is not _END:
-        if isinstance(item, _AgentFailed):
-            raise item.error
-        yield item
 
 
 async def _join_thread(recognition: RecognitionThread, timeout: float = 5.0) -> None:

@@ -35,6 +35,7 @@ class Turn:
     pending_count: int = 0  # identifies the pending interruption a timeout belongs to
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     agent_task: asyncio.Task[None] | None = field(default=None, repr=False)  # reads the agent's output
+    agent_error: Exception | None = field(default=None, repr=False)  # what the agent raised, if it did
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +98,10 @@ class TurnInbox:
 class RouteTurnLoop:
     """Blocks only on the inbox; runs each turn as its own cancellable playback task."""
 
-    def __init__(self, inbox: TurnInbox, run_turn: Callable[[Turn], Awaitable[None]]) -> None:
+    def __init__(self, inbox: TurnInbox, run_turn: Callable[[Turn], Awaitable[None]], call_id: str = "") -> None:
         self._inbox = inbox
         self._run_turn = run_turn
+        self._call_id = call_id  # in task names, so a test can find every task of a call
         self._ids = itertools.count(1)
         self.current: Turn | None = None
 
@@ -114,7 +116,7 @@ class RouteTurnLoop:
                 pending.interruptible,
                 pending.say,
             )
-            turn.task = asyncio.create_task(self._run_turn(turn), name=f"turn-{turn.id}")
+            turn.task = asyncio.create_task(self._run_turn(turn), name=f"turn-{self._call_id}-{turn.id}")
             self.current = turn
             try:
                 # asyncio.wait does not raise when the turn is cancelled by a barge-in.

@@ -1,0 +1,259 @@
+"""Fault injection on the in-memory harness: every engine failure ends in a defined, logged outcome,
+the caller hears something (the apology or the fallback voice), and the call goes on.
+
+A real MediaHandler runs each call (codec, recognition thread, turns, player, writer); only the
+engines are scripted doubles (parley.testing.harness).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from parley.protocols import AgentOutput, Hangup, Say, UserInput
+from parley.testing.harness import CallHarness, ScriptedAgent, ScriptedSynthesizer
+from parley.voice.guarded import Backoff
+from parley.voice.threaded import stream_from_executor
+
+APOLOGY = "Sorry, I'm having trouble right now. Could you say that again?"
+
+
+def apology_spoken(call: CallHarness, turn_id: int) -> bool:
+    return any(APOLOGY.startswith(e["text"].split(",")[0]) for e in call.named("turn_completed", turn_id=turn_id))
+
+
+async def answered(call: CallHarness, question: str, turn_id: int) -> dict:
+    await call.say(question)
+    return await call.wait_for("turn_completed", turn_id=turn_id)
+
+
+# ------------------------------------------------------------------------------- the agent fails
+def failing_agent(when: str) -> ScriptedAgent:
+    """An agent that fails on its first input, `before` or `after` its first output, then answers."""
+    agent = ScriptedAgent()
+
+    async def behaviour(user: UserInput) -> AsyncIterator[AgentOutput]:
+        if len(agent.inputs) == 1:
+            if when == "after":
+                yield Say("Let me look that up.")
+            raise RuntimeError("model server returned garbage")
+        yield Say("We open at eleven.")
+
+    agent.behaviour = behaviour
+    return agent
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+async def test_an_agent_that_raises_ends_its_turn_with_the_apology_and_the_call_goes_on(when, caplog) -> None:
+    caplog.set_level(logging.ERROR)
+    async with CallHarness(agent=failing_agent(when), call_id="agent-raises") as call:
+        completed = await answered(call, "when do you open", turn_id=1)
+        failed = call.named("turn_failed", turn_id=1)
+        assert failed and failed[0]["stage"] == "agent" and "garbage" in failed[0]["error"]
+        assert APOLOGY.split(",")[0] in completed["text"]
+        if when == "after":
+            assert completed["text"].startswith("Let me look that up.")
+        assert "agent-raises" in caplog.text and "turn 1 failed" in caplog.text
+        # the next question is answered as usual
+        second = await answered(call, "when do you open", turn_id=2)
+        assert "eleven" in second["text"]
+
+
+async def test_an_agent_that_never_answers_is_stopped_by_the_watchdog() -> None:
+    agent = ScriptedAgent()
+
+    async def hang(user: UserInput) -> AsyncIterator[AgentOutput]:
+        await asyncio.Event().wait()
+        yield Say("never")
+
+    agent.behaviour = hang
+    async with CallHarness(agent=agent, agent_timeout_s=0.3) as call:
+        started = time.monotonic()
+        completed = await answered(call, "hello", turn_id=1)
+        assert time.monotonic() - started < 3
+        failed = call.named("turn_failed", turn_id=1)
+        assert failed and failed[0]["stage"] == "agent" and "no output for 0.3 s" in failed[0]["error"]
+        assert APOLOGY.split(",")[0] in completed["text"]
+
+
+async def test_an_agent_that_stalls_between_outputs_is_stopped_too() -> None:
+    agent = ScriptedAgent()
+
+    async def stall(user: UserInput) -> AsyncIterator[AgentOutput]:
+        yield Say("First part.")
+        await asyncio.sleep(30)
+        yield Say("never")
+
+    agent.behaviour = stall
+    async with CallHarness(agent=agent, agent_timeout_s=0.3) as call:
+        completed = await answered(call, "hello", turn_id=1)
+        assert completed["text"].startswith("First part.") and call.named("turn_failed", turn_id=1)
+
+
+async def test_an_agent_whose_stream_will_not_close_does_not_hold_the_call() -> None:
+    agent = ScriptedAgent()
+
+    async def stubborn(user: UserInput) -> AsyncIterator[AgentOutput]:
+        try:
+            yield Say("One moment.")
+            await asyncio.sleep(30)
+        finally:
+            await asyncio.shield(asyncio.sleep(5))  # cleanup that ignores cancellation
+
+    agent.behaviour = stubborn
+    async with CallHarness(agent=agent, agent_timeout_s=0.2, turn_cleanup_timeout_s=0.2) as call:
+        started = time.monotonic()
+        await answered(call, "hello", turn_id=1)
+        await answered(call, "hello again", turn_id=2)
+        assert time.monotonic() - started < 4
+
+
+# ------------------------------------------------------------------------------- the voice fails
+@pytest.mark.parametrize("fault", ["raise", "hang", "silent"])
+async def test_a_failing_voice_is_replaced_by_the_fallback_and_retried_after_a_backoff(fault) -> None:
+    primary = ScriptedSynthesizer(fault=fault, failures=1)
+    fallback = ScriptedSynthesizer(freq=220.0)
+    async with CallHarness(synthesizer=primary, fallback=fallback, greeting="Hello there.") as call:
+        call.voice.backoff = Backoff(initial_s=0.4)
+        greeting = await call.wait_for("turn_completed", turn_id=1)
+        assert greeting["text"] == "Hello there." and call.named("turn_failed") == []
+        assert fallback.calls == ["Hello there."]  # the same clause, in the fallback voice
+        # while the primary waits out its backoff, the fallback speaks without trying it again
+        await answered(call, "question one", turn_id=2)
+        assert primary.calls == ["Hello there."] and fallback.calls[-1] == "Sure."
+        await asyncio.sleep(0.5)
+        await answered(call, "question two", turn_id=3)  # backoff over: the primary is back
+        assert primary.calls[-1] == "Sure." and len(fallback.calls) == 2
+
+
+async def test_a_voice_that_breaks_mid_clause_ends_the_turn_with_the_apology_in_the_fallback_voice() -> None:
+    primary = ScriptedSynthesizer(fault="raise_mid", failures=1, ms_per_char=30)
+    fallback = ScriptedSynthesizer(freq=220.0)
+    async with CallHarness(synthesizer=primary, fallback=fallback) as call:
+        completed = await answered(call, "hello", turn_id=1)
+        failed = call.named("turn_failed", turn_id=1)
+        assert failed and failed[0]["stage"] == "voice" and "broke" in failed[0]["error"]
+        assert fallback.calls == [APOLOGY.split(",")[0] + ","] or fallback.calls[0].startswith("Sorry")
+        assert "Sorry" in completed["text"]
+
+
+async def test_with_no_voice_at_all_the_turn_ends_logged_and_the_call_goes_on(caplog) -> None:
+    caplog.set_level(logging.ERROR)
+    primary = ScriptedSynthesizer(fault="raise", failures=2)  # the answer and the apology
+    async with CallHarness(synthesizer=primary) as call:
+        await answered(call, "hello", turn_id=1)
+        stages = [e["stage"] for e in call.named("turn_failed", turn_id=1)]
+        assert stages == ["voice", "apology"]
+        assert "apology could not be spoken" in caplog.text
+        second = await answered(call, "hello again", turn_id=2)
+        assert second["text"] == "Sure." and call.sent_audio_ms() > 0
+
+
+# ------------------------------------------------------------------------------- recognition fails
+async def test_a_recognizer_that_fails_mid_call_is_reported_and_keys_still_work() -> None:
+    async with CallHarness() as call:
+        call.recognizer.fail_next_feed = RuntimeError("decoder crashed")
+        call.frames(0.3, loud=True)
+        error = await call.wait_for("input_error")
+        assert "decoder crashed" in error["error"]
+        call.dtmf("1")
+        completed = await call.wait_for("turn_completed")
+        assert completed["text"] == "Sure."
+
+
+async def test_a_recognizer_that_fails_to_load_leaves_a_call_that_still_answers_keys() -> None:
+    harness = CallHarness()
+
+    def broken() -> object:
+        raise OSError("model file missing")
+
+    harness.engines.recognizers._create = broken  # type: ignore[attr-defined]
+    async with harness as call:
+        await call.wait_for("input_error")
+        call.dtmf("5")
+        assert (await call.wait_for("turn_completed"))["text"] == "Sure."
+
+
+# ------------------------------------------------------------------------------- the caller goes away
+@pytest.mark.parametrize("moment", ["synthesis", "playback", "tool"])
+async def test_a_hang_up_at_any_moment_ends_every_task_of_the_call(moment) -> None:
+    agent = ScriptedAgent()
+    reached = asyncio.Event()
+
+    async def behaviour(user: UserInput) -> AsyncIterator[AgentOutput]:
+        if moment == "tool":
+            reached.set()
+            await asyncio.sleep(30)  # a tool call in flight
+        yield Say("A long answer that keeps the line busy for a while, clause after clause, on and on.")
+
+    agent.behaviour = behaviour
+    voice = ScriptedSynthesizer(fault="hang" if moment == "synthesis" else None, ms_per_char=40)
+    async with CallHarness(agent=agent, synthesizer=voice, call_id=f"gone-{moment}") as call:
+        await call.say("hello")
+        if moment == "playback":
+            await call.until(lambda: call.sent_audio_ms() > 100)
+        elif moment == "tool":
+            await asyncio.wait_for(reached.wait(), 5)
+        else:
+            await call.until(lambda: len(voice.calls) > 0)
+        await call.hang_up()
+        assert call.named("call_ended")[0]["reason"].startswith("caller_hangup")
+        assert call.call_tasks() == []
+
+
+async def test_a_slow_reader_slows_the_playout_but_the_call_still_ends_cleanly() -> None:
+    async with CallHarness(greeting="Hello there, welcome.") as call:
+        call.socket.send_delay_s = 0.03  # each frame takes longer to send than it lasts
+        await call.wait_for("turn_completed", turn_id=1, timeout=10)
+        await call.hang_up()
+        assert call.call_tasks() == []
+
+
+# ------------------------------------------------------------------------------- the executor
+async def test_a_cancelled_turn_does_not_wait_for_its_queued_synthesis_job() -> None:
+    """Defect: the next turn waited until the shared executor reached a dead job (2 s behind
+    another call's synthesis). A queued job is now cancelled with its turn and never runs."""
+    executor = ThreadPoolExecutor(1)
+    release = threading.Event()
+    ran: list[str] = []
+    executor.submit(release.wait, 5)  # another call's long synthesis holds the only worker
+
+    def produce(emit) -> None:  # type: ignore[no-untyped-def]
+        ran.append("job")
+        emit(b"\0\0" * 160)
+
+    async def consume() -> None:
+        async for _ in stream_from_executor(executor, produce):
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    task.cancel()
+    await asyncio.wait([task])
+    assert time.monotonic() - started < 0.1
+    release.set()
+    executor.shutdown(wait=True)
+    assert ran == []
+
+
+# ------------------------------------------------------------------------------- hang-up requests
+async def test_an_agent_hangup_after_its_goodbye_ends_the_call() -> None:
+    agent = ScriptedAgent()
+
+    async def goodbye(user: UserInput) -> AsyncIterator[AgentOutput]:
+        yield Say("Goodbye.")
+        yield Hangup("done")
+
+    agent.behaviour = goodbye
+    async with CallHarness(agent=agent) as call:
+        await call.say("bye")
+        assert call._task is not None
+        await asyncio.wait_for(call._task, 5)
+        assert call.named("call_ended")[0]["reason"] == "done"
