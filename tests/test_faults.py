@@ -257,3 +257,56 @@ async def test_an_agent_hangup_after_its_goodbye_ends_the_call() -> None:
         assert call._task is not None
         await asyncio.wait_for(call._task, 5)
         assert call.named("call_ended")[0]["reason"] == "done"
+
+
+# ------------------------------------------------------------------------------- turn rules
+def goodbye_agent() -> ScriptedAgent:
+    agent = ScriptedAgent()
+
+    async def behaviour(user: UserInput) -> AsyncIterator[AgentOutput]:
+        if "close" in user.text:
+            yield Say("We close at ten.")
+            return
+        yield Say("Thanks for calling Tony's, have a lovely evening, and enjoy the pizza. Goodbye.")
+        yield Hangup("agent_goodbye")
+
+    agent.behaviour = behaviour
+    return agent
+
+
+async def test_thanks_bye_over_the_goodbye_still_ends_the_call() -> None:
+    """Defect: the goodbye's Hangup was dropped when the caller talked over the goodbye."""
+    async with CallHarness(agent=goodbye_agent(), synthesizer=ScriptedSynthesizer(ms_per_char=30)) as call:
+        await call.say("that's all")
+        await call.until(lambda: call.sent_audio_ms() > 300)
+        await call.say("Thanks, bye.")
+        assert call._task is not None
+        await asyncio.wait_for(call._task, 5)
+        assert call.named("control_deferred") and call.named("call_ended")[0]["reason"] == "agent_goodbye"
+        assert [e["turn_id"] for e in call.named("turn_started")] == [1]  # nothing more was said
+
+
+async def test_a_question_over_the_goodbye_is_answered_then_the_call_ends() -> None:
+    async with CallHarness(agent=goodbye_agent(), synthesizer=ScriptedSynthesizer(ms_per_char=30)) as call:
+        await call.say("that's all")
+        await call.until(lambda: call.sent_audio_ms() > 300)
+        await call.say("Oh wait, what time do you close?", seconds=0.7)
+        assert call._task is not None
+        await asyncio.wait_for(call._task, 10)
+        completed = call.named("turn_completed", turn_id=2)
+        assert completed and completed[0]["text"] == "We close at ten."
+        assert call.named("call_ended")[0]["reason"] == "agent_goodbye"
+
+
+async def test_words_that_quote_the_agent_are_still_answered() -> None:
+    """Defect: a final whose words were mostly the agent's last words was dropped as echo, so an
+    answer that quotes an option was lost. The reply may resume, but the words are answered."""
+    voice = ScriptedSynthesizer(ms_per_char=30)
+    greeting = "Which pizza size would you like, small, medium or large? We also have cold drinks today."
+    async with CallHarness(synthesizer=voice, greeting=greeting, bargein_confirm_ms=2000) as call:
+        await call.until(lambda: call.sent_audio_ms() > 2200)  # the question has been heard
+        await call.say("The small pizza.")
+        started = await call.wait_for("turn_started", turn_id=2, timeout=10)
+        assert started["input"] == "The small pizza."
+        resumed = call.named("barge_in_resumed", turn_id=1)
+        assert resumed and resumed[0]["reason"] == "echo"  # the reply went on, then the words were answered

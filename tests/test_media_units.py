@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from parley.media.bargein import ActiveTurn, BargeInPolicy, Signal, SpeechEvidence, is_answer, is_hum
+from parley.media.bargein import ActiveTurn, BargeInPolicy, Signal, SpeechEvidence, is_answer, is_farewell, is_hum
 from parley.media.bridge import Final, Partial, SpeechContinues, SpeechStarted, ThreadBridge
 from parley.media.events import EventLog
 from parley.media.player import Player
@@ -199,6 +199,18 @@ def test_one_doubtful_short_word_is_unclear_but_a_confident_one_is_a_request() -
     assert policy.decide(Signal("final", 2, "Number.", long_voiced), PENDING).action == "cancel"
     assert policy.decide(Signal("final", 2, "Large pepperoni.", doubtful), PENDING).action == "cancel"
     assert policy.decide(Signal("final", 2, "Number.", None), PENDING).action == "cancel"
+
+
+def test_echo_by_words_resumes_but_is_answered_and_needs_a_line_that_echoes() -> None:
+    decision = BargeInPolicy().decide(Signal("final", 2, "eleven to ten"), PENDING)
+    assert (decision.action, decision.reason) == ("resume", "echo") and not decision.said_over_agent
+    no_echo_line = ActiveTurn(1, True, 1, pending=True, recent_text=PENDING.recent_text, line_echo=False)
+    assert BargeInPolicy().decide(Signal("final", 2, "eleven to ten"), no_echo_line).action == "cancel"
+
+
+def test_farewells() -> None:
+    assert all(is_farewell(t) for t in ("Thanks, bye.", "No, that's all, thanks.", "Goodbye!", "bye bye"))
+    assert not any(is_farewell(t) for t in ("What time do you close?", "I want a pizza", "", "wait"))
 
 
 def test_hum_and_answer_token_rules() -> None:

@@ -45,6 +45,7 @@ EVENT_NAMES = frozenset(
         "agent_handoff",
         "tool_called",
         "transfer_requested",
+        "control_deferred",  # a goodbye's hang-up (or a transfer) waits: the caller talked over it
         "acs_event",  # a Call Automation callback about this call (CallConnected, ...)
         "call_ended",
     }

@@ -18,7 +18,7 @@ import time
 from starlette.websockets import WebSocket, WebSocketState
 
 from parley.engines import Engines
-from parley.media.bargein import ActiveTurn, BargeInPolicy, Decision, Signal, SpeechEvidence
+from parley.media.bargein import ActiveTurn, BargeInPolicy, Decision, Signal, SpeechEvidence, is_farewell
 from parley.media.bridge import (
     Final,
     Partial,
@@ -26,7 +26,7 @@ from parley.media.bridge import (
     SpeechStarted,
     ThreadBridge,
 )
-from parley.media.echo import EchoGate, EchoReference
+from parley.media.echo import EchoGate, EchoReference, EchoState
 from parley.media.events import CallRegistry, EventLog
 from parley.media.player import Player
 from parley.media.recognition import RecognitionThread, SegmenterConfig
@@ -90,6 +90,9 @@ class MediaHandler:
         self._hangup = asyncio.Event()
         self._end_reason = "caller_hangup"
         self._close_code = 1000
+        # A goodbye's hang-up (or a transfer) whose turn the caller talked over: carried out after
+        # the caller's words are answered, or at once if those words were a farewell.
+        self._deferred_control: Hangup | Transfer | None = None
 
     # ------------------------------------------------------------------ socket lifecycle
     async def run(self, websocket: WebSocket) -> None:
@@ -315,7 +318,9 @@ class MediaHandler:
         )
         evidence = SpeechEvidence(event.voiced_ms, event.avg_logprob, event.no_speech_prob)
         decision = self._consider_barge_in(Signal("final", event.utterance_id, event.text, evidence))
-        if event.text.strip() and not decision.said_over_agent:
+        if self._deferred_control is not None and is_farewell(event.text):
+            self._carry_out(self._take_deferred_control(), "farewell")  # "thanks, bye" over the goodbye
+        elif event.text.strip() and not decision.said_over_agent:
             self.inbox.put(Pending("speech", UserInput("speech", text=event.text), event.utterance_id))
         if event.utterance_id >= self._latest_utterance_id:
             self.inbox.release()  # (a second-pass final may arrive after the next utterance began)
@@ -367,7 +372,13 @@ class MediaHandler:
             state="speaking" if speaking else "thinking",
             pending=turn.interruption_pending,
             recent_text=recent,
+            line_echo=self._line_may_echo(),
         )
+
+    def _line_may_echo(self) -> bool:
+        """False once the echo gate has learnt that this line carries no echo of the agent."""
+        gate = self.recognition.echo_gate if self.recognition else None
+        return gate is None or gate.state is not EchoState.NONE
 
     def _barge_in(self, turn: Turn, trigger: str) -> None:
         """Synchronous on purpose: StopAudio is queued before anything else can run on the loop."""
@@ -387,6 +398,9 @@ class MediaHandler:
         if turn.task is not None:
             turn.task.cancel()
         self._tell_agent_what_was_heard(turn)
+        if turn.control is not None:  # the caller talked over a goodbye (or a "please hold")
+            self._deferred_control = turn.control
+            self.events.emit("control_deferred", turn_id=turn.id, control=type(turn.control).__name__)
         self.inbox.drop_greetings()
         if turn.heard_ms == 0 and turn.user is not None:
             # The caller heard none of this answer: answer that input together with what comes next.
@@ -480,10 +494,22 @@ class MediaHandler:
         finally:
             producer.cancel()
             await self._bounded_wait(producer, f"turn {turn.id}'s audio producer")
-        if isinstance(hangup, Transfer):
-            self._transfer(hangup)
-        elif hangup is not None:
-            self._hang_up(hangup)
+        if hangup is None and self._deferred_control is not None:
+            hangup = self._take_deferred_control()  # the caller's last words are answered: now end
+        if hangup is not None:
+            self._carry_out(hangup, "agent")
+
+    def _take_deferred_control(self) -> Hangup | Transfer:
+        control, self._deferred_control = self._deferred_control, None
+        assert control is not None
+        return control
+
+    def _carry_out(self, control: Hangup | Transfer, why: str) -> None:
+        log.info("call %s: %s (%s)", self.call_id, type(control).__name__.lower(), why)
+        if isinstance(control, Transfer):
+            self._transfer(control)
+        else:
+            self._hang_up(control)
 
     async def _bounded_wait(self, task: asyncio.Task[None], what: str) -> None:
         """Wait for a cancelled task to end, at most the cleanup timeout (it must not hold the call)."""

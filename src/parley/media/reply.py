@@ -124,6 +124,8 @@ class ReplyProducer:
             # not whenever the garbage collector finalises it.
             async with contextlib.aclosing(self._agent_outputs(turn)) as agent_outputs:
                 async for output in agent_outputs:
+                    if isinstance(output, Hangup | Transfer):
+                        turn.control = output  # known now, though played after what comes before it
                     outputs.put_nowait(output)
         except asyncio.CancelledError:
             if turn.agent_started:

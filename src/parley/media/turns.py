@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from parley.protocols import UserInput
+from parley.protocols import Hangup, Transfer, UserInput
 
 TurnKind = Literal["greeting", "speech", "dtmf"]
 
@@ -36,6 +36,7 @@ class Turn:
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     agent_task: asyncio.Task[None] | None = field(default=None, repr=False)  # reads the agent's output
     agent_error: Exception | None = field(default=None, repr=False)  # what the agent raised, if it did
+    control: Hangup | Transfer | None = None  # the agent ended or transferred the call in this turn
 
 
 @dataclass(frozen=True, slots=True)
