@@ -318,3 +318,29 @@ async def test_player_pause_stops_sending_and_resume_restarts_the_clause() -> No
     assert len(audio_after_stop) == 20  # 400 ms: clauses two and three, from the start of two
     assert track.heard_text(time.monotonic()) == "one two three four five six"
     writer_task.cancel()
+
+
+@pytest.mark.parametrize("stage", ["play", "finish"])
+async def test_a_turn_paused_then_cancelled_in_one_loop_iteration_still_ends(stage: str) -> None:
+    """Regression: asyncio.wait_for (Python 3.11) swallowed a cancellation arriving in the same loop
+    iteration as the pause that woke it; the turn then waited for a resume forever, and with it
+    the call's route loop (a pause at the VAD gate and a barge-in confirmed right after it)."""
+    socket = Socket()
+    writer = OutboundWriter(socket.send_text, EventLog("t", to_log=False))
+    writer_task = asyncio.create_task(writer.run())
+    player = Player(writer, frame_bytes=640, lead_ms=40)
+    track = player.begin(1)
+
+    async def speak() -> None:
+        await player.play(track, bytes(640 * 100))  # 2 s
+        await player.finish(track)
+
+    task = asyncio.create_task(speak())
+    await asyncio.sleep(0.1 if stage == "play" else 0.0)
+    if stage == "finish":
+        await asyncio.sleep(0)
+    player.pause(track, time.monotonic())  # sets the event the player waits on ...
+    task.cancel()  # ... and the barge-in cancels the turn before the player runs again
+    done, _ = await asyncio.wait([task], timeout=1.0)
+    writer_task.cancel()
+    assert done and task.cancelled()
