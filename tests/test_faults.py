@@ -310,3 +310,59 @@ async def test_words_that_quote_the_agent_are_still_answered() -> None:
         assert started["input"] == "The small pizza."
         resumed = call.named("barge_in_resumed", turn_id=1)
         assert resumed and resumed[0]["reason"] == "echo"  # the reply went on, then the words were answered
+
+
+# ------------------------------------------------------------------------------- keys
+class MenuAgent(ScriptedAgent):
+    def __init__(self, expected: int | None) -> None:
+        super().__init__()
+        self.expected = expected
+
+    def digits_expected(self) -> int | None:
+        return self.expected
+
+
+async def test_ten_keys_are_one_input_answered_once() -> None:
+    """Defect: every key was its own turn, and cancelled key turns were queued again (10 keys ->
+    13 turns, the fallback spoken three times)."""
+    agent = MenuAgent(expected=None)
+    async with CallHarness(agent=agent, dtmf_interdigit_ms=300) as call:
+        for key in "1234567890":
+            call.dtmf(key)
+            await asyncio.sleep(0.05)
+        await call.wait_for("turn_completed", turn_id=1)
+        await asyncio.sleep(0.4)
+        assert [e["digits"] for e in call.named("dtmf_input")] == ["1234567890"]
+        assert [u.digits for u in agent.inputs] == ["1234567890"]
+        assert len(call.named("turn_started")) == 1
+
+
+async def test_a_terminator_ends_the_input_at_once_and_an_expected_count_too() -> None:
+    agent = MenuAgent(expected=None)
+    async with CallHarness(agent=agent, dtmf_interdigit_ms=5000) as call:
+        call.dtmf("4321#")
+        assert (await call.wait_for("dtmf_input", timeout=1))["digits"] == "4321"
+        agent.expected = 1  # a menu of single keys: answered at the first key
+        call.dtmf("2")
+        assert (await call.wait_for("dtmf_input", digits="2", timeout=1))["digits"] == "2"
+
+
+async def test_keys_are_not_held_behind_a_long_noisy_utterance() -> None:
+    agent = MenuAgent(expected=1)
+    async with CallHarness(agent=agent) as call:
+        call.frames(3.0, loud=True)  # the caller (or the line) is noisy for 3 s ...
+        call.dtmf("1")  # ... and presses a key meanwhile
+        await call.wait_for("turn_started", timeout=1.0)
+        assert agent.inputs[0].digits == "1"
+
+
+async def test_a_key_flood_is_bounded_and_nothing_is_dropped() -> None:
+    agent = MenuAgent(expected=1)
+    slow_agent_voice = ScriptedSynthesizer(ms_per_char=40)
+    async with CallHarness(agent=agent, synthesizer=slow_agent_voice, bargein_on_dtmf=False) as call:
+        for _ in range(30):
+            call.dtmf("7")
+        await call.wait_for("turn_started", turn_id=2, timeout=5)
+        waiting = sum(len(p.user.digits) for p in call.handler.inbox._items if p.user)  # type: ignore[attr-defined]
+        answered = sum(len(u.digits) for u in agent.inputs)
+        assert len(call.handler.inbox) <= 4 and waiting + answered == 30

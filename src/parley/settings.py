@@ -180,6 +180,15 @@ class Settings(BaseSettings):
     turn_cleanup_timeout_s: float = Field(
         2.0, gt=0.0, le=60.0, description="Closing an agent stream or a synthesis job waits at most this long."
     )
+    dtmf_interdigit_ms: int = Field(
+        1000,
+        ge=100,
+        le=10000,
+        description="Keys pressed this close together are one input (an account number); a menu key"
+        " the agent expects alone is answered at once.",
+    )
+    dtmf_terminator: str = Field("#", max_length=1, description="Ends a key input at once ('' for none).")
+    dtmf_max_digits: int = Field(20, ge=1, le=64, description="A key input is complete at this many digits.")
     apology_text: str = Field(
         "Sorry, I'm having trouble right now. Could you say that again?",
         description="Spoken when a turn fails (agent or voice error, timeout) so the caller is not left in silence.",

@@ -26,6 +26,7 @@ EVENT_NAMES = frozenset(
         "partial",
         "final",
         "dtmf",
+        "dtmf_input",  # keys collected into one input (see parley.media.dtmf)
         "turn_started",
         "first_audio_sent",
         "barge_in_decided",

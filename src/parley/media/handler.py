@@ -26,6 +26,7 @@ from parley.media.bridge import (
     SpeechStarted,
     ThreadBridge,
 )
+from parley.media.dtmf import DigitCollector, DigitRules
 from parley.media.echo import EchoGate, EchoReference, EchoState
 from parley.media.events import CallRegistry, EventLog
 from parley.media.player import Player
@@ -33,7 +34,7 @@ from parley.media.recognition import RecognitionThread, SegmenterConfig
 from parley.media.reply import END, Clip, ReplyLimits, ReplyProducer
 from parley.media.turns import Pending, RouteTurnLoop, Turn, TurnInbox
 from parley.media.writer import OutboundWriter
-from parley.protocols import CallContext, Hangup, Transfer, UserInput
+from parley.protocols import CallContext, ExpectsDigits, Hangup, Transfer, UserInput
 from parley.settings import Settings
 from parley.transports import acs
 
@@ -73,6 +74,10 @@ class MediaHandler:
             backchannels=tuple(settings.backchannels),
         )
         self.inbox = TurnInbox(settings.turn_queue_size)
+        self.digits = DigitCollector(
+            DigitRules(settings.dtmf_interdigit_ms / 1000, settings.dtmf_terminator, settings.dtmf_max_digits)
+        )
+        self._digit_timer: asyncio.TimerHandle | None = None
         self.route = RouteTurnLoop(self.inbox, self._run_turn, call_id)
         self.format: acs.AudioFormat | None = None
         self.writer: OutboundWriter | None = None
@@ -335,7 +340,28 @@ class MediaHandler:
     def _on_dtmf(self, digits: str) -> None:
         self.events.emit("dtmf", digits=digits)
         self._consider_barge_in(Signal("dtmf"))
+        for entered in self.digits.press(digits, self._digits_expected()):
+            self._queue_digits(entered)
+        if self._digit_timer is not None:
+            self._digit_timer.cancel()
+            self._digit_timer = None
+        if self.digits.collecting:
+            self._digit_timer = asyncio.get_running_loop().call_later(
+                self.digits.rules.interdigit_s, self._digits_timed_out, self.digits.generation
+            )
+
+    def _digits_timed_out(self, generation: int) -> None:
+        self._digit_timer = None
+        entered = self.digits.expire(generation)
+        if entered:
+            self._queue_digits(entered)
+
+    def _queue_digits(self, digits: str) -> None:
+        self.events.emit("dtmf_input", digits=digits)
         self.inbox.put(Pending("dtmf", UserInput("dtmf", digits=digits), self._latest_utterance_id))
+
+    def _digits_expected(self) -> int | None:
+        return self.agent.digits_expected() if isinstance(self.agent, ExpectsDigits) else None
 
     # ------------------------------------------------------------------ barge-in
     def _consider_barge_in(self, signal: Signal) -> Decision:
@@ -402,8 +428,9 @@ class MediaHandler:
             self._deferred_control = turn.control
             self.events.emit("control_deferred", turn_id=turn.id, control=type(turn.control).__name__)
         self.inbox.drop_greetings()
-        if turn.heard_ms == 0 and turn.user is not None:
-            # The caller heard none of this answer: answer that input together with what comes next.
+        if turn.heard_ms == 0 and turn.user is not None and not (trigger == "dtmf" and turn.kind == "dtmf"):
+            # The caller heard none of this answer: answer that input together with what comes next
+            # (not a key input cut by the next key: the caller has moved on to a new one).
             self.inbox.put_back(Pending(turn.kind, turn.user, turn.source_utterance_id))
 
     def _tell_agent_what_was_heard(self, turn: Turn) -> None:

@@ -53,6 +53,14 @@ def _merge(first: Pending, second: Pending) -> Pending:
     return Pending("speech", UserInput("speech", text=text), max(first.utterance_id, second.utterance_id))
 
 
+def _merge_keys(first: Pending, second: Pending) -> Pending:
+    digits = first.user.digits + second.user.digits  # type: ignore[union-attr]
+    return Pending("dtmf", UserInput("dtmf", digits=digits), max(first.utterance_id, second.utterance_id))
+
+
+_MAX_KEY_INPUTS = 4  # waiting key inputs; more are joined to the last one
+
+
 class TurnInbox:
     def __init__(self, capacity: int = 8) -> None:
         self._items: deque[Pending] = deque()
@@ -61,11 +69,17 @@ class TurnInbox:
         self._held = False
 
     def put(self, item: Pending) -> None:
-        if len(self._items) >= self._capacity and item.kind == "speech" and self._items[-1].kind == "speech":
+        last = self._items[-1] if self._items else None
+        if len(self._items) >= self._capacity and last is not None and last.kind == item.kind == "speech":
             self._items[-1] = _merge(self._items[-1], item)
+        elif last is not None and last.kind == item.kind == "dtmf" and self._count("dtmf") >= _MAX_KEY_INPUTS:
+            self._items[-1] = _merge_keys(last, item)  # a key flood: bounded, nothing dropped
         else:
             self._items.append(item)
         self._changed.set()
+
+    def _count(self, kind: TurnKind) -> int:
+        return sum(item.kind == kind for item in self._items)
 
     def put_back(self, item: Pending) -> None:
         """Requeue an input whose answer was cancelled before the caller heard any of it."""
@@ -86,8 +100,9 @@ class TurnInbox:
         return len(self._items)
 
     async def get(self) -> Pending:
-        """The next input once the caller is not mid-utterance; waiting speech inputs come merged."""
-        while self._held or not self._items:
+        """The next input once the caller is not mid-utterance (keys do not wait for a noisy
+        utterance to end); waiting speech inputs come merged."""
+        while not self._items or (self._held and self._items[0].kind != "dtmf"):
             self._changed.clear()
             await self._changed.wait()
         item = self._items.popleft()
