@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from parley.media.bargein import ActiveTurn, BargeInPolicy, Signal, SpeechEvidence, is_answer, is_hum
+from parley.media.bargein import ActiveTurn, BargeInPolicy, Signal, SpeechEvidence, is_answer, is_farewell, is_hum
 from parley.media.bridge import Final, Partial, SpeechContinues, SpeechStarted, ThreadBridge
 from parley.media.events import EventLog
 from parley.media.player import Player
@@ -206,6 +206,18 @@ def test_one_doubtful_short_word_is_unclear_but_a_confident_one_is_a_request() -
     assert policy.decide(Signal("final", 2, "Number.", None), PENDING).action == "cancel"
 
 
+def test_echo_by_words_resumes_but_is_answered_and_needs_a_line_that_echoes() -> None:
+    decision = BargeInPolicy().decide(Signal("final", 2, "eleven to ten"), PENDING)
+    assert (decision.action, decision.reason) == ("resume", "echo") and not decision.said_over_agent
+    no_echo_line = ActiveTurn(1, True, 1, pending=True, recent_text=PENDING.recent_text, line_echo=False)
+    assert BargeInPolicy().decide(Signal("final", 2, "eleven to ten"), no_echo_line).action == "cancel"
+
+
+def test_farewells() -> None:
+    assert all(is_farewell(t) for t in ("Thanks, bye.", "No, that's all, thanks.", "Goodbye!", "bye bye"))
+    assert not any(is_farewell(t) for t in ("What time do you close?", "I want a pizza", "", "wait"))
+
+
 def test_hum_and_answer_token_rules() -> None:
     assert all(is_hum(token) for token in ("fuh", "fer", "uh", "hmm", "mhm", "mmm", "huh", "er", "mamama", "ahh"))
     assert not any(is_hum(token) for token in ("no", "two", "yes", "hi", "home", "more", "ham", "f", "stop"))
@@ -311,3 +323,29 @@ async def test_player_pause_stops_sending_and_resume_restarts_the_clause() -> No
     assert len(audio_after_stop) == 20  # 400 ms: clauses two and three, from the start of two
     assert track.heard_text(time.monotonic()) == "one two three four five six"
     writer_task.cancel()
+
+
+@pytest.mark.parametrize("stage", ["play", "finish"])
+async def test_a_turn_paused_then_cancelled_in_one_loop_iteration_still_ends(stage: str) -> None:
+    """Regression: asyncio.wait_for (Python 3.11) swallowed a cancellation arriving in the same loop
+    iteration as the pause that woke it; the turn then waited for a resume forever, and with it
+    the call's route loop (a pause at the VAD gate and a barge-in confirmed right after it)."""
+    socket = Socket()
+    writer = OutboundWriter(socket.send_text, EventLog("t", to_log=False))
+    writer_task = asyncio.create_task(writer.run())
+    player = Player(writer, frame_bytes=640, lead_ms=40)
+    track = player.begin(1)
+
+    async def speak() -> None:
+        await player.play(track, bytes(640 * 100))  # 2 s
+        await player.finish(track)
+
+    task = asyncio.create_task(speak())
+    await asyncio.sleep(0.1 if stage == "play" else 0.0)
+    if stage == "finish":
+        await asyncio.sleep(0)
+    player.pause(track, time.monotonic())  # sets the event the player waits on ...
+    task.cancel()  # ... and the barge-in cancels the turn before the player runs again
+    done, _ = await asyncio.wait([task], timeout=1.0)
+    writer_task.cancel()
+    assert done and task.cancelled()

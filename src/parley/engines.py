@@ -16,6 +16,7 @@ from parley.media.recognition import FinalPass
 from parley.pool import EnginePool
 from parley.protocols import AgentFactory, CallControl, MultiVoiceSynthesizer, Recognizer, Synthesizer, Vad
 from parley.settings import Settings
+from parley.voice.guarded import GuardedSynthesizer, SynthesisLimits
 
 if TYPE_CHECKING:
     from parley.speech.azure import AzureSpeechOptions
@@ -174,42 +175,77 @@ def _streaming_recognizer(settings: Settings) -> Callable[[], Recognizer]:
 def _voices(
     settings: Settings, executor: Executor, closers: list[Callable[[], None]]
 ) -> Callable[[str | None], Synthesizer]:
-    """voice name (None = the default voice) -> a synthesizer, each voice loaded once."""
-    if settings.tts == "azure":
-        options = azure_speech_options(settings)
-        from parley.voice.azure import AzureSynthesizer
-
-        azure = AzureSynthesizer(options, settings.tts_voice or settings.azure_tts_voice)
-        closers.append(azure.close)
-        default: AzureSynthesizer | PiperSynthesizer | EspeakSynthesizer = azure
-    elif settings.tts == "piper":
-        from parley.voice.piper import PiperSynthesizer
-
-        default = PiperSynthesizer(
-            executor, settings.tts_voice, rate=settings.tts_rate, intra_op_threads=settings.tts_threads
-        )
-    else:
-        from parley.voice.espeak import EspeakSynthesizer
-
-        default = EspeakSynthesizer(executor, settings.tts_voice or "en-us", settings.tts_rate_wpm)
-    voices: dict[str | None, Synthesizer] = {None: default}
+    """voice name (None = the default voice) -> a synthesizer, each voice loaded once, each watched
+    by timeouts with the embedded fallback voice behind it (see parley.voice.guarded)."""
+    default = _default_voice(settings, executor, closers)
+    fallback = _fallback_voice(settings, executor) if settings.tts_fallback else None
+    limits = synthesis_limits(settings)
+    voices: dict[str | None, Synthesizer] = {
+        None: GuardedSynthesizer(default, fallback, name=f"tts={settings.tts}", limits=limits)
+    }
 
     def synthesizer_for(voice: str | None) -> Synthesizer:
         if voice not in voices:
             try:
                 if not isinstance(default, MultiVoiceSynthesizer):
                     raise ValueError("this synthesizer has a single voice")
-                voices[voice] = default.with_voice(voice)
+                voices[voice] = GuardedSynthesizer(
+                    default.with_voice(voice), fallback, name=f"tts={settings.tts} voice {voice}", limits=limits
+                )
             # A voice of the other engine, a missing or broken file (onnxruntime raises its own
             # types): say so once and keep the call on the default voice.
             except Exception as exc:  # noqa: BLE001 - any failure to load a voice falls back to the default
                 log.warning(
                     "voice %r is not usable with tts=%s (%s); using the default voice", voice, settings.tts, exc
                 )
-                voices[voice] = default
+                voices[voice] = voices[None]
         return voices[voice]
 
     return synthesizer_for
+
+
+def synthesis_limits(settings: Settings) -> SynthesisLimits:
+    return SynthesisLimits(
+        first_chunk_s=settings.tts_first_audio_timeout_s,
+        next_chunk_s=settings.tts_chunk_timeout_s,
+        cleanup_s=settings.turn_cleanup_timeout_s,
+    )
+
+
+def _default_voice(settings: Settings, executor: Executor, closers: list[Callable[[], None]]) -> Synthesizer:
+    if settings.tts == "azure":
+        options = azure_speech_options(settings)
+        from parley.voice.azure import AzureSynthesizer
+
+        azure = AzureSynthesizer(options, settings.tts_voice or settings.azure_tts_voice)
+        closers.append(azure.close)
+        return azure
+    if settings.tts == "piper":
+        from parley.voice.piper import PiperSynthesizer
+
+        return PiperSynthesizer(
+            executor, settings.tts_voice, rate=settings.tts_rate, intra_op_threads=settings.tts_threads
+        )
+    from parley.voice.espeak import EspeakSynthesizer
+
+    return EspeakSynthesizer(executor, settings.tts_voice or "en-us", settings.tts_rate_wpm)
+
+
+def _fallback_voice(settings: Settings, executor: Executor) -> Synthesizer | None:
+    """The embedded voice that speaks while the configured one fails, loaded now (never mid-call):
+    Piper behind a cloud voice, espeak-ng behind Piper; espeak-ng itself has none."""
+    try:
+        if settings.tts == "azure":
+            from parley.voice.piper import PiperSynthesizer
+
+            return PiperSynthesizer(executor, None, intra_op_threads=settings.tts_threads)
+        if settings.tts == "piper":
+            from parley.voice.espeak import EspeakSynthesizer
+
+            return EspeakSynthesizer(executor, "en-us", settings.tts_rate_wpm)
+    except Exception as exc:  # noqa: BLE001 - a missing fallback must not stop the server; say so
+        log.warning("no fallback voice for tts=%s (%s): a failing voice leaves turns silent", settings.tts, exc)
+    return None
 
 
 def plumbing_engines(settings: Settings) -> Engines:

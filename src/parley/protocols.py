@@ -277,3 +277,11 @@ class CallControl(Protocol):
     async def hang_up(self, call_id: str) -> None: ...
 
     async def transfer(self, call_id: str, target: str) -> None: ...
+
+
+@runtime_checkable
+class ExpectsDigits(Protocol):
+    """An agent that says how many keys make one input: a menu of single keys answers at the
+    first key instead of waiting for the inter-digit timeout. None: no fixed count."""
+
+    def digits_expected(self) -> int | None: ...

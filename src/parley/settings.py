@@ -215,6 +215,43 @@ class Settings(BaseSettings):
     )
     synth_workers: int = Field(2, ge=1, le=64, description="Threads shared by all calls for TTS.")
 
+    # --- faults: watchdogs and fallbacks (no call may go silent) ---------------------------------
+    tts_fallback: bool = Field(
+        True,
+        description="When the configured voice fails (error, timeout, no audio) the embedded voice"
+        " speaks instead (Piper for tts=azure, espeak-ng for tts=piper) and the configured one is"
+        " retried with backoff (1, 2, 4 ... 30 s).",
+    )
+    tts_first_audio_timeout_s: float = Field(
+        5.0, gt=0.0, le=120.0, description="A clause with no audio after this long counts as a TTS failure."
+    )
+    tts_chunk_timeout_s: float = Field(
+        5.0, gt=0.0, le=120.0, description="A TTS stream silent this long between chunks counts as failed."
+    )
+    agent_timeout_s: float = Field(
+        25.0,
+        gt=0.0,
+        le=600.0,
+        description="The agent's first output, and each next one, must come within this long (above the"
+        " LLM's own timeouts): a stuck agent ends its turn with the apology line.",
+    )
+    turn_cleanup_timeout_s: float = Field(
+        2.0, gt=0.0, le=60.0, description="Closing an agent stream or a synthesis job waits at most this long."
+    )
+    dtmf_interdigit_ms: int = Field(
+        1000,
+        ge=100,
+        le=10000,
+        description="Keys pressed this close together are one input (an account number); a menu key"
+        " the agent expects alone is answered at once.",
+    )
+    dtmf_terminator: str = Field("#", max_length=1, description="Ends a key input at once ('' for none).")
+    dtmf_max_digits: int = Field(20, ge=1, le=64, description="A key input is complete at this many digits.")
+    apology_text: str = Field(
+        "Sorry, I'm having trouble right now. Could you say that again?",
+        description="Spoken when a turn fails (agent or voice error, timeout) so the caller is not left in silence.",
+    )
+
     # --- Azure AI Speech (stt=azure, tts=azure) -----------------------------------------------------
     azure_speech_key: SecretStr | None = Field(None, description="Speech resource key (with a region).")
     azure_speech_region: str | None = Field(None, description="Speech resource region, e.g. westeurope.")

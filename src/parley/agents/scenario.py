@@ -60,6 +60,7 @@ from parley.agents.tools import (
 from parley.protocols import (
     Agent,
     AgentEventListener,
+    ExpectsDigits,
     AgentFactory,
     AgentOutput,
     CallContext,
@@ -368,6 +369,10 @@ class ScenarioAgent:
     @property
     def greeting_interruptible(self) -> bool:
         return self.scenario.members[self.active].spec.greeting_interruptible
+
+    def digits_expected(self) -> int | None:
+        agent = self.member(self.active)
+        return agent.digits_expected() if isinstance(agent, ExpectsDigits) else None
 
     def member(self, name: str) -> Agent:
         """The call's instance of agent `name` (made on first use: most calls meet few agents)."""

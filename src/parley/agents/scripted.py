@@ -378,6 +378,10 @@ class ScriptedAgent:
     def voice(self) -> str | None:
         return self.spec.voice
 
+    def digits_expected(self) -> int | None:
+        """The longest key sequence an intent waits for (a menu of single keys: 1)."""
+        return max((len(intent.dtmf) for intent in self.spec.intents if intent.dtmf), default=None)
+
     def greeting(self) -> str | None:
         if self.spec.greeting:
             self.record_spoken(self.spec.greeting)

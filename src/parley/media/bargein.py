@@ -134,9 +134,13 @@ class ActiveTurn:
     state: AgentState = "speaking"
     pending: bool = False  # an interruption is waiting for proof (paused or held)
     recent_text: str = ""  # what the agent said in the last seconds (to recognise its echo)
+    line_echo: bool = True  # False once the echo gate has ruled out any echo on this line
 
 
-_NOT_A_REQUEST = frozenset({"backchannel", "echo", "no_content", "unclear"})
+# Not answered: the caller's sound carried no request. "echo" (the words repeat what the agent just
+# said) is not among them: such a final may be a real answer that quotes the agent ("The small
+# pizza." after "small, medium or large?"), so the reply resumes but the words are still answered.
+_NOT_A_REQUEST = frozenset({"backchannel", "no_content", "unclear"})
 
 
 def _is_letter(word: str) -> bool:
@@ -158,6 +162,21 @@ def is_hum(token: str) -> bool:
 def is_answer(token: str) -> bool:
     """A short real answer ("yes", "no", "stop", "two", "4"): always a request."""
     return token in _ANSWER_WORDS or any(char.isdigit() for char in token)
+
+
+_FAREWELL_WORDS = frozenset(
+    "bye goodbye thanks thank you cheers ok okay that's thats all great no nothing else perfect fine"
+    " have a good day nice see ya".split()
+)
+
+
+def is_farewell(text: str) -> bool:
+    """ "Thanks, bye", "no, that's all", "goodbye": the caller is done (said over the agent's goodbye,
+    the call still ends). A question or a request is not a farewell."""
+    words = normalize_words(text)
+    if not words or "?" in text:
+        return False
+    return "bye" in words or "goodbye" in words or all(word in _FAREWELL_WORDS for word in words)
 
 
 def sound_tokens(text: str) -> list[str]:
@@ -237,7 +256,7 @@ class BargeInPolicy:
             return Decision("pause" if mode == "pause" else "hold", "vad")
         if signal.trigger == "continues":
             return Decision("cancel", "sustained_speech")
-        words, reason = self._content_words(signal.text, turn.recent_text, signal.evidence)
+        words, reason = self._content_words(signal.text, turn.recent_text, signal.evidence, turn.line_echo)
         if signal.trigger == "partial":
             return self._partial(words, reason, mode)
         # final: the whole utterance is known
@@ -259,7 +278,7 @@ class BargeInPolicy:
         return Decision("none", reason or "partial_too_short")
 
     def _content_words(
-        self, text: str, recent_text: str, evidence: SpeechEvidence | None = None
+        self, text: str, recent_text: str, evidence: SpeechEvidence | None = None, line_echo: bool = True
     ) -> tuple[list[str], str]:
         """Words that mean the caller wants the floor, and why there are none ('' if there are).
 
@@ -280,7 +299,7 @@ class BargeInPolicy:
         murmurs = [token in self._fillers or is_hum(token) for token in tokens]
         if all(murmurs):
             return [], "backchannel"
-        spoken = set(normalize_words(recent_text))
+        spoken = set(normalize_words(recent_text)) if line_echo else set()
         if spoken and sum(word in spoken for word in words) >= _ECHO_SHARE * len(words):
             return [], "echo"
         content = [token for token, murmur in zip(tokens, murmurs, strict=True) if not murmur]

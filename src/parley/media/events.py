@@ -26,6 +26,7 @@ EVENT_NAMES = frozenset(
         "partial",
         "final",
         "dtmf",
+        "dtmf_input",  # keys collected into one input (see parley.media.dtmf)
         "turn_started",
         "first_audio_sent",
         "barge_in_decided",
@@ -37,6 +38,7 @@ EVENT_NAMES = frozenset(
         "stop_audio_sent",
         "turn_cancelled",
         "turn_completed",
+        "turn_failed",  # the agent or the voice failed or stalled: logged, the apology spoken
         "input_error",
         "agent_text",
         "first_audio_ready",
@@ -44,6 +46,7 @@ EVENT_NAMES = frozenset(
         "agent_handoff",
         "tool_called",
         "transfer_requested",
+        "control_deferred",  # a goodbye's hang-up (or a transfer) waits: the caller talked over it
         "acs_event",  # a Call Automation callback about this call (CallConnected, ...)
         "call_ended",
     }

@@ -12,17 +12,15 @@ through the one writer, cancel the turn's task; cleanup is awaited afterwards.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketState
 
 from parley.engines import Engines
-from parley.media.bargein import ActiveTurn, BargeInPolicy, Decision, Signal, SpeechEvidence
+from parley.media.bargein import ActiveTurn, BargeInPolicy, Decision, Signal, SpeechEvidence, is_farewell
 from parley.media.bridge import (
     Final,
     Partial,
@@ -30,43 +28,32 @@ from parley.media.bridge import (
     SpeechStarted,
     ThreadBridge,
 )
-from parley.media.echo import EchoGate, EchoReference
+from parley.media.dtmf import DigitCollector, DigitRules
+from parley.media.echo import EchoGate, EchoReference, EchoState
 from parley.media.events import CallRegistry, EventLog
 from parley.media.player import Player
 from parley.media.recognition import RecognitionThread, SegmenterConfig
+from parley.media.reply import END, Clip, ReplyLimits, ReplyProducer
 from parley.media.turns import Pending, RouteTurnLoop, Turn, TurnInbox
 from parley.media.writer import OutboundWriter
 from parley.protocols import (
     CallContext,
+    ExpectsDigits,
     Hangup,
     ReportsEvents,
-    Say,
     SpeakingPreferences,
-    Synthesizer,
     Transfer,
     TruncatesReplies,
     UserInput,
 )
 from parley.settings import Settings
 from parley.transports import acs
-from parley.voice.clauses import quick_start, split_clauses
 
 log = logging.getLogger(__name__)
 
-_END = object()  # end of a turn's audio stream
-_Output = Say | Hangup | Transfer  # what the handler takes from an agent (a Handoff stays in its scenario)
 _MAX_CONSECUTIVE_ERRORS = 250  # 5 s of nothing but bad frames: the peer is not speaking ACS
 _LOGGED_ERRORS = 20  # log the first errors in full, then only every 100th
 _RECENT_WORDS = 16  # how much of the agent's speech its echo may repeat back
-
-
-@dataclass(frozen=True, slots=True)
-class _Clip:
-    """Synthesized audio of one piece of reply text (text only on its first chunk)."""
-
-    text: str | None
-    pcm: bytes
-    interruptible: bool = True
 
 
 class MediaHandler:
@@ -97,10 +84,15 @@ class MediaHandler:
             backchannels=tuple(settings.backchannels),
         )
         self.inbox = TurnInbox(settings.turn_queue_size)
-        self.route = RouteTurnLoop(self.inbox, self._run_turn)
+        self.digits = DigitCollector(
+            DigitRules(settings.dtmf_interdigit_ms / 1000, settings.dtmf_terminator, settings.dtmf_max_digits)
+        )
+        self._digit_timer: asyncio.TimerHandle | None = None
+        self.route = RouteTurnLoop(self.inbox, self._run_turn, call_id)
         self.format: acs.AudioFormat | None = None
         self.writer: OutboundWriter | None = None
         self.player: Player | None = None
+        self.reply: ReplyProducer | None = None
         self.bridge: ThreadBridge | None = None
         self.recognition: RecognitionThread | None = None
         self.echo_reference = EchoReference() if settings.echo_gate else None
@@ -113,6 +105,9 @@ class MediaHandler:
         self._hangup = asyncio.Event()
         self._end_reason = "caller_hangup"
         self._close_code = 1000
+        # A goodbye's hang-up (or a transfer) whose turn the caller talked over: carried out after
+        # the caller's words are answered, or at once if those words were a farewell.
+        self._deferred_control: Hangup | Transfer | None = None
 
     # ------------------------------------------------------------------ socket lifecycle
     async def run(self, websocket: WebSocket) -> None:
@@ -264,6 +259,15 @@ class MediaHandler:
         self.format = audio_format
         assert self.writer is not None
         self.player = Player(self.writer, audio_format.frame_bytes, self.settings.playout_lead_ms, self.echo_reference)
+        self.reply = ReplyProducer(
+            call_id=self.call_id,
+            agent=self.agent,
+            synthesizer_for=self.engines.synthesizer_for,
+            events=self.events,
+            sample_rate=audio_format.sample_rate,
+            limits=ReplyLimits(self.settings.agent_timeout_s, self.settings.turn_cleanup_timeout_s),
+            apology_text=self.settings.apology_text,
+        )
         self.bridge = ThreadBridge(asyncio.get_running_loop(), self)
         self.recognition = RecognitionThread(
             call_id=self.call_id,
@@ -330,7 +334,9 @@ class MediaHandler:
         )
         evidence = SpeechEvidence(event.voiced_ms, event.avg_logprob, event.no_speech_prob)
         decision = self._consider_barge_in(Signal("final", event.utterance_id, event.text, evidence))
-        if event.text.strip() and not decision.said_over_agent:
+        if self._deferred_control is not None and is_farewell(event.text):
+            self._carry_out(self._take_deferred_control(), "farewell")  # "thanks, bye" over the goodbye
+        elif event.text.strip() and not decision.said_over_agent:
             self.inbox.put(Pending("speech", UserInput("speech", text=event.text), event.utterance_id))
         if event.utterance_id >= self._latest_utterance_id:
             self.inbox.release()  # (a second-pass final may arrive after the next utterance began)
@@ -345,7 +351,28 @@ class MediaHandler:
     def _on_dtmf(self, digits: str) -> None:
         self.events.emit("dtmf", digits=digits)
         self._consider_barge_in(Signal("dtmf"))
+        for entered in self.digits.press(digits, self._digits_expected()):
+            self._queue_digits(entered)
+        if self._digit_timer is not None:
+            self._digit_timer.cancel()
+            self._digit_timer = None
+        if self.digits.collecting:
+            self._digit_timer = asyncio.get_running_loop().call_later(
+                self.digits.rules.interdigit_s, self._digits_timed_out, self.digits.generation
+            )
+
+    def _digits_timed_out(self, generation: int) -> None:
+        self._digit_timer = None
+        entered = self.digits.expire(generation)
+        if entered:
+            self._queue_digits(entered)
+
+    def _queue_digits(self, digits: str) -> None:
+        self.events.emit("dtmf_input", digits=digits)
         self.inbox.put(Pending("dtmf", UserInput("dtmf", digits=digits), self._latest_utterance_id))
+
+    def _digits_expected(self) -> int | None:
+        return self.agent.digits_expected() if isinstance(self.agent, ExpectsDigits) else None
 
     # ------------------------------------------------------------------ barge-in
     def _consider_barge_in(self, signal: Signal) -> Decision:
@@ -382,7 +409,13 @@ class MediaHandler:
             state="speaking" if speaking else "thinking",
             pending=turn.interruption_pending,
             recent_text=recent,
+            line_echo=self._line_may_echo(),
         )
+
+    def _line_may_echo(self) -> bool:
+        """False once the echo gate has learnt that this line carries no echo of the agent."""
+        gate = self.recognition.echo_gate if self.recognition else None
+        return gate is None or gate.state is not EchoState.NONE
 
     def _barge_in(self, turn: Turn, trigger: str) -> None:
         """Synchronous on purpose: StopAudio is queued before anything else can run on the loop."""
@@ -402,9 +435,13 @@ class MediaHandler:
         if turn.task is not None:
             turn.task.cancel()
         self._tell_agent_what_was_heard(turn)
+        if turn.control is not None:  # the caller talked over a goodbye (or a "please hold")
+            self._deferred_control = turn.control
+            self.events.emit("control_deferred", turn_id=turn.id, control=type(turn.control).__name__)
         self.inbox.drop_greetings()
-        if turn.heard_ms == 0 and turn.user is not None:
-            # The caller heard none of this answer: answer that input together with what comes next.
+        if turn.heard_ms == 0 and turn.user is not None and not (trigger == "dtmf" and turn.kind == "dtmf"):
+            # The caller heard none of this answer: answer that input together with what comes next
+            # (not a key input cut by the next key: the caller has moved on to a new one).
             self.inbox.put_back(Pending(turn.kind, turn.user, turn.source_utterance_id))
 
     def _tell_agent_what_was_heard(self, turn: Turn) -> None:
@@ -461,13 +498,14 @@ class MediaHandler:
         )
         track = self.player.begin(turn.id)
         clips: asyncio.Queue[object] = asyncio.Queue(maxsize=64)
-        producer = asyncio.create_task(self._produce_audio(turn, clips), name=f"produce-{turn.id}")
+        assert self.reply is not None
+        producer = asyncio.create_task(self.reply.produce(turn, clips), name=f"produce-{self.call_id}-{turn.id}")
         hangup: Hangup | Transfer | None = None
         try:
-            while (item := await clips.get()) is not _END:
+            while (item := await clips.get()) is not END:
                 if isinstance(item, Hangup | Transfer):
                     hangup = item
-                elif isinstance(item, _Clip):
+                elif isinstance(item, Clip):
                     await self.player.play(track, item.pcm, item.text, item.interruptible)
             await producer
             await self.player.finish(track)
@@ -492,11 +530,34 @@ class MediaHandler:
             return
         finally:
             producer.cancel()
-            await asyncio.wait([producer])
-        if isinstance(hangup, Transfer):
-            self._transfer(hangup)
-        elif hangup is not None:
-            self._hang_up(hangup)
+            await self._bounded_wait(producer, f"turn {turn.id}'s audio producer")
+        if hangup is None and self._deferred_control is not None:
+            hangup = self._take_deferred_control()  # the caller's last words are answered: now end
+        if hangup is not None:
+            self._carry_out(hangup, "agent")
+
+    def _take_deferred_control(self) -> Hangup | Transfer:
+        control, self._deferred_control = self._deferred_control, None
+        assert control is not None
+        return control
+
+    def _carry_out(self, control: Hangup | Transfer, why: str) -> None:
+        log.info("call %s: %s (%s)", self.call_id, type(control).__name__.lower(), why)
+        if isinstance(control, Transfer):
+            self._transfer(control)
+        else:
+            self._hang_up(control)
+
+    async def _bounded_wait(self, task: asyncio.Task[None], what: str) -> None:
+        """Wait for a cancelled task to end, at most the cleanup timeout (it must not hold the call)."""
+        done, _ = await asyncio.wait([task], timeout=self.settings.turn_cleanup_timeout_s)
+        if not done:
+            log.warning(
+                "call %s: %s did not end within %.1f s; left behind",
+                self.call_id,
+                what,
+                self.settings.turn_cleanup_timeout_s,
+            )
 
     def _hang_up(self, hangup: Hangup) -> None:
         """End the call: for everyone through Call Automation when configured, and the media here."""
@@ -537,93 +598,6 @@ class MediaHandler:
                 # Closing the media socket alone would leave the caller on a silent line.
                 self._request(control.hang_up(self.call_id), "hang up")
             self.end_call(f"{what}_failed")
-
-    async def _produce_audio(self, turn: Turn, clips: asyncio.Queue[object]) -> None:
-        """Agent text -> synthesized clips, running ahead of playout (the next clause while one plays).
-
-        The agent is read by a task of its own, as fast as it writes, so a barge-in closes its
-        stream (an LLM's HTTP response) at once instead of after the clause being synthesized."""
-        outputs: asyncio.Queue[_Output | _AgentFailed | None] = asyncio.Queue()  # None: the end
-        turn.agent_task = asyncio.create_task(self._read_agent(turn, outputs), name=f"agent-{turn.id}")
-        try:
-            await self._synthesize(turn, _until_end(outputs), clips)
-        finally:
-            turn.agent_task.cancel()
-            await asyncio.wait([turn.agent_task])
-        await clips.put(_END)
-
-    async def _read_agent(self, turn: Turn, outputs: asyncio.Queue[_Output | _AgentFailed | None]) -> None:
-        try:
-            # aclosing: a cancelled read closes the agent's generator (and its HTTP stream) now,
-            # not whenever the garbage collector finalises it.
-            async with contextlib.aclosing(self._agent_outputs(turn)) as agent_outputs:
-                async for output in agent_outputs:
-                    outputs.put_nowait(output)
-        except asyncio.CancelledError:
-            if turn.agent_started:
-                self.events.emit("agent_stream_closed", turn_id=turn.id)
-            raise
-        except Exception as exc:  # noqa: BLE001 - fails the turn, on the synthesis side
-            outputs.put_nowait(_AgentFailed(exc))
-            return
-        outputs.put_nowait(None)
-
-    async def _synthesize(self, turn: Turn, outputs: AsyncIterator[_Output], clips: asyncio.Queue[object]) -> None:
-        """Each Say cut into clauses, each clause synthesized as soon as the previous is queued."""
-        assert self.format is not None
-        first_audio = True
-        async for output in outputs:
-            if isinstance(output, Hangup | Transfer):
-                await clips.put(output)
-                break
-            self.events.emit("agent_text", turn_id=turn.id, text=output.text)
-            synthesizer = self._synthesizer(output)
-            # Clause by clause: the first clause plays while the next is synthesized, and a
-            # resumed reply restarts at a clause boundary.
-            clauses = split_clauses(output.text)
-            for clause in quick_start(clauses) if first_audio else clauses:
-                text: str | None = clause
-                async for pcm in synthesizer.stream(clause, self.format.sample_rate):
-                    if first_audio:
-                        self.events.emit("first_audio_ready", turn_id=turn.id)
-                        first_audio = False
-                    await clips.put(_Clip(text, pcm, output.interruptible))
-                    text = None
-
-    def _synthesizer(self, say: Say) -> Synthesizer:
-        """The voice a Say names (None: the agent's current voice; "": the server default)."""
-        voice = say.voice
-        if voice is None and isinstance(self.agent, SpeakingPreferences):
-            voice = self.agent.voice
-        return self.engines.synthesizer_for(voice or None)
-
-    async def _agent_outputs(self, turn: Turn) -> AsyncGenerator[_Output, None]:
-        if turn.say is not None:
-            yield Say(turn.say)
-            return
-        assert turn.user is not None
-        turn.agent_started = True
-        async with contextlib.aclosing(self.agent.respond(turn.user)) as outputs:
-            async for output in outputs:
-                if isinstance(output, Say) and not output.text.strip():
-                    continue
-                if not isinstance(output, Say | Hangup | Transfer):  # a Handoff outside a scenario
-                    log.warning("call %s: ignoring agent output %r", self.call_id, output)
-                    continue
-                yield output
-
-
-@dataclass(frozen=True, slots=True)
-class _AgentFailed:
-    error: Exception
-
-
-async def _until_end(outputs: asyncio.Queue[_Output | _AgentFailed | None]) -> AsyncGenerator[_Output, None]:
-    """The agent's outputs as the reader task queued them; its failure is raised here."""
-    while (item := await outputs.get()) is not None:
-        if isinstance(item, _AgentFailed):
-            raise item.error
-        yield item
 
 
 async def _join_thread(recognition: RecognitionThread, timeout: float = 5.0) -> None:

@@ -144,11 +144,8 @@ class Player:
             if end is None or time.monotonic() >= end:
                 return
             track.changed.clear()
-            try:  # a pause during the last frames must not let the turn complete
-                await asyncio.wait_for(track.changed.wait(), end - time.monotonic())
-            except TimeoutError:
-                if not track.paused:
-                    return
+            if not await _wait_changed(track, end - time.monotonic()) and not track.paused:
+                return  # (a pause during the last frames must not let the turn complete)
 
     async def _pump(self, track: Track) -> None:
         """Send the frames due, on the playout clock; while paused, wait for resume (or cancel)."""
@@ -164,10 +161,7 @@ class Player:
             play_t = track.start_t + (track.next_frame - track.origin_frame) * _FRAME_S
             if play_t - self._lead_s > now:
                 track.changed.clear()
-                try:  # sleep until due, but wake at once if paused meanwhile
-                    await asyncio.wait_for(track.changed.wait(), play_t - self._lead_s - now)
-                except TimeoutError:
-                    pass
+                await _wait_changed(track, play_t - self._lead_s - now)  # until due, or paused meanwhile
                 continue
             frame = track.frames[track.next_frame]
             self._writer.send_audio(track.turn_id, audio_data_message(frame))
@@ -202,3 +196,19 @@ class Player:
         self._playout_end_t = time.monotonic() if now is None else now
         if self._echo_reference is not None:
             self._echo_reference.cut(self._playout_end_t)
+
+
+async def _wait_changed(track: Track, seconds: float) -> bool:
+    """Wait until the track changes (pause, resume) or `seconds` pass; True if it changed.
+
+    `asyncio.timeout`, not `asyncio.wait_for`: on Python 3.11 wait_for swallows a cancellation that
+    arrives in the same loop iteration as the event it waits for. A pause (which sets the event)
+    followed at once by a barge-in (which cancels the turn) left the turn waiting forever, and
+    with it the call's route loop. wait_for also costs a Task per wait, i.e. per frame.
+    """
+    try:
+        async with asyncio.timeout(seconds):
+            await track.changed.wait()
+        return True
+    except TimeoutError:
+        return False

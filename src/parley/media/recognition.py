@@ -28,6 +28,8 @@ from parley.protocols import Recognizer, ScoringTranscriber, Transcriber, Vad
 log = logging.getLogger(__name__)
 
 _STOP = None  # queue sentinel
+_MAX_RESTARTS = 3  # engines replaced after a failure, per call
+_RESTART_PAUSE_S = 0.25  # before the first replacement; doubled each time
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,41 @@ class FinalPass:
             scored = transcriber.transcribe_detailed(pcm)
             return FinalText(scored.text, scored.avg_logprob, scored.no_speech_prob)
         return FinalText(transcriber.transcribe(pcm))
+
+
+class _InOrder:
+    """Finals leave in utterance order, whatever order their passes finish in: with stt_workers > 1
+    a later, shorter utterance's pass can finish first, and the caller's words must be answered
+    in the order they were said. Called from the recognition thread and the passes' threads."""
+
+    def __init__(self, bridge: ThreadBridge) -> None:
+        self._bridge = bridge
+        self._lock = threading.Lock()
+        self._slots: dict[int, Final | None] = {}  # utterance id -> its final once made (insertion order)
+
+    def expect(self, utterance_id: int) -> None:
+        with self._lock:
+            self._slots[utterance_id] = None
+
+    def ready(self, final: Final) -> None:
+        with self._lock:
+            if final.utterance_id in self._slots:  # else abandoned: the call ended or the engine failed
+                self._slots[final.utterance_id] = final
+                self._send_ready()
+
+    def abandon(self, utterance_id: int) -> None:
+        """An utterance whose final will never come: later ones must not wait behind it."""
+        with self._lock:
+            self._slots.pop(utterance_id, None)
+            self._send_ready()
+
+    def _send_ready(self) -> None:
+        while self._slots:
+            head_id, head = next(iter(self._slots.items()))
+            if head is None:
+                return
+            del self._slots[head_id]
+            self._bridge.queue_speech_result(head)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +187,8 @@ class SpeechSegmenter:
         self._audio = bytearray()  # the open utterance, for the final pass
         self._early: Future[FinalText] | None = None
         self._voiced = 0  # speech windows in the open utterance
+        self._in_order = _InOrder(bridge)
+        self._passes: set[Future[Any]] = set()  # finals being made (cancelled if the call ends first)
 
     @property
     def in_utterance(self) -> bool:
@@ -183,10 +222,30 @@ class SpeechSegmenter:
             return 0.0
         return self._vad.speech_probability(window)
 
-    def flush(self) -> None:
-        """The call ended: finish an open utterance so its words are not lost."""
+    def close(self) -> None:
+        """The call ended, and no final can reach anyone now (the bridge is closed first). Cancel the
+        passes that have not started and start none for an open utterance: on the shared executor
+        they would only delay live calls' finals."""
+        self._discard_early_final()
+        for future in list(self._passes):
+            future.cancel()
+        self.abandon_utterance()
+
+    def abandon_utterance(self) -> None:
+        """Drop the open utterance (the call ended, or its recognizer failed and is replaced)."""
         if self.in_utterance:
-            self._end_utterance(time.monotonic())
+            self._utterance_started_t = None
+            self._audio.clear()
+            self._discard_early_final()
+            self._in_order.abandon(self._utterance_id)
+
+    def use_engines(self, vad: Vad, recognizer: Recognizer) -> None:
+        """Go on with new engines after a failure; utterance ids go on counting."""
+        self.abandon_utterance()
+        self._vad = vad
+        self._recognizer = recognizer
+        self._samples = np.zeros(0, dtype=np.float32)
+        self._run = 0
 
     def _on_window(self, probability: float, window_t: float) -> None:
         started_t = self._utterance_started_t
@@ -240,13 +299,14 @@ class SpeechSegmenter:
         result = self._recognizer.end()
         self._utterance_started_t = None
         final = _FinalOf(self._utterance_id, speech_end_t, endpoint_t, round(self._voiced * self._window_s * 1000))
+        self._in_order.expect(self._utterance_id)
         if isinstance(result, Future):  # the recognizer finalizes itself (a cloud service)
             self._discard_early_final()
             self._audio.clear()
             self._deliver_when_done(result, "", final)
             return
         if self._final_pass is None:
-            self._bridge.queue_speech_result(final.made(FinalText(result)))
+            self._in_order.ready(final.made(FinalText(result)))
             return
         future = self._early or self._final_pass.submit(bytes(self._audio))
         self._early = None
@@ -256,17 +316,22 @@ class SpeechSegmenter:
     def _deliver_when_done(self, future: Future[Any], fallback: str, final: _FinalOf) -> None:
         """Queue the future's text as the utterance's final once it is resolved (`fallback` if it
         failed). Runs on whichever thread resolves it: only the bridge is touched there."""
-        bridge = self._bridge
+        in_order, passes = self._in_order, self._passes
 
         def deliver(done: Future[Any]) -> None:  # str from a cloud recognizer, FinalText from the pass
+            passes.discard(done)
+            if done.cancelled():  # only when the call ended: nobody is waiting for it
+                in_order.abandon(final.utterance_id)
+                return
             heard = FinalText(fallback)
-            if not done.cancelled() and done.exception() is None:
+            if done.exception() is None:
                 result = done.result()
                 heard = result if isinstance(result, FinalText) else FinalText(result)
-            elif not done.cancelled():
+            else:
                 log.error("final recognition failed, using the streaming text: %s", done.exception())
-            bridge.queue_speech_result(final.made(heard))
+            in_order.ready(final.made(heard))
 
+        passes.add(future)
         future.add_done_callback(deliver)
 
     def _start_early_final(self) -> None:
@@ -352,24 +417,39 @@ class RecognitionThread:
         return self._thread.is_alive()
 
     def _run(self) -> None:
-        vad: Vad | None = None
-        recognizer: Recognizer | None = None
-        try:
-            vad = self._vads.acquire()
-            recognizer = self._recognizers.acquire()
-            segmenter = SpeechSegmenter(vad, recognizer, self._bridge, self._config, self._final_pass, self.echo_gate)
-            resampler = StreamResampler(self._input_rate, vad.sample_rate)
-            self._consume(segmenter, resampler)
-            segmenter.flush()
-        except Exception as exc:  # an engine failure ends recognition for this call, not the server
-            log.exception("recognition thread failed")
-            self._bridge.report_failure(f"recognition failed: {exc}")
-            self._drain()
-        finally:
-            if vad is not None:
-                self._vads.release(vad)
-            if recognizer is not None:
-                self._recognizers.release(recognizer)
+        """Recognize until the call ends. An engine that fails (to load, or mid-call) is replaced,
+        up to `_MAX_RESTARTS` times with a growing pause, so one bad moment does not leave the call
+        deaf; each failure is reported to the loop (which stops waiting for the lost final)."""
+        segmenter: SpeechSegmenter | None = None
+        for attempt in range(_MAX_RESTARTS + 1):
+            vad: Vad | None = None
+            recognizer: Recognizer | None = None
+            try:
+                vad = self._vads.acquire()
+                recognizer = self._recognizers.acquire()
+                if segmenter is None:
+                    segmenter = SpeechSegmenter(
+                        vad, recognizer, self._bridge, self._config, self._final_pass, self.echo_gate
+                    )
+                else:
+                    segmenter.use_engines(vad, recognizer)
+                self._consume(segmenter, StreamResampler(self._input_rate, vad.sample_rate))
+                segmenter.close()
+                return
+            except Exception as exc:  # an engine failure must not end the server, nor this call's hearing
+                log.exception("recognition failed (attempt %d of %d)", attempt + 1, _MAX_RESTARTS + 1)
+                self._bridge.report_failure(f"recognition failed: {exc}")
+                if segmenter is not None:
+                    segmenter.abandon_utterance()
+            finally:
+                if vad is not None:
+                    self._vads.release(vad)
+                if recognizer is not None:
+                    self._recognizers.release(recognizer)
+            if self._stopping.wait(_RESTART_PAUSE_S * 2**attempt):
+                return
+        log.error("recognition gave up after %d failures; the call hears DTMF only", _MAX_RESTARTS + 1)
+        self._drain()
 
     def _consume(self, segmenter: SpeechSegmenter, resampler: StreamResampler) -> None:
         while not self._stopping.is_set():

@@ -14,7 +14,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from parley.protocols import UserInput
+from parley.protocols import Hangup, Transfer, UserInput
 
 TurnKind = Literal["greeting", "speech", "dtmf"]
 
@@ -35,6 +35,8 @@ class Turn:
     pending_count: int = 0  # identifies the pending interruption a timeout belongs to
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     agent_task: asyncio.Task[None] | None = field(default=None, repr=False)  # reads the agent's output
+    agent_error: Exception | None = field(default=None, repr=False)  # what the agent raised, if it did
+    control: Hangup | Transfer | None = None  # the agent ended or transferred the call in this turn
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,14 @@ def _merge(first: Pending, second: Pending) -> Pending:
     return Pending("speech", UserInput("speech", text=text), max(first.utterance_id, second.utterance_id))
 
 
+def _merge_keys(first: Pending, second: Pending) -> Pending:
+    digits = first.user.digits + second.user.digits  # type: ignore[union-attr]
+    return Pending("dtmf", UserInput("dtmf", digits=digits), max(first.utterance_id, second.utterance_id))
+
+
+_MAX_KEY_INPUTS = 4  # waiting key inputs; more are joined to the last one
+
+
 class TurnInbox:
     def __init__(self, capacity: int = 8) -> None:
         self._items: deque[Pending] = deque()
@@ -59,11 +69,17 @@ class TurnInbox:
         self._held = False
 
     def put(self, item: Pending) -> None:
-        if len(self._items) >= self._capacity and item.kind == "speech" and self._items[-1].kind == "speech":
+        last = self._items[-1] if self._items else None
+        if len(self._items) >= self._capacity and last is not None and last.kind == item.kind == "speech":
             self._items[-1] = _merge(self._items[-1], item)
+        elif last is not None and last.kind == item.kind == "dtmf" and self._count("dtmf") >= _MAX_KEY_INPUTS:
+            self._items[-1] = _merge_keys(last, item)  # a key flood: bounded, nothing dropped
         else:
             self._items.append(item)
         self._changed.set()
+
+    def _count(self, kind: TurnKind) -> int:
+        return sum(item.kind == kind for item in self._items)
 
     def put_back(self, item: Pending) -> None:
         """Requeue an input whose answer was cancelled before the caller heard any of it."""
@@ -84,8 +100,9 @@ class TurnInbox:
         return len(self._items)
 
     async def get(self) -> Pending:
-        """The next input once the caller is not mid-utterance; waiting speech inputs come merged."""
-        while self._held or not self._items:
+        """The next input once the caller is not mid-utterance (keys do not wait for a noisy
+        utterance to end); waiting speech inputs come merged."""
+        while not self._items or (self._held and self._items[0].kind != "dtmf"):
             self._changed.clear()
             await self._changed.wait()
         item = self._items.popleft()
@@ -97,9 +114,12 @@ class TurnInbox:
 class RouteTurnLoop:
     """Blocks only on the inbox; runs each turn as its own cancellable playback task."""
 
-    def __init__(self, inbox: TurnInbox, run_turn: Callable[[Turn], Coroutine[Any, Any, None]]) -> None:
+    def __init__(
+        self, inbox: TurnInbox, run_turn: Callable[[Turn], Coroutine[Any, Any, None]], call_id: str = ""
+    ) -> None:
         self._inbox = inbox
         self._run_turn = run_turn
+        self._call_id = call_id  # in task names, so a test can find every task of a call
         self._ids = itertools.count(1)
         self.current: Turn | None = None
 
@@ -114,7 +134,7 @@ class RouteTurnLoop:
                 pending.interruptible,
                 pending.say,
             )
-            turn.task = asyncio.create_task(self._run_turn(turn), name=f"turn-{turn.id}")
+            turn.task = asyncio.create_task(self._run_turn(turn), name=f"turn-{self._call_id}-{turn.id}")
             self.current = turn
             try:
                 # asyncio.wait does not raise when the turn is cancelled by a barge-in.
