@@ -92,6 +92,8 @@ TIERS: dict[str, str | frozenset[str]] = {
     "test_e2e.py": SLOW,
     "test_echo_gate.py": SLOW,  # Silero VAD and pocketsphinx on real-time audio
     "test_engines.py": SLOW,  # loads every engine
+    "test_extending.py": SLOW,  # the example agent on a real server, real calls
+    "test_faults.py": FAST,  # in-memory harness: a real MediaHandler, scripted engines
     "test_eval.py": frozenset({"test_eval_stt_smoke", "test_eval_bargein_smoke"}),
     "test_llama.py": frozenset(  # the ones that load SmolLM2 (skipped without the llama extra)
         {
@@ -118,10 +120,14 @@ TIERS: dict[str, str | frozenset[str]] = {
     ),
     "test_media_units.py": FAST,
     "test_piper.py": SLOW,  # the Piper voice model
+    "test_protocols.py": SLOW,  # builds the shipped agents and synthesizers
     "test_recognition.py": SLOW,  # Whisper, pocketsphinx, Silero
+    "test_recognition_faults.py": FAST,  # engine doubles
     "test_robustness.py": SLOW,
     "test_scenario.py": FAST,
     "test_scripted_agent.py": FAST,
+    "test_settings.py": FAST,
+    "test_bench_machine.py": FAST,
 }
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tests.conftest import TEST_GREETING, make_server
 
 from parley.caller import CallOptions, CallReport, run_call
+from tests.conftest import TEST_GREETING, make_server
 
 GREETING_TURN = 1
 

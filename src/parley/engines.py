@@ -20,9 +20,6 @@ from parley.voice.guarded import GuardedSynthesizer, SynthesisLimits
 
 if TYPE_CHECKING:
     from parley.speech.azure import AzureSpeechOptions
-    from parley.voice.azure import AzureSynthesizer
-    from parley.voice.espeak import EspeakSynthesizer
-    from parley.voice.piper import PiperSynthesizer
 
 log = logging.getLogger(__name__)
 

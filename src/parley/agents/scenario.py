@@ -60,10 +60,10 @@ from parley.agents.tools import (
 from parley.protocols import (
     Agent,
     AgentEventListener,
-    ExpectsDigits,
     AgentFactory,
     AgentOutput,
     CallContext,
+    ExpectsDigits,
     Handoff,
     KeepsHistory,
     Message,

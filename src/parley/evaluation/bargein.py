@@ -344,9 +344,9 @@ def summarize(scenario: str, records: list[dict[str, Any]]) -> dict[str, Any]:
         "echo_suppressed": sum(r["echo_suppressed"] for r in records),
         "errors": sum(len(r["errors"]) for r in records),
         # How the recognizer spelled what the caller said, and what the policy made of it.
-        "finals": _tally(e.get("text", "") for r in records for e in r["events"] if e["event"] == "final"),
+        "finals": _tally(e.get("text", "") for r in records for e in r.get("events", []) if e["event"] == "final"),
         "resume_reasons": _tally(
-            e.get("reason", "") for r in records for e in r["events"] if e["event"] == "barge_in_resumed"
+            e.get("reason", "") for r in records for e in r.get("events", []) if e["event"] == "barge_in_resumed"
         ),
     }
     if expect == "stop":

@@ -161,9 +161,9 @@ class EchoGate:
                 best = (spread, float(lag), -median, correlation)
         if best is not None and best[0] <= c.max_spread_db and best[3] >= c.min_correlation:
             self.state, self.lag_s, self.loss_db = EchoState.ECHO, best[1], best[2]
-        elif most_active >= c.min_active_silent and silent_at_every_lag and self.state is EchoState.UNKNOWN:
-            self.state = EchoState.NONE
-        elif most_active >= c.min_active_for_none and (best is None or max_correlation < c.none_correlation):
+        elif (most_active >= c.min_active_silent and silent_at_every_lag and self.state is EchoState.UNKNOWN) or (
+            most_active >= c.min_active_for_none and (best is None or max_correlation < c.none_correlation)
+        ):
             self.state = EchoState.NONE
         # otherwise inconclusive (the caller is talking over the agent): keep what we knew
 

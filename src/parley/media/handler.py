@@ -148,7 +148,7 @@ class MediaHandler:
         if websocket.application_state == WebSocketState.CONNECTED:
             try:
                 await websocket.close(code=self._close_code)
-            except Exception:  # already closed from the other side
+            except Exception:  # noqa: BLE001 - already closed from the other side (any transport's error)
                 pass
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
@@ -600,10 +600,11 @@ class MediaHandler:
             self.end_call(f"{what}_failed")
 
 
-async def _join_thread(recognition: RecognitionThread, timeout: float = 5.0) -> None:
-    """Wait for the recognition thread without blocking the loop or borrowing an executor thread."""
-    deadline = time.monotonic() + timeout
-    while recognition.alive and time.monotonic() < deadline:
+async def _join_thread(recognition: RecognitionThread, within_s: float = 5.0) -> None:
+    """Wait for the recognition thread without blocking the loop or borrowing an executor thread
+    (a thread has no awaitable end: poll its liveness)."""
+    deadline = time.monotonic() + within_s
+    while recognition.alive and time.monotonic() < deadline:  # noqa: ASYNC110 - polling a thread
         await asyncio.sleep(0.005)
     if recognition.alive:
-        log.error("recognition thread did not stop within %.1f s", timeout)
+        log.error("recognition thread did not stop within %.1f s", within_s)

@@ -77,7 +77,7 @@ class OutboundWriter:
     async def _write(self, turn_id: int, message: str, is_stop: bool) -> None:
         try:
             await self._send_text(message)
-        except Exception as exc:  # socket gone: the receive side ends the call
+        except Exception as exc:  # noqa: BLE001 - socket gone (any transport's error): the receive side ends the call
             log.info("outbound socket closed: %s", exc)
             self.closed = True
             return

@@ -18,7 +18,7 @@ import asyncio
 import json
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,7 +100,7 @@ class ScriptedAgent:
     def greeting(self) -> str | None:
         return self._greeting
 
-    async def respond(self, user: UserInput) -> AsyncIterator[AgentOutput]:
+    async def respond(self, user: UserInput) -> AsyncGenerator[AgentOutput, None]:
         self.inputs.append(user)
         if self.behaviour is not None:
             async for output in self.behaviour(user):
@@ -186,7 +186,7 @@ def harness_settings(**overrides: Any) -> Settings:
         "turn_cleanup_timeout_s": 0.5,
     }
     defaults.update(overrides)
-    return Settings(_env_file=None, **defaults)  # type: ignore[call-arg]
+    return Settings(_env_file=None, **defaults)
 
 
 class CallHarness:
@@ -274,7 +274,7 @@ class CallHarness:
     def named(self, name: str, **match: Any) -> list[dict[str, Any]]:
         return [e for e in self.events if e["event"] == name and all(e.get(k) == v for k, v in match.items())]
 
-    async def wait_for(self, name: str, timeout: float = 5.0, **match: Any) -> dict[str, Any]:
+    async def wait_for(self, name: str, timeout: float = 5.0, **match: Any) -> dict[str, Any]:  # noqa: ASYNC109
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = self.named(name, **match)
@@ -286,7 +286,7 @@ class CallHarness:
         ]
         raise AssertionError(f"no {name} {match or ''} within {timeout} s; events: {story}")
 
-    async def until(self, condition: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0) -> None:
+    async def until(self, condition: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0) -> None:  # noqa: ASYNC109
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             result = condition()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 from parley.protocols import Synthesizer
@@ -119,7 +119,7 @@ class GuardedSynthesizer:
         return GuardedSynthesizer(other, self.fallback, name=f"{self.name} {voice}", limits=self.limits)
 
 
-async def watched(chunks: AsyncIterator[bytes], limits: SynthesisLimits, name: str) -> AsyncIterator[bytes]:
+async def watched(chunks: AsyncIterator[bytes], limits: SynthesisLimits, name: str) -> AsyncGenerator[bytes, None]:
     """`chunks` with a deadline on the first chunk and between chunks; errors become SynthesisFailed."""
     timeout = limits.first_chunk_s
     try:
