@@ -20,10 +20,11 @@ from websockets.http11 import Request, Response
 
 from parley.audio import read_wav
 from parley.caller import (
-    CallOptions,
-    ClipFrames,
     SILENCE,
     BargeInTrigger,
+    CallOptions,
+    ClipFrames,
+    DialError,
     PlayoutEmulator,
     Script,
     decision_to_stop_ms,
@@ -505,3 +506,32 @@ async def test_options_are_checked_before_dialling() -> None:
         await run_call(
             CallOptions(url="ws://127.0.0.1:9/ws", pcm=np.zeros(10, np.int16), background=np.zeros(0, np.int16))
         )
+
+
+# --------------------------------------------------------------------------------------------
+# What a new user runs into: URLs, dial errors, WAV files, misleading summary lines
+# --------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_dial_errors_are_one_line_naming_the_url() -> None:
+    pcm = speech_clip(16000)
+    closed = f"ws://127.0.0.1:{free_port()}/ws/acs"
+    with pytest.raises(DialError, match="connection refused \\(is the parley server running\\?\\)"):
+        await run_call(CallOptions(url=closed, pcm=pcm))
+
+    def only_ws_acs(connection: ServerConnection, request: Request) -> Response | None:
+        return None if request.path == "/ws/acs" else connection.respond(404, "not found\n")
+
+    async with websockets.serve(FakeAgent().handler, "127.0.0.1", 0, process_request=only_ws_acs) as server:
+        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/wrong"
+        with pytest.raises(DialError) as error:
+            await run_call(CallOptions(url=url, pcm=pcm))
+    assert str(error.value) == f"no such endpoint: {url} (HTTP 404)" and error.value.status == 404

@@ -25,7 +25,7 @@ from parley.caller.metrics import decision_to_stop_ms, leaked_audio_ms, onset_to
 from parley.caller.options import CallOptions, ClipFrames
 from parley.caller.playout import PlayoutEmulator, Stretch
 from parley.caller.report import CallReport, Timeline, print_report
-from parley.caller.run import run_call
+from parley.caller.run import DialError, run_call
 from parley.caller.script import (
     SILENCE,
     AnswerWatcher,
@@ -46,6 +46,7 @@ __all__ = [
     "CallState",
     "ClipFrames",
     "ClipProgress",
+    "DialError",
     "GreetingOverTrigger",
     "Phase",
     "PlayoutEmulator",

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import socket
 import time
 import uuid
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import numpy as np
 import websockets
 from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from parley.audio import write_wav
 from parley.caller.events import _valid_events, fetch_events
@@ -26,6 +29,52 @@ from parley.transports.acs import AudioFormat, audio_metadata_message, dtmf_mess
 
 CLOSE_TIMEOUT_S: Final = 2.0
 """How long to wait for the receive task to finish after the socket is closed."""
+
+OPEN_TIMEOUT_S: Final = 10.0
+"""How long the TCP connect and WebSocket handshake may take."""
+
+
+class DialError(ConnectionError):
+    """The call could not be placed (nothing listening, no such endpoint, handshake refused);
+    the message is one line naming the URL. The underlying error is the `__cause__`."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+async def _dial(url: str, headers: dict[str, str]) -> ClientConnection:
+    """Open the media WebSocket, turning every way that can fail into a DialError."""
+    parts = urlsplit(url)
+    where = parts.netloc or url
+    try:
+        # ACS sends plain text frames (no permessage-deflate); compressing would only cost CPU.
+        return await websockets.connect(
+            url, additional_headers=headers, max_size=2**20, compression=None, open_timeout=OPEN_TIMEOUT_S
+        )
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        if status == 404:
+            raise DialError(f"no such endpoint: {url} (HTTP 404)", status) from exc
+        raise DialError(f"the server refused the media WebSocket: {url} (HTTP {status})", status) from exc
+    except InvalidURI as exc:
+        raise DialError(f"not a WebSocket URL: {url} (expected ws://host:port/ws/acs)") from exc
+    except InvalidHandshake as exc:
+        raise DialError(f"{where} did not answer as a WebSocket server ({exc})") from exc
+    except ConnectionRefusedError as exc:
+        raise DialError(f"cannot connect to {where}: connection refused (is the parley server running?)") from exc
+    except socket.gaierror as exc:
+        raise DialError(f"cannot connect to {where}: unknown host ({exc.strerror})") from exc
+    except TimeoutError as exc:
+        raise DialError(f"cannot connect to {where}: no answer within {OPEN_TIMEOUT_S:.0f} s") from exc
+    except OSError as exc:
+        # One refusal per address (localhost: ::1 and 127.0.0.1) comes as "Multiple exceptions".
+        if f"[Errno {errno.ECONNREFUSED}]" in str(exc):
+            raise DialError(f"cannot connect to {where}: connection refused (is the parley server running?)") from exc
+        raise DialError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
 
 
 def _trigger(options: CallOptions, t0: float) -> SpeakTrigger:
@@ -67,16 +116,15 @@ async def _converse(
 
 
 async def run_call(options: CallOptions) -> CallReport:
-    """Place one simulated ACS call and measure it. Connection failures raise; anything the
-    server gets wrong during the call is recorded in the report's `errors` instead."""
+    """Place one simulated ACS call and measure it. Connection failures raise DialError; anything
+    the server gets wrong during the call is recorded in the report's `errors` instead."""
     _check_options(options)
     fmt = AudioFormat.for_rate(options.sample_rate)
     clip = ClipFrames.from_pcm(_clip_samples(options), fmt.frame_bytes // 2)
     call_id = options.call_id or str(uuid.uuid4())
     correlation_id = options.correlation_id or str(uuid.uuid4())
     headers = {"x-ms-call-connection-id": call_id, "x-ms-call-correlation-id": correlation_id}
-    # ACS sends plain text frames (no permessage-deflate); compressing would only cost CPU.
-    async with websockets.connect(options.url, additional_headers=headers, max_size=2**20, compression=None) as ws:
+    async with await _dial(options.url, headers) as ws:
         state, script, log, end = await _converse(ws, options, clip, fmt)
         close_code, close_reason = ws.close_code, ws.close_reason
     state.playout.finish(end)
