@@ -30,6 +30,7 @@ from parley.caller import (
     decision_to_stop_ms,
     events_url,
     leaked_audio_ms,
+    media_url,
     onset_to_stop_ms,
     print_report,
     run_call,
@@ -511,6 +512,18 @@ async def test_options_are_checked_before_dialling() -> None:
 # --------------------------------------------------------------------------------------------
 # What a new user runs into: URLs, dial errors, WAV files, misleading summary lines
 # --------------------------------------------------------------------------------------------
+
+
+def test_media_url_accepts_what_people_type() -> None:
+    assert media_url("ws://127.0.0.1:8000/ws/acs") == "ws://127.0.0.1:8000/ws/acs"
+    assert media_url("http://127.0.0.1:8000") == "ws://127.0.0.1:8000/ws/acs"
+    assert media_url("https://example.org/ws?callerId=1") == "wss://example.org/ws?callerId=1"
+    assert media_url("127.0.0.1:8000") == "ws://127.0.0.1:8000/ws/acs"
+    assert media_url(" localhost:8000/ws ") == "ws://localhost:8000/ws"
+    with pytest.raises(ValueError, match="not a server URL"):
+        media_url("ftp://example.org")
+    with pytest.raises(ValueError, match="port"):
+        media_url("http://127.0.0.1:99999")
 
 
 def free_port() -> int:

@@ -22,7 +22,7 @@ and receiver), `events` (the server's event log), `metrics` (barge-in and latenc
 from parley.caller.events import events_url, fetch_events
 from parley.caller.live import CallState, ClipProgress, Sender, SendLog
 from parley.caller.metrics import decision_to_stop_ms, leaked_audio_ms, onset_to_stop_ms, voice_to_voice_ms
-from parley.caller.options import CallOptions, ClipFrames
+from parley.caller.options import CallOptions, ClipFrames, media_url
 from parley.caller.playout import PlayoutEmulator, Stretch
 from parley.caller.report import CallReport, Timeline, print_report
 from parley.caller.run import DialError, run_call
@@ -61,6 +61,7 @@ __all__ = [
     "events_url",
     "fetch_events",
     "leaked_audio_ms",
+    "media_url",
     "onset_to_stop_ms",
     "print_report",
     "run_call",

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
 from parley.audio import loud_frames, read_wav, to_frames
+
+DEFAULT_MEDIA_PATH = "/ws/acs"
+"""The media-streaming path parley serves (and `parley serve` prints)."""
+
+_WS_SCHEMES = {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}
 
 
 @dataclass(slots=True)
@@ -69,3 +75,26 @@ class ClipFrames:
 
     def __len__(self) -> int:
         return len(self.frames)
+
+
+def media_url(text: str) -> str:
+    """A media-streaming WebSocket URL from what a person types: ws(s):// as it is, http(s)://
+    mapped to ws(s)://, a bare host:port taken as ws://; no path means /ws/acs.
+
+    Raises ValueError (one line, naming the URL) for anything else."""
+    text = text.strip()
+    given = text if "://" in text else f"ws://{text}"
+    parts = urlsplit(given)
+    scheme = _WS_SCHEMES.get(parts.scheme.lower())
+    if scheme is None:
+        raise ValueError(
+            f"{text!r} is not a server URL: expected ws://host:port/ws/acs (or http://, wss://, host:port)"
+        )
+    try:
+        parts.port  # noqa: B018 -- raises on a port that is not a number in range
+    except ValueError:
+        raise ValueError(f"{text!r}: the port is not a number from 0 to 65535") from None
+    if not parts.hostname:
+        raise ValueError(f"{text!r} names no host: expected ws://host:port/ws/acs")
+    path = parts.path if parts.path not in ("", "/") else DEFAULT_MEDIA_PATH
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
