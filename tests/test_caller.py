@@ -548,3 +548,41 @@ async def test_dial_errors_are_one_line_naming_the_url() -> None:
         with pytest.raises(DialError) as error:
             await run_call(CallOptions(url=url, pcm=pcm))
     assert str(error.value) == f"no such endpoint: {url} (HTTP 404)" and error.value.status == 404
+
+
+def float_wav(path: Path, samples: np.ndarray, rate: int, *, extensible: bool = False) -> None:
+    """An IEEE-float WAV (format 3, or WAVE_FORMAT_EXTENSIBLE with the float sub-format)."""
+    import struct
+
+    channels = samples.shape[1] if samples.ndim == 2 else 1
+    data = samples.astype("<f4").tobytes()
+    if extensible:
+        guid = struct.pack("<H", 3) + bytes.fromhex("000000001000800000aa00389b71")
+        fmt = struct.pack("<HHIIHHHHI", 0xFFFE, channels, rate, rate * 4 * channels, 4 * channels, 32, 22, 32, 0) + guid
+    else:
+        fmt = struct.pack("<HHIIHH", 3, channels, rate, rate * 4 * channels, 4 * channels, 32)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+
+
+def test_float_wav_is_converted_to_16_bit(tmp_path: Path) -> None:
+    pcm = tone(0.5, 16000)
+    float_wav(tmp_path / "f.wav", pcm / 32768.0, 16000)
+    assert np.array_equal(read_wav(tmp_path / "f.wav", 16000), pcm)
+    stereo = np.stack([pcm, pcm], axis=1) / 32768.0
+    float_wav(tmp_path / "fx.wav", stereo, 16000, extensible=True)
+    assert np.array_equal(read_wav(tmp_path / "fx.wav", 16000), pcm)
+    float_wav(tmp_path / "loud.wav", np.array([2.0, -2.0, 0.5]), 16000)  # beyond full scale: clipped
+    assert read_wav(tmp_path / "loud.wav", 16000).tolist() == [32767, -32768, 16384]
+
+
+def test_a_file_that_is_not_a_wav_is_named_for_what_it_is(tmp_path: Path) -> None:
+    (tmp_path / "notes.wav").write_text("hello, this is not audio\n")
+    with pytest.raises(ValueError, match=r"notes\.wav: not a PCM WAV file: it looks like text \('hello, this"):
+        read_wav(tmp_path / "notes.wav", 16000)
+    (tmp_path / "song.wav").write_bytes(b"ID3\x03\x00\x00\x00\x00")
+    with pytest.raises(ValueError, match="MP3 file: convert it to a 16-bit PCM WAV"):
+        read_wav(tmp_path / "song.wav", 16000)
+    (tmp_path / "empty.wav").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        read_wav(tmp_path / "empty.wav", 16000)
