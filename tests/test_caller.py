@@ -23,6 +23,7 @@ from parley.caller import (
     SILENCE,
     BargeInTrigger,
     CallOptions,
+    CallReport,
     ClipFrames,
     DialError,
     PlayoutEmulator,
@@ -586,3 +587,65 @@ def test_a_file_that_is_not_a_wav_is_named_for_what_it_is(tmp_path: Path) -> Non
     (tmp_path / "empty.wav").write_bytes(b"")
     with pytest.raises(ValueError, match="empty"):
         read_wav(tmp_path / "empty.wav", 16000)
+
+
+async def test_speaking_over_a_notice_is_not_a_voice_to_voice() -> None:
+    """The caller talks over a greeting that does not stop: the audio still streaming after their
+    speech is the greeting, not a reply (it used to be reported as a voice-to-voice of ~10 ms)."""
+    agent = FakeAgent(greeting_s=2.5, greeting_paced=True, stop_on_speech=False)
+    report = await call(agent, pcm=speech_clip(16000, speech_s=0.3), barge_in_at=0.5, quiet_after_s=0.3)
+    assert report.speech_end_t is not None and report.stop_audio_count == 0
+    assert report.rel_ms(report.speech_end_t) < report.stretches[0][1] - 500  # spoke inside the greeting
+    assert report.voice_to_voice_ms is None
+    console = Console(file=io.StringIO(), width=200)
+    print_report(report, console, timeline=False)
+    assert "voice-to-voice: none (no agent reply began after the caller's speech ended)" in console.file.getvalue()
+
+
+def test_voice_to_voice_starts_at_a_pause_in_the_agent_audio() -> None:
+    streaming = [(9.0 + 0.02 * i, 320) for i in range(100)]  # 9.0 .. 10.98, through the speech end
+    assert voice_to_voice_ms(10.0, streaming) is None
+    assert voice_to_voice_ms(10.0, [*streaming, (11.5, 320), (11.52, 320)]) == pytest.approx(1500.0)
+    assert voice_to_voice_ms(12.0, streaming) is None  # nothing after the speech end
+
+
+async def test_summary_of_a_dtmf_only_call_has_no_empty_speech_times() -> None:
+    agent = FakeAgent(greeting_s=0.3, stop_on_speech=False)
+    report = await call(agent, pcm=np.zeros(1600, np.int16), dtmf=[(0.1, "12")], quiet_after_s=0.2, max_wait_s=0.3)
+    assert [digits for _, digits in agent.dtmf] == ["12"]
+    console = Console(file=io.StringIO(), width=200)
+    print_report(report, console, timeline=False)
+    text = console.file.getvalue()
+    assert "None" not in text and "no speech in it" in text and "DTMF sent: '12' at" in text
+    assert "voice-to-voice" not in text  # the caller never spoke: nothing to measure from
+    assert "server, barge-in decision -> StopAudio sent: none" in text
+
+
+def test_summary_names_the_pause_when_the_server_paused() -> None:
+    from dataclasses import replace
+
+    from parley.caller.report import _summary_lines
+
+    base = dict.fromkeys(CallReport.__slots__)  # type: ignore[attr-defined]
+    base.update(
+        call_id="c",
+        sample_rate=16000,
+        t0=0.0,
+        duration_ms=1000.0,
+        frames_sent=50,
+        frames_received=10,
+        send_lateness_ms_max=1.0,
+        stops=[500.0],
+        stop_flushed_ms=[20.0],
+        agent_audio_ms=200.0,
+        stretches=[],
+        onset_to_stop_ms=[90.0],
+        decision_to_stop_ms=[0.2],
+        leaked_audio_ms=0.0,
+        dtmf_sent=[],
+        events=[{"event": "barge_in_decided", "t": 0.5}],
+    )
+    report = CallReport(**base)
+    assert "server, barge-in decision -> StopAudio sent: 0 ms" in _summary_lines(report)
+    paused = replace(report, events=[{"event": "barge_in_paused", "t": 0.4}, *report.events])
+    assert "server, barge-in pause -> StopAudio sent: 0 ms" in _summary_lines(paused)

@@ -13,6 +13,10 @@ EVENT_RACE_S: Final = 0.005
 """Server and caller read the same clock from different processes; a frame the server logged as
 sent can reach us a hair before the logged time. This slack keeps such frames out of the leak."""
 
+REPLY_GAP_S: Final = 0.100
+"""A pause in received agent audio longer than this ends what the agent was saying: audio after it
+starts something new. Longer than parley's pacing gaps, shorter than any pause between turns."""
+
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 1)
@@ -84,8 +88,16 @@ def leaked_audio_ms(
 
 
 def voice_to_voice_ms(speech_end: float | None, received: Sequence[tuple[float, int]]) -> float | None:
-    """Caller's speech end -> first agent audio received after it."""
+    """Caller's speech end -> the first agent audio received after it that starts a reply.
+
+    Audio still streaming from before the speech end (a notice the caller talked over) is not a
+    reply: the reply is the first audio after the speech end that follows a pause of more than
+    REPLY_GAP_S in the agent's audio (or no earlier audio at all)."""
     if speech_end is None:
         return None
-    first = next((at for at, _ in received if at > speech_end), None)
-    return None if first is None else _ms(first - speech_end)
+    previous: float | None = None
+    for at, _ in received:
+        if at > speech_end and (previous is None or at - previous > REPLY_GAP_S):
+            return _ms(at - speech_end)
+        previous = at
+    return None

@@ -169,13 +169,17 @@ def _summary_lines(report: CallReport) -> list[str]:
         f"{report.frames_sent} frames sent, {report.frames_received} received, "
         f"max send lateness {report.send_lateness_ms_max:.1f} ms",
     ]
-    if report.clip_started_t is not None:
+    if report.clip_started_t is None:
+        lines.append("caller never spoke")
+    elif report.speech_onset_t is None:
+        lines.append(f"caller's clip: {rel(report.clip_started_t)}-{rel(report.clip_ended_t)} ms, no speech in it")
+    else:
         lines.append(
             f"caller spoke: clip {rel(report.clip_started_t)}-{rel(report.clip_ended_t)} ms, "
             f"speech {rel(report.speech_onset_t)}-{rel(report.speech_end_t)} ms"
         )
-    else:
-        lines.append("caller never spoke")
+    if report.dtmf_sent:
+        lines.append("DTMF sent: " + ", ".join(f"{digits!r} at {at:.0f} ms" for at, digits in report.dtmf_sent))
     spans = ", ".join(f"{a:.0f}-{b:.0f}" for a, b in report.stretches) or "none"
     lines.append(f"agent audio played: {report.agent_audio_ms:.0f} ms in stretches {spans} ms")
     stops = ", ".join(
@@ -183,10 +187,18 @@ def _summary_lines(report: CallReport) -> list[str]:
     )
     lines.append(f"StopAudio received: {stops or 'none'}")
     lines.append(f"speech onset -> StopAudio: {_fmt_list(report.onset_to_stop_ms)}")
-    lines.append(f"barge-in decision -> StopAudio sent: {_fmt_list(report.decision_to_stop_ms)}")
+    # In the default pause mode the server stops the audio when it pauses the turn, before it
+    # decides on the barge-in: the figure is then the pause's, not the decision's.
+    paused = any(event["event"] == "barge_in_paused" for event in report.events)
+    lines.append(
+        f"server, barge-in {'pause' if paused else 'decision'} -> StopAudio sent: "
+        f"{_fmt_list(report.decision_to_stop_ms)}"
+    )
     lines.append(f"leaked audio after StopAudio: {report.leaked_audio_ms:.0f} ms")
-    v2v = "none" if report.voice_to_voice_ms is None else f"{report.voice_to_voice_ms:.0f} ms"
-    lines.append(f"voice-to-voice: {v2v}")
+    if report.voice_to_voice_ms is not None:
+        lines.append(f"voice-to-voice (caller's speech end -> agent's reply): {report.voice_to_voice_ms:.0f} ms")
+    elif report.speech_end_t is not None:
+        lines.append("voice-to-voice: none (no agent reply began after the caller's speech ended)")
     ended = "the server hung up" if report.hung_up_by_server else "the caller hung up"
     lines.append(f"{ended} (close code {report.close_code})")
     return lines
