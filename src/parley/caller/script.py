@@ -137,7 +137,14 @@ class Script:
         if now < self._give_up_at:
             return False
         # Never hang forever on an agent that does not behave as expected; say so in the report.
-        self.notes.append(f"speech trigger not met after {now - self._playout.t0:.1f} s; spoke anyway")
+        waited = now - self._playout.t0
+        if isinstance(self._trigger, BargeInTrigger):
+            self.notes.append(
+                f"barge-in point never reached: the agent did not talk {self._trigger.after_s:g} s without a pause"
+                f" within {waited:.1f} s; spoke anyway"
+            )
+        else:
+            self.notes.append(f"speech trigger not met after {waited:.1f} s; spoke anyway")
         return True
 
     def _begin_after(self, now: float) -> None:
