@@ -751,8 +751,8 @@ async def test_unreachable_acs_is_a_call_automation_error(jwks_file: Path, tls: 
 def bank_engines() -> Engines:
     """The scripted bank agent (DTMF 9 ends the call) with cost-free recognizer and voice doubles."""
     from parley.agents.scenario import scenario_agent_factory
-    from parley.doubles import RecognizerDouble, SynthesizerDouble
     from parley.speech.vad import SileroVad
+    from parley.testing.doubles import RecognizerDouble, SynthesizerDouble
 
     synthesizer = SynthesizerDouble()
     return Engines(

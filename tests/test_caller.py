@@ -20,15 +20,18 @@ from websockets.http11 import Request, Response
 
 from parley.audio import read_wav
 from parley.caller import (
-    CallOptions,
-    ClipFrames,
     SILENCE,
     BargeInTrigger,
+    CallOptions,
+    CallReport,
+    ClipFrames,
+    DialError,
     PlayoutEmulator,
     Script,
     decision_to_stop_ms,
     events_url,
     leaked_audio_ms,
+    media_url,
     onset_to_stop_ms,
     print_report,
     run_call,
@@ -242,7 +245,7 @@ async def test_barge_in_call_measures_stop_and_cuts_playout(tmp_path: Path) -> N
     whats = [item["what"] for item in report.timeline]
     assert "audio cut by StopAudio" in whats and any(w.startswith("StopAudio received") for w in whats)
     assert any(w.startswith("barge-in decided") for w in whats)
-    assert [e["event"] for e in report.events][0] == "call_started"
+    assert report.events[0]["event"] == "call_started"
     assert all("t_ms" in e for e in report.events)
     json.dumps(report.to_dict())
 
@@ -325,7 +328,10 @@ async def test_speakerphone_echo_and_background_reach_the_server(tmp_path: Path)
 
 def test_played_samples_reads_the_playout_timeline() -> None:
     emu = PlayoutEmulator(t0=10.0, sample_rate=1000)
-    ramp = lambda a, b: np.arange(a, b, dtype="<i2").tobytes()  # sample values = positions
+
+    def ramp(a: int, b: int) -> bytes:
+        return np.arange(a, b, dtype="<i2").tobytes()  # sample values = positions
+
     emu.receive(10.0, ramp(0, 100))
     emu.receive(10.05, ramp(100, 150))  # queued right behind: positions 100..150
     emu.receive(10.3, ramp(300, 400))  # after a gap: 300..400
@@ -484,13 +490,13 @@ def test_load_wav_downmixes_and_resamples(tmp_path: Path) -> None:
 
 
 def test_load_wav_errors_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="missing.wav"):
+    with pytest.raises(ValueError, match=r"missing\.wav"):
         read_wav(tmp_path / "missing.wav", 16000)
     (tmp_path / "text.wav").write_text("hello")
-    with pytest.raises(ValueError, match="text.wav.*not a PCM WAV"):
+    with pytest.raises(ValueError, match=r"text\.wav.*not a PCM WAV"):
         read_wav(tmp_path / "text.wav", 16000)
     write_wav(tmp_path / "8bit.wav", np.full(100, 128, np.uint8), 8000, width=1)
-    with pytest.raises(ValueError, match="8bit.wav.*8-bit"):
+    with pytest.raises(ValueError, match=r"8bit\.wav.*8-bit"):
         read_wav(tmp_path / "8bit.wav", 16000)
 
 
@@ -505,3 +511,144 @@ async def test_options_are_checked_before_dialling() -> None:
         await run_call(
             CallOptions(url="ws://127.0.0.1:9/ws", pcm=np.zeros(10, np.int16), background=np.zeros(0, np.int16))
         )
+
+
+# --------------------------------------------------------------------------------------------
+# What a new user runs into: URLs, dial errors, WAV files, misleading summary lines
+# --------------------------------------------------------------------------------------------
+
+
+def test_media_url_accepts_what_people_type() -> None:
+    assert media_url("ws://127.0.0.1:8000/ws/acs") == "ws://127.0.0.1:8000/ws/acs"
+    assert media_url("http://127.0.0.1:8000") == "ws://127.0.0.1:8000/ws/acs"
+    assert media_url("https://example.org/ws?callerId=1") == "wss://example.org/ws?callerId=1"
+    assert media_url("127.0.0.1:8000") == "ws://127.0.0.1:8000/ws/acs"
+    assert media_url(" localhost:8000/ws ") == "ws://localhost:8000/ws"
+    with pytest.raises(ValueError, match="not a server URL"):
+        media_url("ftp://example.org")
+    with pytest.raises(ValueError, match="port"):
+        media_url("http://127.0.0.1:99999")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_dial_errors_are_one_line_naming_the_url() -> None:
+    pcm = speech_clip(16000)
+    closed = f"ws://127.0.0.1:{free_port()}/ws/acs"
+    with pytest.raises(DialError, match="connection refused \\(is the parley server running\\?\\)"):
+        await run_call(CallOptions(url=closed, pcm=pcm))
+
+    def only_ws_acs(connection: ServerConnection, request: Request) -> Response | None:
+        return None if request.path == "/ws/acs" else connection.respond(404, "not found\n")
+
+    async with websockets.serve(FakeAgent().handler, "127.0.0.1", 0, process_request=only_ws_acs) as server:
+        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/wrong"
+        with pytest.raises(DialError) as error:
+            await run_call(CallOptions(url=url, pcm=pcm))
+    assert str(error.value) == f"no such endpoint: {url} (HTTP 404)" and error.value.status == 404
+
+
+def float_wav(path: Path, samples: np.ndarray, rate: int, *, extensible: bool = False) -> None:
+    """An IEEE-float WAV (format 3, or WAVE_FORMAT_EXTENSIBLE with the float sub-format)."""
+    import struct
+
+    channels = samples.shape[1] if samples.ndim == 2 else 1
+    data = samples.astype("<f4").tobytes()
+    if extensible:
+        guid = struct.pack("<H", 3) + bytes.fromhex("000000001000800000aa00389b71")
+        fmt = struct.pack("<HHIIHHHHI", 0xFFFE, channels, rate, rate * 4 * channels, 4 * channels, 32, 22, 32, 0) + guid
+    else:
+        fmt = struct.pack("<HHIIHH", 3, channels, rate, rate * 4 * channels, 4 * channels, 32)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+
+
+def test_float_wav_is_converted_to_16_bit(tmp_path: Path) -> None:
+    pcm = tone(0.5, 16000)
+    float_wav(tmp_path / "f.wav", pcm / 32768.0, 16000)
+    assert np.array_equal(read_wav(tmp_path / "f.wav", 16000), pcm)
+    stereo = np.stack([pcm, pcm], axis=1) / 32768.0
+    float_wav(tmp_path / "fx.wav", stereo, 16000, extensible=True)
+    assert np.array_equal(read_wav(tmp_path / "fx.wav", 16000), pcm)
+    float_wav(tmp_path / "loud.wav", np.array([2.0, -2.0, 0.5]), 16000)  # beyond full scale: clipped
+    assert read_wav(tmp_path / "loud.wav", 16000).tolist() == [32767, -32768, 16384]
+
+
+def test_a_file_that_is_not_a_wav_is_named_for_what_it_is(tmp_path: Path) -> None:
+    (tmp_path / "notes.wav").write_text("hello, this is not audio\n")
+    with pytest.raises(ValueError, match=r"notes\.wav: not a PCM WAV file: it looks like text \('hello, this"):
+        read_wav(tmp_path / "notes.wav", 16000)
+    (tmp_path / "song.wav").write_bytes(b"ID3\x03\x00\x00\x00\x00")
+    with pytest.raises(ValueError, match="MP3 file: convert it to a 16-bit PCM WAV"):
+        read_wav(tmp_path / "song.wav", 16000)
+    (tmp_path / "empty.wav").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        read_wav(tmp_path / "empty.wav", 16000)
+
+
+async def test_speaking_over_a_notice_is_not_a_voice_to_voice() -> None:
+    """The caller talks over a greeting that does not stop: the audio still streaming after their
+    speech is the greeting, not a reply (it used to be reported as a voice-to-voice of ~10 ms)."""
+    agent = FakeAgent(greeting_s=2.5, greeting_paced=True, stop_on_speech=False)
+    report = await call(agent, pcm=speech_clip(16000, speech_s=0.3), barge_in_at=0.5, quiet_after_s=0.3)
+    assert report.speech_end_t is not None and report.stop_audio_count == 0
+    assert report.rel_ms(report.speech_end_t) < report.stretches[0][1] - 500  # spoke inside the greeting
+    assert report.voice_to_voice_ms is None
+    console = Console(file=io.StringIO(), width=200)
+    print_report(report, console, timeline=False)
+    assert "voice-to-voice: none (no agent reply began after the caller's speech ended)" in console.file.getvalue()
+
+
+def test_voice_to_voice_starts_at_a_pause_in_the_agent_audio() -> None:
+    streaming = [(9.0 + 0.02 * i, 320) for i in range(100)]  # 9.0 .. 10.98, through the speech end
+    assert voice_to_voice_ms(10.0, streaming) is None
+    assert voice_to_voice_ms(10.0, [*streaming, (11.5, 320), (11.52, 320)]) == pytest.approx(1500.0)
+    assert voice_to_voice_ms(12.0, streaming) is None  # nothing after the speech end
+
+
+async def test_summary_of_a_dtmf_only_call_has_no_empty_speech_times() -> None:
+    agent = FakeAgent(greeting_s=0.3, stop_on_speech=False)
+    report = await call(agent, pcm=np.zeros(1600, np.int16), dtmf=[(0.1, "12")], quiet_after_s=0.2, max_wait_s=0.3)
+    assert [digits for _, digits in agent.dtmf] == ["12"]
+    console = Console(file=io.StringIO(), width=200)
+    print_report(report, console, timeline=False)
+    text = console.file.getvalue()
+    assert "None" not in text and "no speech in it" in text and "DTMF sent: '12' at" in text
+    assert "voice-to-voice" not in text  # the caller never spoke: nothing to measure from
+    assert "server, barge-in decision -> StopAudio sent: none" in text
+
+
+def test_summary_names_the_pause_when_the_server_paused() -> None:
+    from dataclasses import replace
+
+    from parley.caller.report import _summary_lines
+
+    base = dict.fromkeys(CallReport.__slots__)  # type: ignore[attr-defined]
+    base.update(
+        call_id="c",
+        sample_rate=16000,
+        t0=0.0,
+        duration_ms=1000.0,
+        frames_sent=50,
+        frames_received=10,
+        send_lateness_ms_max=1.0,
+        stops=[500.0],
+        stop_flushed_ms=[20.0],
+        agent_audio_ms=200.0,
+        stretches=[],
+        onset_to_stop_ms=[90.0],
+        decision_to_stop_ms=[0.2],
+        leaked_audio_ms=0.0,
+        dtmf_sent=[],
+        events=[{"event": "barge_in_decided", "t": 0.5}],
+    )
+    report = CallReport(**base)
+    assert "server, barge-in decision -> StopAudio sent: 0 ms" in _summary_lines(report)
+    paused = replace(report, events=[{"event": "barge_in_paused", "t": 0.4}, *report.events])
+    assert "server, barge-in pause -> StopAudio sent: 0 ms" in _summary_lines(paused)

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
+import websockets
 from typer.testing import CliRunner
 
 from parley.cli import app
+from parley.server import BackgroundServer
 from parley.settings import SettingsError, load_settings
+from tests.conftest import make_server
 
 runner = CliRunner()
 
@@ -75,6 +82,8 @@ def test_call_barges_in_and_writes_the_report(speech_dir, tmp_path) -> None:  # 
     }
     assert heard.stat().st_size > 32000
     assert "StopAudio" in result.output or "stop" in result.output.lower()
+    # The models take seconds to load: the wait is announced on stderr.
+    assert "starting an in-process parley server (loading models)..." in result.output
 
 
 def test_call_with_a_missing_file_fails_cleanly(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -97,3 +106,109 @@ def test_startup_log_names_the_agent_the_engines_and_the_media_url(caplog) -> No
     messages = [record.getMessage() for record in caplog.records if record.name == "parley.server"]
     assert any("PLUMBING" in message and "agent" in message for message in messages), messages
     assert f"media WebSocket: ws://127.0.0.1:{server.port}/ws/acs" in " ".join(messages)
+
+
+# --------------------------------------------------------------------------------------------
+# `parley call` against a running server: what a new user runs into. Every error is one line.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plumbing_server() -> Iterator[BackgroundServer]:
+    """A running server with cost-free engine doubles (real VAD): quick to start and to answer."""
+    server = make_server(engines="plumbing", greeting="Hi there.")
+    yield server
+    server.stop()
+
+
+def one_line_error(output: str, exit_code: int) -> str:
+    assert exit_code == 2, output
+    assert "Traceback" not in output and output.count("\n") == 1, output
+    assert output.startswith("error: ")
+    return output.strip()
+
+
+def test_call_accepts_an_http_url_and_says_agent_is_the_servers(
+    plumbing_server: BackgroundServer, speech_dir: Path
+) -> None:
+    url = f"http://127.0.0.1:{plumbing_server.port}"  # no path: /ws/acs
+    args = ["call", str(speech_dir / "hours_16000.wav"), "--url", url, "--agent", "bank", "--quiet"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (
+        f"warning: --agent applies only to the in-process server; ws://127.0.0.1:{plumbing_server.port}/ws/acs"
+        " answers with its own agent" in result.output
+    )
+    assert "voice-to-voice (caller's speech end -> agent's reply)" in result.output
+
+
+def test_call_to_a_wrong_path_is_a_404_in_one_line(plumbing_server: BackgroundServer, speech_dir: Path) -> None:
+    # A bare host:port/path is taken as ws://; the server answers an unknown WebSocket path with 404.
+    result = runner.invoke(
+        app, ["call", str(speech_dir / "hours_16000.wav"), "--url", f"127.0.0.1:{plumbing_server.port}/wrong"]
+    )
+    line = one_line_error(result.output, result.exit_code)
+    assert line == f"error: no such endpoint: ws://127.0.0.1:{plumbing_server.port}/wrong (HTTP 404)"
+
+
+async def test_server_answers_unknown_websocket_paths_with_404(plumbing_server: BackgroundServer) -> None:
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await websockets.connect(f"ws://127.0.0.1:{plumbing_server.port}/api/nothing-here")
+    assert refused.value.response.status_code == 404
+    assert b"/ws/acs" in refused.value.response.body
+    for path in ("/ws/acs", "/ws"):  # the media endpoints still accept
+        async with websockets.connect(f"ws://127.0.0.1:{plumbing_server.port}{path}") as ws:
+            assert ws.response.status_code == 101
+
+
+def test_call_to_a_closed_port_says_the_server_may_not_run(speech_dir: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = runner.invoke(app, ["call", str(speech_dir / "hours_16000.wav"), "--url", f"ws://127.0.0.1:{port}/ws/acs"])
+    line = one_line_error(result.output, result.exit_code)
+    assert line == f"error: cannot connect to 127.0.0.1:{port}: connection refused (is the parley server running?)"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--url", "ftp://example.org"], "is not a server URL: expected ws://host:port/ws/acs"),
+        (["--dtmf", "1"], "--dtmf '1': the format is SECONDS:DIGITS, e.g. 6.5:1"),
+        (["--dtmf", "2:x"], "'x' are not DTMF keys"),
+        (["--barge-in-at", "-1"], "--barge-in-at must be >= 0 seconds"),
+    ],
+)
+def test_call_argument_errors_are_one_line(speech_dir: Path, args: list[str], message: str) -> None:
+    url = [] if "--url" in args else ["--url", "ws://127.0.0.1:9/ws/acs"]  # never dialled
+    result = runner.invoke(app, ["call", str(speech_dir / "hours_16000.wav"), *url, *args])
+    assert message in one_line_error(result.output, result.exit_code)
+
+
+def test_call_with_a_text_file_says_what_it_is(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.wav"
+    notes.write_text("call the bank about my card\n")
+    result = runner.invoke(app, ["call", str(notes)])  # fails before starting any server
+    line = one_line_error(result.output, result.exit_code)
+    assert line == f"error: {notes}: not a PCM WAV file: it looks like text ('call the bank about my card')"
+
+
+def test_call_whose_barge_in_point_never_came_exits_non_zero(
+    plumbing_server: BackgroundServer, speech_dir: Path
+) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "call",
+            str(speech_dir / "hours_16000.wav"),
+            "--url",
+            plumbing_server.url,
+            "--barge-in-at",
+            "50",
+            "--max-wait",
+            "0.5",
+            "--quiet",
+        ],
+    )
+    assert result.exit_code == 1, result.output
+    assert "error: barge-in point never reached: the agent did not talk 50 s without a pause" in result.output

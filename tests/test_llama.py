@@ -30,6 +30,42 @@ from parley.agents.llama_models import (
 )
 
 # --------------------------------------------------------------------------------------------
+# Module layout (no extra needed)
+
+
+def _parley_imports(module: str) -> set[str]:
+    """Every parley module `module` imports, at module level or inside functions."""
+    import ast
+
+    import parley
+
+    path = Path(parley.__file__).parent.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in names if name.startswith("parley.")}
+
+
+def test_llama_client_does_not_import_the_llm_agent() -> None:
+    """llm.py builds a LlamaCppClient; the client must not reach back (no import circle)."""
+    for module in ("parley.agents.llama", "parley.agents.llama_models"):
+        assert not {name for name in _parley_imports(module) if name.startswith("parley.agents.llm")}, module
+
+
+def test_llama_speed_benchmark_runs_as_a_module() -> None:
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-m", "parley.benchmarks.llama_speed", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--threads" in result.stdout and "qwen2.5-0.5b" in result.stdout
+
+
+# --------------------------------------------------------------------------------------------
 # Model resolution (no extra needed)
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from parley.acs import config as acs_config
+from parley.audio import write_wav
 from parley.cli import app
 from parley.settings import Settings, SettingsError, load_settings
 
@@ -53,14 +57,16 @@ def test_flags_still_take_lists() -> None:
     ],
 )
 def test_a_bad_setting_is_one_line_naming_the_variable(
-    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, line: str
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variable: str, value: str, line: str
 ) -> None:
     monkeypatch.setenv(variable, value)
     if variable == "PARLEY_AZURE_SPEECH_LANGUAGES":  # checked only when Azure Speech is used
         monkeypatch.setenv("PARLEY_STT", "azure")
         monkeypatch.setenv("PARLEY_AZURE_SPEECH_KEY", "key")
         monkeypatch.setenv("PARLEY_AZURE_SPEECH_REGION", "westeurope")
-    commands = [["serve"], ["call", "missing.wav"]] if variable != "PARLEY_PORT" else [["serve"]]  # call: port 0
+    clip = tmp_path / "silence.wav"  # `call` reads its WAV before the settings: give it a real one
+    write_wav(clip, np.zeros(1600, dtype=np.int16), 16000)
+    commands = [["serve"], ["call", str(clip)]] if variable != "PARLEY_PORT" else [["serve"]]  # call: port 0
     for command in commands:
         result = runner.invoke(app, command)
         assert result.exit_code == 2, result.output

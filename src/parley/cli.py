@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 from importlib import metadata, resources
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from parley.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from parley.server import BackgroundServer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="parley: a real-time voice agent server.")
 console = Console(stderr=True, soft_wrap=True)  # soft wrap: an error stays one line in a log
@@ -159,34 +164,48 @@ def call(
 ) -> None:
     """Call a parley server as ACS would, speaking AUDIO; print a timeline and the barge-in timings."""
     from parley import caller, logs
-    from parley.server import BackgroundServer
+    from parley.audio import read_wav
 
     logs.configure("warning", events_to_console=False)
     if sample_rate not in (16000, 24000):
-        _startup_error(ValueError("--sample-rate must be 16000 or 24000"))
-    server = None
-    if url is None:
-        settings = _settings(host="127.0.0.1", port=0, agent=agent, log_level="warning", event_log=False)
+        _call_error("--sample-rate must be 16000 or 24000")
+    if barge_in_at is not None and barge_in_at < 0:
+        _call_error("--barge-in-at must be >= 0 seconds")
+    presses = _key_presses(dtmf or [])
+    # Read the clip before any model loads, so a wrong file fails at once.
+    try:
+        pcm = read_wav(audio, sample_rate)
+    except ValueError as exc:
+        _call_error(str(exc))
+    if url is not None:
         try:
-            server = BackgroundServer(settings).start()
-        except (ValueError, RuntimeError, OSError) as exc:
-            _startup_error(exc)
-        url = server.url  # type: ignore[union-attr]
+            url = caller.media_url(url)
+        except ValueError as exc:
+            _call_error(f"--url {exc}")
+        if agent is not None:
+            console.print(
+                f"[yellow]warning:[/yellow] --agent applies only to the in-process server; {url} answers"
+                " with its own agent (parley serve --agent ...)",
+                soft_wrap=True,
+            )
+    server = _in_process_server(agent) if url is None else None
+    if server is not None:
+        url = server.url
+    assert url is not None
     options = caller.CallOptions(
         url=url,
-        audio=audio,
+        pcm=pcm,
         sample_rate=sample_rate,
         barge_in_at=barge_in_at,
         out=out,
         max_wait_s=max_wait,
         progress=sys.stderr.isatty(),
-        dtmf=_key_presses(dtmf or []),
+        dtmf=presses,
     )
     try:
         report = asyncio.run(caller.run_call(options))
     except (ValueError, OSError) as exc:
-        _startup_error(exc)
-        return
+        _call_error(str(exc))
     finally:
         if server is not None:
             server.stop()
@@ -194,16 +213,49 @@ def call(
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report.to_dict(), indent=2, default=str))
+    if report.errors:
+        raise typer.Exit(1)  # the call ran, but not as asked (the errors are printed above)
+
+
+def _call_error(message: str) -> NoReturn:
+    """One line on stderr, exit code 2 (soft-wrapped: a long path or URL stays on its line)."""
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _in_process_server(agent: str | None) -> BackgroundServer:
+    """Start a server on a free port for this call; loading its models takes a few seconds."""
+    from parley.server import BackgroundServer
+
+    settings = _settings(host="127.0.0.1", port=0, agent=agent, log_level="warning", event_log=False)
+    loading = "starting an in-process parley server (loading models)..."
+    if not console.is_terminal:
+        console.print(loading, markup=False)
+    try:
+        with console.status(loading):
+            return BackgroundServer(settings).start()
+    except (ValueError, RuntimeError, OSError) as exc:
+        _call_error(str(exc))
 
 
 def _key_presses(values: list[str]) -> list[tuple[float, str]]:
+    """--dtmf SECONDS:DIGITS values, checked before dialling."""
+    from parley.transports.acs import dtmf_message
+
     presses = []
     for value in values:
-        at, _, digits = value.partition(":")
+        at, colon, digits = value.partition(":")
         try:
-            presses.append((float(at), digits.strip()))
+            seconds = float(at)
         except ValueError:
-            _startup_error(ValueError(f"--dtmf {value!r}: expected SECONDS:DIGITS, e.g. 6.5:1"))
+            seconds = -1.0
+        if not colon or not digits.strip() or not 0 <= seconds < math.inf:
+            _call_error(f"--dtmf {value!r}: the format is SECONDS:DIGITS, e.g. 6.5:1 (press 1 at 6.5 s)")
+        try:
+            dtmf_message(digits.strip())
+        except ValueError:  # AcsProtocolError
+            _call_error(f"--dtmf {value!r}: {digits.strip()!r} are not DTMF keys (0-9 * # A-D)")
+        presses.append((seconds, digits.strip()))
     return presses
 
 

@@ -246,10 +246,10 @@ def _fallback_voice(settings: Settings, executor: Executor) -> Synthesizer | Non
 
 
 def plumbing_engines(settings: Settings) -> Engines:
-    """Real Silero VAD with TEST DOUBLES for recognizer, agent and synthesizer (see parley.doubles)."""
-    from parley.doubles import AgentDouble, RecognizerDouble, SynthesizerDouble
+    """Real Silero VAD with TEST DOUBLES for recognizer, agent and synthesizer (see parley.testing.doubles)."""
     from parley.protocols import CallContext
     from parley.speech.vad import SileroVad
+    from parley.testing.doubles import AgentDouble, RecognizerDouble, SynthesizerDouble
 
     greeting = (
         settings.greeting

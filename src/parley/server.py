@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, WebSocket
+from fastapi.responses import PlainTextResponse
 
 from parley import __version__
 from parley.acs.config import is_loopback
@@ -125,7 +126,19 @@ def create_app(
 
         redact_uvicorn_request_logs()  # the webhook secret and callers' numbers travel in URLs
         app.include_router(acs_router(call_automation, settings, validator))
+    # Last, so it matches only what no route above did.
+    app.add_api_websocket_route("/{path:path}", _unknown_websocket_path)
     return app
+
+
+async def _unknown_websocket_path(websocket: WebSocket) -> None:
+    """A WebSocket to a path parley does not serve gets HTTP 404. (Starlette's fallback closes the
+    handshake, which reaches the client as 403, the status of a refused ACS token.)"""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        message = f"no WebSocket endpoint at {websocket.url.path}; the media stream is at /ws/acs (or /ws)\n"
+        await websocket.send_denial_response(PlainTextResponse(message, status_code=404))
+    else:  # a server without the denial-response extension can only refuse
+        await websocket.close()
 
 
 def _acs_validator(settings: Settings) -> AcsTokenValidator | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,7 @@ def load(
     json_path: Path | None = JsonOption,
 ) -> None:
     """Concurrent calls: server loop lag, pacing jitter, barge-in, CPU, RSS, errors, dropped frames."""
+    _check_loadgen_websockets()
     from parley.benchmarks import load as module
 
     if profile not in ("plumbing", "embedded"):
@@ -92,6 +94,16 @@ def load(
     with common.server_under_test(url, server, engines=profile, engine_pool_warm=min(calls, 32)) as sut:
         result = asyncio.run(module.run(sut, calls, seconds, clip, profile if not url else "external", sweep))
     _finish("parley bench load", result, module.summary_rows(result), json_path)
+
+
+def _check_loadgen_websockets() -> None:
+    """The load generator hooks into websockets' connection internals, tested on 17.x only."""
+    installed = importlib.metadata.version("websockets")
+    if installed.split(".")[0] != "17":
+        common.console.print(
+            f"[yellow]warning:[/yellow] the load generator is tested on websockets 17.x, not {installed}"
+            " (pip install 'parley\\[bench]')"
+        )
 
 
 @bench.command()

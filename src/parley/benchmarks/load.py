@@ -1,7 +1,7 @@
 """`parley bench load`: N concurrent callers, each talking and barging in on a schedule.
 
 `--profile plumbing` runs the server with cost-free test doubles for recognizer, agent and TTS
-(`parley.doubles`; the VAD stays real) to measure the server's own capacity; `embedded` runs the
+(`parley.testing.doubles`; the VAD stays real) to measure the server's own capacity; `embedded` runs the
 default offline pipeline. The event-loop lag is measured inside the server (/api/stats), pacing
 jitter and barge-in times at the callers. `--sweep` raises N until the loop lag p99 exceeds 20 ms
 or the barge-in p95 exceeds 250 ms.

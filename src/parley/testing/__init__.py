@@ -1,1 +1,2 @@
-"""Test doubles of paid services that parley's tests and benchmarks run against."""
+"""Test doubles that parley's tests and benchmarks run against: fakes of paid services (`fake_llm`,
+`fake_speech`) and the cost-free engine doubles of the plumbing profile (`doubles`)."""

@@ -1,0 +1,193 @@
+"""Placing one simulated call: dial, converse, measure, and build the report."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+import time
+import uuid
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import numpy as np
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+
+from parley.audio import write_wav
+from parley.caller.events import _valid_events, fetch_events
+from parley.caller.live import CallState, ClipProgress, Sender, SendLog, _receive
+from parley.caller.metrics import _ms, decision_to_stop_ms, leaked_audio_ms, onset_to_stop_ms, voice_to_voice_ms
+from parley.caller.options import CallOptions, ClipFrames, _clip_samples
+from parley.caller.playout import PlayoutEmulator
+from parley.caller.report import CallReport, _build_timeline
+from parley.caller.script import BargeInTrigger, GreetingOverTrigger, Script, SpeakTrigger
+from parley.caller.uplink import UplinkMix
+from parley.transports.acs import AudioFormat, audio_metadata_message, dtmf_message
+
+CLOSE_TIMEOUT_S: Final = 2.0
+"""How long to wait for the receive task to finish after the socket is closed."""
+
+OPEN_TIMEOUT_S: Final = 10.0
+"""How long the TCP connect and WebSocket handshake may take."""
+
+
+class DialError(ConnectionError):
+    """The call could not be placed (nothing listening, no such endpoint, handshake refused);
+    the message is one line naming the URL. The underlying error is the `__cause__`."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+async def _dial(url: str, headers: dict[str, str]) -> ClientConnection:
+    """Open the media WebSocket, turning every way that can fail into a DialError."""
+    parts = urlsplit(url)
+    where = parts.netloc or url
+    try:
+        # ACS sends plain text frames (no permessage-deflate); compressing would only cost CPU.
+        return await websockets.connect(
+            url, additional_headers=headers, max_size=2**20, compression=None, open_timeout=OPEN_TIMEOUT_S
+        )
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        if status == 404:
+            raise DialError(f"no such endpoint: {url} (HTTP 404)", status) from exc
+        raise DialError(f"the server refused the media WebSocket: {url} (HTTP {status})", status) from exc
+    except InvalidURI as exc:
+        raise DialError(f"not a WebSocket URL: {url} (expected ws://host:port/ws/acs)") from exc
+    except InvalidHandshake as exc:
+        raise DialError(f"{where} did not answer as a WebSocket server ({exc})") from exc
+    except ConnectionRefusedError as exc:
+        raise DialError(f"cannot connect to {where}: connection refused (is the parley server running?)") from exc
+    except socket.gaierror as exc:
+        raise DialError(f"cannot connect to {where}: unknown host ({exc.strerror})") from exc
+    except TimeoutError as exc:
+        raise DialError(f"cannot connect to {where}: no answer within {OPEN_TIMEOUT_S:.0f} s") from exc
+    except OSError as exc:
+        # One refusal per address (localhost: ::1 and 127.0.0.1) comes as "Multiple exceptions".
+        if f"[Errno {errno.ECONNREFUSED}]" in str(exc):
+            raise DialError(f"cannot connect to {where}: connection refused (is the parley server running?)") from exc
+        raise DialError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
+
+
+def _trigger(options: CallOptions, t0: float) -> SpeakTrigger:
+    if options.barge_in_at is not None:
+        return BargeInTrigger(options.barge_in_at)
+    return GreetingOverTrigger(t0, options.greeting_wait_s)
+
+
+async def _converse(
+    ws: ClientConnection, options: CallOptions, clip: ClipFrames, fmt: AudioFormat
+) -> tuple[CallState, Script, SendLog, float]:
+    """Run the live part of the call; returns the state, script, send log and end time."""
+    t0 = time.monotonic()
+    state = CallState(t0=t0, playout=PlayoutEmulator(t0, fmt.sample_rate))
+    await ws.send(audio_metadata_message(fmt))
+    give_up_at = t0 + options.greeting_wait_s + options.max_wait_s
+    script = Script(len(clip), _trigger(options, t0), state.playout, options, give_up_at)
+    receiver = asyncio.create_task(_receive(ws, state))
+    with ClipProgress(len(clip), options.progress) as progress:
+        mix = UplinkMix.for_options(options, state.playout, clip.frames.shape[1])
+        sender = Sender(ws, state, clip, script, options.dtmf, progress, mix)
+        server_closed_first = False
+        try:
+            await sender.run()
+        except ConnectionClosed:
+            # The server closed while we were sending; the receiver records when.
+            server_closed_first = True
+    end = time.monotonic()
+    if not server_closed_first and not state.server_closed.is_set():
+        state.closing = True  # from here on the close is ours, not a hang-up
+    await ws.close()
+    with contextlib.suppress(TimeoutError):
+        # A receiver bug re-raises here rather than vanishing with the task.
+        await asyncio.wait_for(receiver, CLOSE_TIMEOUT_S)
+    if state.closed_at is not None:
+        end = state.closed_at
+    state.errors.extend(script.notes)
+    return state, script, sender.log, end
+
+
+async def run_call(options: CallOptions) -> CallReport:
+    """Place one simulated ACS call and measure it. Connection failures raise DialError; anything
+    the server gets wrong during the call is recorded in the report's `errors` instead."""
+    _check_options(options)
+    fmt = AudioFormat.for_rate(options.sample_rate)
+    clip = ClipFrames.from_pcm(_clip_samples(options), fmt.frame_bytes // 2)
+    call_id = options.call_id or str(uuid.uuid4())
+    correlation_id = options.correlation_id or str(uuid.uuid4())
+    headers = {"x-ms-call-connection-id": call_id, "x-ms-call-correlation-id": correlation_id}
+    async with await _dial(options.url, headers) as ws:
+        state, script, log, end = await _converse(ws, options, clip, fmt)
+        close_code, close_reason = ws.close_code, ws.close_reason
+    state.playout.finish(end)
+    if options.out is not None:
+        write_wav(options.out, state.playout.render(end), fmt.sample_rate)
+    raw_events, events_error = await _events(options, call_id)
+    events = _valid_events(raw_events, state.t0, state.errors)
+    if events_error is not None:
+        state.errors.append(f"events fetch failed: {events_error}")
+    return CallReport(
+        call_id=call_id,
+        correlation_id=correlation_id,
+        url=options.url,
+        sample_rate=fmt.sample_rate,
+        t0=state.t0,
+        duration_ms=_ms(end - state.t0),
+        frames_sent=log.frames_sent,
+        frames_received=len(state.received),
+        send_lateness_ms_max=_ms(log.lateness_max_s),
+        clip_started_t=script.clip_start,
+        clip_ended_t=script.clip_end,
+        speech_onset_t=log.onset,
+        speech_end_t=log.speech_end,
+        stop_audio_count=len(state.stops),
+        stops=[_ms(s - state.t0) for s in state.stops],
+        stop_flushed_ms=[_ms(f) for f in state.stop_flushed_s],
+        agent_audio_ms=_ms(state.playout.played_s),
+        stretches=[[_ms(s.start - state.t0), _ms(s.end - state.t0)] for s in state.playout.stretches],
+        onset_to_stop_ms=onset_to_stop_ms(log.onset, state.stops, script.clip_start),
+        decision_to_stop_ms=decision_to_stop_ms(events),
+        leaked_audio_ms=leaked_audio_ms(state.stops, state.received, events, fmt.sample_rate),
+        voice_to_voice_ms=voice_to_voice_ms(log.speech_end, state.received),
+        hung_up_by_server=state.closed_at is not None,
+        close_code=close_code,
+        close_reason=close_reason,
+        dtmf_sent=[[_ms(at - state.t0), digits] for at, digits in log.dtmf],
+        events=events,
+        events_error=events_error,
+        errors=state.errors,
+        timeline=_build_timeline(state.t0, script, log, state, events, end),
+    )
+
+
+def _check_options(options: CallOptions) -> None:
+    """Fail before dialling, not in the middle of a timed call."""
+    if options.barge_in_at is not None and options.barge_in_at < 0:
+        raise ValueError("barge_in_at must be >= 0 seconds")
+    if options.echo_delay_ms < 0:
+        raise ValueError("echo_delay_ms must be >= 0")
+    if options.background is not None:
+        background = np.asarray(options.background)
+        if background.dtype != np.int16 or background.ndim != 1 or background.size == 0:
+            raise ValueError("CallOptions.background must be a non-empty 1-D int16 array at the call's rate")
+    for at, digits in options.dtmf:
+        if at < 0:
+            raise ValueError(f"DTMF time {at} is negative")
+        dtmf_message(digits)  # raises on symbols that are not DTMF tones
+
+
+async def _events(options: CallOptions, call_id: str) -> tuple[list[dict[str, Any]], str | None]:
+    if not options.fetch_events:
+        return [], None
+    try:
+        return await fetch_events(options.url, call_id), None
+    except Exception as exc:  # noqa: BLE001 -- any failure (refused, 404, bad JSON) must not lose the report
+        return [], f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
