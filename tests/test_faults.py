@@ -366,3 +366,21 @@ async def test_a_key_flood_is_bounded_and_nothing_is_dropped() -> None:
         waiting = sum(len(p.user.digits) for p in call.handler.inbox._items if p.user)  # type: ignore[attr-defined]
         answered = sum(len(u.digits) for u in agent.inputs)
         assert len(call.handler.inbox) <= 4 and waiting + answered == 30
+
+
+async def test_the_servers_own_greeting_goes_into_the_agents_history() -> None:
+    """Defect: PARLEY_GREETING left the greeting out of the LLM agent's history (the model did not
+    know it had said hello); an agent's own greeting was there."""
+
+    class Remembering(ScriptedAgent):
+        def __init__(self) -> None:
+            super().__init__()
+            self.spoken: list[str] = []
+
+        def record_spoken(self, text: str) -> None:
+            self.spoken.append(text)
+
+    agent = Remembering()
+    async with CallHarness(agent=agent, greeting="Hello from the server.") as call:
+        await call.wait_for("turn_completed", turn_id=1)
+        assert agent.spoken == ["Hello from the server."]

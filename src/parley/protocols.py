@@ -226,12 +226,21 @@ class TruncatesReplies(Protocol):
     def truncate_last_reply(self, heard_text: str, *, forget_input: bool = False) -> None: ...
 
 
+@runtime_checkable
+class RecordsSpoken(Protocol):
+    """Optional: an agent told of words said in its name outside a reply: a greeting the server
+    spoke for it (PARLEY_GREETING), a handoff announcement. It belongs in the agent's history:
+    the model must know it already said hello."""
+
+    def record_spoken(self, text: str) -> None: ...
+
+
 Message = dict[str, Any]
 """One chat message: {"role": "user" | "assistant", "content": text} (the OpenAI chat shape)."""
 
 
 @runtime_checkable
-class KeepsHistory(TruncatesReplies, Protocol):
+class KeepsHistory(TruncatesReplies, RecordsSpoken, Protocol):
     """Optional: an agent with a conversation history that a scenario carries across handoffs.
 
     `history()` is the conversation so far as plain user/assistant messages;

@@ -64,6 +64,7 @@ from parley.protocols import (
     AgentOutput,
     CallContext,
     ExpectsDigits,
+    RecordsSpoken,
     Handoff,
     KeepsHistory,
     Message,
@@ -456,6 +457,13 @@ class ScenarioAgent:
                 self._speaker, self._speaker_offset = target, said_words + announced
                 _record_spoken(target, greeting)
                 yield Say(greeting, interruptible=self.greeting_interruptible, voice=self._voice(spec.to))
+
+    def record_spoken(self, text: str) -> None:
+        """Words said for the active agent outside a reply (the server's own greeting)."""
+        agent = self.member(self.active)
+        if isinstance(agent, RecordsSpoken):
+            agent.record_spoken(text)
+            self._speaker, self._speaker_offset = agent, 0
 
     def truncate_last_reply(self, heard_text: str, *, forget_input: bool = False) -> None:
         """Tell the agent that spoke last what the caller heard of its words."""

@@ -40,6 +40,7 @@ from parley.protocols import (
     CallContext,
     ExpectsDigits,
     Hangup,
+    RecordsSpoken,
     ReportsEvents,
     SpeakingPreferences,
     Transfer,
@@ -296,6 +297,8 @@ class MediaHandler:
         text = self.settings.greeting if self.settings.greeting is not None else self.agent.greeting()
         if not text:
             return
+        if self.settings.greeting is not None and isinstance(self.agent, RecordsSpoken):
+            self.agent.record_spoken(text)  # the agent's own greeting records itself; this one is ours
         interruptible = self.settings.greeting_interruptible
         if interruptible is None:
             interruptible = self.agent.greeting_interruptible if isinstance(self.agent, SpeakingPreferences) else True
