@@ -12,7 +12,7 @@ import pytest
 from parley.media.bargein import ActiveTurn, BargeInPolicy, Signal, SpeechEvidence, is_answer, is_farewell, is_hum
 from parley.media.bridge import Final, Partial, SpeechContinues, SpeechStarted, ThreadBridge
 from parley.media.events import EventLog
-from parley.media.player import Player
+from parley.media.player import Player, Segment, Track
 from parley.media.turns import Pending, TurnInbox
 from parley.media.writer import OutboundWriter
 from parley.protocols import UserInput
@@ -349,3 +349,51 @@ async def test_a_turn_paused_then_cancelled_in_one_loop_iteration_still_ends(sta
     done, _ = await asyncio.wait([task], timeout=1.0)
     writer_task.cancel()
     assert done and task.cancelled()
+
+
+def far_end_position_ms(sent: list[tuple[float, dict]], now: float) -> float:
+    """What a real far end has played by `now`: each frame plays on arrival or right after the one
+    before it, whichever is later (a jitter buffer that runs dry waits for the next frame)."""
+    end = 0.0
+    played = 0.0
+    for arrived, message in sent:
+        if message.get("Kind") != "AudioData":
+            continue
+        start = max(arrived, end)
+        end = start + 0.02
+        if start < now:
+            played += min(0.02, now - start)
+    return played * 1000
+
+
+async def test_after_a_loop_stall_the_player_tracks_what_the_far_end_played() -> None:
+    """Defect: after a stall longer than the playout lead, 'heard' ran ahead of the far end
+    (+200 ms after a 300 ms stall), so heard text, finish() and the echo reference were wrong."""
+    socket = Socket()
+    writer = OutboundWriter(socket.send_text, EventLog("t", to_log=False))
+    writer_task = asyncio.create_task(writer.run())
+    player = Player(writer, frame_bytes=640, lead_ms=100)
+    track = player.begin(1)
+    playing = asyncio.create_task(player.play(track, bytes(640 * 75)))  # 1.5 s
+    await asyncio.sleep(0.3)
+    time.sleep(0.3)  # the event loop stalls for 300 ms
+    await asyncio.sleep(0.25)
+    now = time.monotonic()
+    error_ms = track.heard_ms(now) - far_end_position_ms(socket.sent, now)
+    playing.cancel()
+    writer_task.cancel()
+    assert abs(error_ms) < 40, error_ms
+
+
+def test_heard_text_keeps_what_was_heard_before_a_resume_replayed_it() -> None:
+    """Defect: after a pause at 3.3 s and a resume from the clause start, a barge-in kept only the
+    replayed words in the history, though the caller had heard more before the pause."""
+    from parley.audio import Framer
+
+    track = Track(1, Framer(640))
+    track.segments = [Segment("First clause here.", 0, 1000), Segment("Second clause is longer.", 1000, 3000)]
+    track.start_t = 0.0
+    track.next_frame = 150  # 3 s sent
+    track.furthest_ms = 2500  # heard this far before the pause
+    track.origin_frame, track.start_t = 50, 10.0  # resumed at 1 s
+    assert track.heard_text(10.2) == "First clause here. Second clause is"

@@ -46,6 +46,7 @@ class Track:
     pushed_ms: float = 0.0  # audio handed to the player so far, sent or not
     segments: list[Segment] = field(default_factory=list)
     paused_at_ms: float | None = None  # where the caller stopped hearing it, while paused
+    furthest_ms: float = 0.0  # the furthest the caller ever heard (a resume replays from before it)
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # pause/resume wake the pump
 
     @property
@@ -73,8 +74,9 @@ class Track:
         return (self.origin_frame + played) * FRAME_MS
 
     def heard_text(self, now: float) -> str:
-        """The reply text the caller has heard so far (cut at a word inside the current segment)."""
-        heard = self.heard_ms(now)
+        """The reply text the caller has heard so far (cut at a word inside the current segment),
+        including what they heard before a pause that a resume then replayed from an earlier point."""
+        heard = max(self.heard_ms(now), self.furthest_ms)
         parts = []
         for segment in self.segments:
             if segment.end_ms <= heard:
@@ -159,7 +161,13 @@ class Player:
                 # Queue behind audio still playing from an earlier turn, else start now.
                 track.start_t = max(now, self._playout_end_t)
             play_t = track.start_t + (track.next_frame - track.origin_frame) * _FRAME_S
-            if play_t - self._lead_s > now:
+            if play_t < now:
+                # Late (the loop stalled longer than the lead): the far end ran dry and plays this
+                # frame when it arrives. Follow its clock, so what we think was heard (history,
+                # resume point, echo reference) is what it can have played, not what we sent.
+                track.start_t += now - play_t
+                play_t = now
+            elif play_t - self._lead_s > now:
                 track.changed.clear()
                 await _wait_changed(track, play_t - self._lead_s - now)  # until due, or paused meanwhile
                 continue
@@ -175,6 +183,7 @@ class Player:
         """StopAudio was sent for `track`: stop sending, remember what was heard. Returns it (ms)."""
         heard = track.heard_ms(now)
         track.paused_at_ms = heard
+        track.furthest_ms = max(track.furthest_ms, heard)
         self.cut(now)
         track.changed.set()
         return heard
