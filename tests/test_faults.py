@@ -384,3 +384,21 @@ async def test_the_servers_own_greeting_goes_into_the_agents_history() -> None:
     async with CallHarness(agent=agent, greeting="Hello from the server.") as call:
         await call.wait_for("turn_completed", turn_id=1)
         assert agent.spoken == ["Hello from the server."]
+
+
+async def test_a_paused_reply_does_not_resume_while_recognition_is_behind_the_caller() -> None:
+    """Defect: under CPU overload recognition fell 3 s behind, and the resume timer resumed the
+    reply while the caller was still speaking. Now it resumes only once the caller's utterance has
+    ended and recognition has caught up; here the words then confirm the barge-in."""
+    voice = ScriptedSynthesizer(ms_per_char=40)
+    greeting = "Welcome to Tony's, we have a long list of specials today, starting with the garlic bread."
+    async with CallHarness(synthesizer=voice, greeting=greeting, bargein_confirm_ms=5000) as call:
+        await call.until(lambda: call.sent_audio_ms() > 300)
+        call.recognizer.feed_delay_s = 0.03  # 30 ms of work per 20 ms frame: falls behind
+        await call.say("No, I want to order a large pepperoni", seconds=1.0)
+        await call.wait_for("barge_in_paused", turn_id=1)
+        final = await call.wait_for("final", timeout=10)
+        paused_for_s = final["t"] - call.named("barge_in_paused")[0]["t"]
+        assert paused_for_s > call.settings.resume_after_ms / 1000  # the old timer would have fired
+        assert not [e for e in call.named("barge_in_resumed") if e["t"] < final["t"]]
+        assert call.named("barge_in_decided", turn_id=1)

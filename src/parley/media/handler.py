@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 _MAX_CONSECUTIVE_ERRORS = 250  # 5 s of nothing but bad frames: the peer is not speaking ACS
 _LOGGED_ERRORS = 20  # log the first errors in full, then only every 100th
 _RECENT_WORDS = 16  # how much of the agent's speech its echo may repeat back
+_CAUGHT_UP_FRAMES = 5  # recognition this close behind the line (100 ms) has heard what was said
+_RESUME_RECHECK_S = 0.2
 
 
 class MediaHandler:
@@ -101,6 +103,7 @@ class MediaHandler:
         self.input_errors = 0
         self._consecutive_errors = 0
         self._latest_utterance_id = 0
+        self._last_final_utterance_id = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._control_requests: list[asyncio.Task[None]] = []
         self._hangup = asyncio.Event()
@@ -341,6 +344,7 @@ class MediaHandler:
             self._carry_out(self._take_deferred_control(), "farewell")  # "thanks, bye" over the goodbye
         elif event.text.strip() and not decision.said_over_agent:
             self.inbox.put(Pending("speech", UserInput("speech", text=event.text), event.utterance_id))
+        self._last_final_utterance_id = max(self._last_final_utterance_id, event.utterance_id)
         if event.utterance_id >= self._latest_utterance_id:
             self.inbox.release()  # (a second-pass final may arrive after the next utterance began)
 
@@ -477,8 +481,19 @@ class MediaHandler:
     def _on_pending_timeout(self, turn: Turn, pending_count: int) -> None:
         if turn.cancelled or not turn.interruption_pending or turn.pending_count != pending_count:
             return
-        if self.route.current is turn:
-            self._consider_barge_in(Signal("timeout"))
+        if self.route.current is not turn:
+            return
+        if self._caller_may_be_speaking():
+            # Under load recognition can run seconds behind: resuming now would talk over a caller
+            # whose words have not been heard yet. Look again shortly; the final decides anyway.
+            asyncio.get_running_loop().call_later(_RESUME_RECHECK_S, self._on_pending_timeout, turn, pending_count)
+            return
+        self._consider_barge_in(Signal("timeout"))
+
+    def _caller_may_be_speaking(self) -> bool:
+        """The caller's utterance has not ended yet, or recognition has not caught up with the line."""
+        behind = self.recognition is not None and self.recognition.backlog > _CAUGHT_UP_FRAMES
+        return behind or self._latest_utterance_id > self._last_final_utterance_id
 
     def _resume(self, turn: Turn, reason: str) -> None:
         """A false interruption (no words, a backchannel, our echo): carry on with the reply."""

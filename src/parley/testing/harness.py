@@ -60,6 +60,7 @@ class ScriptedRecognizer:
     def __init__(self) -> None:
         self.finals: deque[str] = deque()
         self.fail_next_feed: Exception | None = None
+        self.feed_delay_s = 0.0  # a recognizer slower than real time (an overloaded machine)
 
     def begin(self) -> None:
         pass
@@ -68,6 +69,8 @@ class ScriptedRecognizer:
         if self.fail_next_feed is not None:
             error, self.fail_next_feed = self.fail_next_feed, None
             raise error
+        if self.feed_delay_s:
+            time.sleep(self.feed_delay_s)
         return None
 
     def end(self) -> str:
