@@ -403,6 +403,8 @@ async def test_entra_id_tokens_are_asked_from_the_credential(fake: FakeSpeechSer
 
 def test_engines_build_azure_recognizers_per_call_and_azure_voices(fake: FakeSpeechService) -> None:
     from parley.engines import build_engines
+    from parley.voice.guarded import GuardedSynthesizer
+    from parley.voice.piper import PiperSynthesizer
 
     engines = build_engines(
         load_settings(
@@ -420,10 +422,13 @@ def test_engines_build_azure_recognizers_per_call_and_azure_voices(fake: FakeSpe
         engines.recognizers.release(recognizer)
         assert engines.recognizers.idle == 0  # never reused by another call
         voice = engines.synthesizer_for(None)
-        assert isinstance(voice, AzureSynthesizer) and voice.voice == "en-US-JennyNeural"
+        assert isinstance(voice, GuardedSynthesizer)  # watched, with the embedded voice behind it
+        assert isinstance(voice.primary, AzureSynthesizer) and voice.primary.voice == "en-US-JennyNeural"
+        assert isinstance(voice.fallback, PiperSynthesizer)
         assert engines.synthesizer_for("en-gb") is voice  # not an Azure voice: the default, logged
         other = engines.synthesizer_for("en-GB-RyanNeural;rate=0.9")
-        assert isinstance(other, AzureSynthesizer) and other is not voice
+        assert isinstance(other, GuardedSynthesizer) and isinstance(other.primary, AzureSynthesizer)
+        assert other is not voice and other.fallback is voice.fallback
     finally:
         engines.close()
 

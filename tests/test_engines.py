@@ -9,6 +9,7 @@ from parley.engines import build_engines
 from parley.settings import SettingsError, load_settings
 from parley.speech.silent import NoPartials
 from parley.voice.espeak import EspeakSynthesizer
+from parley.voice.guarded import GuardedSynthesizer
 from parley.voice.piper import PiperSynthesizer
 
 
@@ -20,7 +21,9 @@ def test_defaults_are_two_pass_and_piper() -> None:
     engines = engines_for()
     try:
         assert engines.final_pass is not None
-        assert isinstance(engines.synthesizer_for(None), PiperSynthesizer)
+        voice = engines.synthesizer_for(None)
+        assert isinstance(voice, GuardedSynthesizer) and isinstance(voice.primary, PiperSynthesizer)
+        assert isinstance(voice.fallback, EspeakSynthesizer)  # speaks while Piper fails
         # An espeak-ng voice name in an agent's YAML is not a Piper voice: the default is used.
         assert engines.synthesizer_for("en-gb") is engines.synthesizer_for(None)
     finally:
@@ -32,7 +35,8 @@ def test_pocketsphinx_only_and_espeak() -> None:
     try:
         assert engines.final_pass is None
         voice = engines.synthesizer_for(None)
-        assert isinstance(voice, EspeakSynthesizer)
+        assert isinstance(voice, GuardedSynthesizer) and isinstance(voice.primary, EspeakSynthesizer)
+        assert voice.fallback is None  # espeak-ng is the last resort
         assert engines.synthesizer_for("en-gb-x-rp") is not voice  # espeak-ng voices by name
         assert engines.synthesizer_for("no-such-voice") is voice  # unknown: the default, logged
     finally:
@@ -45,7 +49,7 @@ def test_whisper_only_has_no_partials(hours_pcm: np.ndarray) -> None:
         recognizer = engines.recognizers.acquire()
         assert isinstance(recognizer, NoPartials)
         assert engines.final_pass is not None
-        text = engines.final_pass.submit(hours_pcm.tobytes()).result(timeout=30)
+        text = engines.final_pass.submit(hours_pcm.tobytes()).result(timeout=30).text
         assert "hours" in text.lower()
     finally:
         engines.close()
