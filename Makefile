@@ -66,16 +66,16 @@ clean:
 #   make test-fast   the unit and in-memory tests (pytest -m "not slow"), seconds
 #   make test        everything, slow tiers included (servers, models, real-time calls)
 .PHONY: lint typecheck check test-fast
-LINT_PATHS := src tests
+LINT_PATHS := src tests bench
 
-lint: setup
+lint: setup-test
 	$(PY) -m ruff check $(LINT_PATHS)
 	$(PY) -m ruff format --check $(LINT_PATHS)
 
-typecheck: setup
+typecheck: setup-test
 	$(PY) -m mypy
 
 check: lint typecheck
 
-test-fast: setup
+test-fast: setup-test
 	$(PY) -m pytest -q -m "not slow"

@@ -42,8 +42,11 @@ FAULTS: dict[str, Callable[[], dict[str, Any]]] = {
         "fallback": ScriptedSynthesizer(),
         "tts_first_audio_timeout_s": 1.0,
     },
-    "tts returns no audio": lambda: {"synthesizer": ScriptedSynthesizer(fault="silent"), "fallback": ScriptedSynthesizer()},
-    "no fault": lambda: {},
+    "tts returns no audio": lambda: {
+        "synthesizer": ScriptedSynthesizer(fault="silent"),
+        "fallback": ScriptedSynthesizer(),
+    },
+    "no fault": dict,
 }
 
 
@@ -59,7 +62,9 @@ async def measure(trials: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name, make in FAULTS.items():
         times = [await one_trial(make()) for _ in range(trials)]
-        results[name] = {"final_to_first_audio_ms": {"median": round(statistics.median(times), 1), "max": round(max(times), 1)}}
+        results[name] = {
+            "final_to_first_audio_ms": {"median": round(statistics.median(times), 1), "max": round(max(times), 1)}
+        }
         print(f"{name:45s} median {statistics.median(times):7.1f} ms   max {max(times):7.1f} ms")
     return results
 
