@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from parley.agents.llm import LlmConfig, warm_up
+from parley.agents.llm import LlmAgent, LlmConfig, build_client, warm_up
 from parley.agents.scenario import Scenario, load_scenario, resolve_agent_path
 from parley.protocols import CallContext, Say, UserInput
-from parley.testing.fake_llm import FakeLlm, Plan, deltas
+from parley.testing.fake_llm import FakeLlm, Plan, ServerThread, deltas
 from tests.conftest import make_server
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -130,3 +130,24 @@ def test_the_server_warms_its_llm_agents_at_startup(fake: FakeLlm, caplog: pytes
 
 def _llm_settings(fake: FakeLlm) -> dict[str, object]:
     return {"llm_provider": "compatible", "llm_base_url": f"{fake.url}/v1", "llm_api_key": "k"}
+
+
+async def test_a_turn_after_a_pause_reuses_the_connection() -> None:
+    """httpx's default keep-alive (5 s) closed the connection between most turns of a call, so
+    each turn paid DNS, TCP and TLS again; the clients keep it KEEPALIVE_S."""
+    app = FakeLlm()
+    thread = ServerThread(app)
+    thread.server.config.timeout_keep_alive = 30  # like a real API's, unlike uvicorn's 5 s
+    app.url = thread.start()
+    try:
+        config = compatible(app.url)
+        agent = LlmAgent(config, build_client(config))
+        connections = []
+        for pause in (6.0, 0.0):  # longer than httpx's default keep-alive
+            said = [o.text async for o in agent.respond(UserInput("speech", "hi")) if isinstance(o, Say)]
+            assert said == ["Hello there."]
+            connections.append({id(c) for c in thread.server.server_state.connections})
+            await asyncio.sleep(pause)
+        assert len(connections[0]) == 1 and connections[1] == connections[0]
+    finally:
+        thread.stop()

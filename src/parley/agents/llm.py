@@ -59,6 +59,11 @@ COMPATIBLE_DUMMY_KEY = "not-needed"
 """Local servers (Ollama, llama.cpp) ignore the key, but the client refuses to run without one."""
 ENTRA_SCOPE = "https://cognitiveservices.azure.com/.default"
 MAX_HISTORY_MESSAGES = 60  # sent per request, besides the system prompt (about 15-30 exchanges)
+KEEPALIVE_S = 60.0
+"""How long an idle connection to the model's server stays open. The SDK's default (httpx's 5 s)
+closed it between most turns of a call (the reply is played, the caller speaks), so the next
+request paid DNS, TCP and TLS again. A connection the server closed sooner is noticed when taken
+from the pool; one closed just as a request goes out fails before the first token and is retried."""
 
 TokenProvider = Callable[[], "str | Awaitable[str]"]
 Outcome = Literal["pending", "completed", "first_token_timeout", "total_timeout", "failed", "cancelled", "greeting"]
@@ -144,7 +149,16 @@ def build_client(config: LlmConfig) -> openai.AsyncOpenAI | openai.AsyncAzureOpe
             " in-process model (pizza-local) needs PARLEY_LLM_PROVIDER=llama-cpp and"
             " PARLEY_LLM_MODEL=qwen2.5-0.5b instead, with the llama extra (`make llama`)"
         )
-    return openai.AsyncOpenAI(api_key=api_key, base_url=config.base_url, timeout=timeout, max_retries=0)
+    return openai.AsyncOpenAI(
+        api_key=api_key, base_url=config.base_url, timeout=timeout, max_retries=0, http_client=_http_client(timeout)
+    )
+
+
+def _http_client(timeout: openai.Timeout) -> Any:
+    """The SDK's own HTTP client defaults, with idle connections kept KEEPALIVE_S."""
+    http = _http_module()
+    limits = http.Limits(max_connections=1000, max_keepalive_connections=100, keepalive_expiry=KEEPALIVE_S)
+    return openai.DefaultAsyncHttpxClient(timeout=timeout, limits=limits)
 
 
 def _azure_client(config: LlmConfig, timeout: openai.Timeout) -> openai.AsyncAzureOpenAI:
@@ -174,6 +188,7 @@ def _azure_client(config: LlmConfig, timeout: openai.Timeout) -> openai.AsyncAzu
         azure_deployment=config.model,
         timeout=timeout,
         max_retries=0,
+        http_client=_http_client(timeout),
         **credential,
     )
 
@@ -704,7 +719,7 @@ def warm_up(client: Any, build_agent: Callable[[Any], LlmAgent]) -> bool:
     agent rehearses one turn: `build_agent(rehearsal_client)` answers "Hello?" with its real
     prompt and tools through the real SDK, answered in-process by a canned stream (nothing is
     sent, nothing is billed), then a tool-call chunk is parsed the same way. The connection itself
-    is not opened: the SDK's pool drops idle connections after 5 s, before most first calls.
+    is not opened (that would take a request to the provider): the first request opens it.
     A failure is logged and ignored: the first caller then pays as before. True if it rehearsed.
     """
     if not isinstance(client, openai.AsyncOpenAI):  # AsyncAzureOpenAI is one too; llama-cpp is not
