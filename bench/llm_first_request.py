@@ -1,6 +1,6 @@
 """The first LLM request of a fresh process against the later ones, with and without the warm-up.
 
-    PYTHONPATH=src .venv/bin/python bench/llm_first_request.py --processes 7 --requests 4
+    PYTHONPATH=src .venv/bin/python bench/llm_first_request.py --processes 9 --requests 4 [--agent bank-llm]
 
 A fake OpenAI-compatible server (parley.testing.fake_llm, real HTTP and SSE) runs in its own
 process on loopback and answers at once. Each trial is a fresh Python process that loads a packaged
@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=7, help="fresh processes per variant")
     parser.add_argument("--requests", type=int, default=4, help="calls per process")
     parser.add_argument("--agent", default="openai", help="a packaged scenario with LLM agents")
+    parser.add_argument("--cold-only", action="store_true", help="skip the warm-up variant (older sources)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -82,7 +83,7 @@ def main() -> None:
     try:
         assert fake.stdout is not None
         url = fake.stdout.readline().strip()
-        for warm in (False, True):
+        for warm in (False,) if args.cold_only else (False, True):
             runs = []
             for _ in range(args.processes):
                 command = [sys.executable, __file__, "--child", url, "--agent", args.agent]
