@@ -86,8 +86,9 @@ def test_after_the_warm_up_the_first_request_imports_nothing(fake: FakeLlm) -> N
 async def test_the_warm_up_sends_nothing_and_the_calls_go_on(fake: FakeLlm, caplog: pytest.LogCaptureFixture) -> None:
     # Nothing listens on the discard port: a warm-up that went on the network would fail.
     offline = Scenario(load_scenario(resolve_agent_path("bank-llm")), compatible("http://127.0.0.1:9"))
-    with caplog.at_level(logging.INFO, logger="parley.agents"):
+    with caplog.at_level(logging.INFO):
         await asyncio.to_thread(offline.warm)
+    assert not [r for r in caplog.records if r.name.startswith("httpx")]  # no "HTTP Request: POST" lines
     rehearsed = [r.getMessage().split(":")[0] for r in caplog.records if "first request rehearsed" in r.getMessage()]
     llm_agents = [f"agent {name}" for name, member in offline.members.items() if member.config is not None]
     assert rehearsed == llm_agents and len(llm_agents) >= 2  # each LLM agent, with its prompt and tools

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -711,24 +712,35 @@ def _describe(exc: BaseException) -> str:
 def warm_up(client: Any, build_agent: Callable[[Any], LlmAgent]) -> bool:
     """Pay at startup what the first request would pay (blocking: call it off the event loop).
 
-    Measured against a loopback server, the first request of a process took 50-100 ms more than the
-    next ones, none of it network: the SDK imports its chat resources on first use (~30 ms,
+    Measured against a loopback server, the first request of a process took 40-100 ms more than the
+    next ones (bench/llm_first_request.py), none of it network: the SDK imports its chat resources on first use (~30 ms,
     `client.chat` builds the parsed-completion models), httpcore loads anyio's asyncio backend
     on its first connection (~15 ms), and the first request transforms the parameters' types
     and the first chunk builds the deferred pydantic models of the response (~5 ms each). So the
     agent rehearses one turn: `build_agent(rehearsal_client)` answers "Hello?" with its real
     prompt and tools through the real SDK, answered in-process by a canned stream (nothing is
     sent, nothing is billed), then a tool-call chunk is parsed the same way. The connection itself
-    is not opened (that would take a request to the provider): the first request opens it.
+    is not opened (that would take a request to the provider): the first request opens it. An Azure
+    token provider is asked for a token (as the first request would): its cache is warmed too.
     A failure is logged and ignored: the first caller then pays as before. True if it rehearsed.
     """
     if not isinstance(client, openai.AsyncOpenAI):  # AsyncAzureOpenAI is one too; llama-cpp is not
         return False
+    # httpx logs every request at INFO: the rehearsal's would read as requests sent to the provider.
+    http_log = logging.getLogger(_http_module().__name__)
+    rehearsing = threading.get_ident()
+
+    def hide(record: logging.LogRecord) -> bool:
+        return record.thread != rehearsing
+
+    http_log.addFilter(hide)
     try:
         asyncio.run(_rehearse(client, build_agent))
     except Exception as exc:  # noqa: BLE001 - a warm-up must never stop the server
         log.warning("LLM warm-up failed (the first request will be slower): %s", _describe(exc))
         return False
+    finally:
+        http_log.removeFilter(hide)
     return True
 
 
