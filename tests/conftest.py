@@ -111,6 +111,9 @@ TIERS: dict[str, str | frozenset[str]] = {
     ),
     "test_llm_agent.py": FAST,  # against a local fake LLM server
     "test_llm_e2e.py": SLOW,
+    "test_llm_warm.py": frozenset(  # a parley server; a 6 s pause
+        {"test_the_server_warms_its_llm_agents_at_startup", "test_a_turn_after_a_pause_reuses_the_connection"}
+    ),
     "test_loadgen.py": frozenset(  # the ones that send real-time calls
         {
             "test_the_caller_sends_valid_acs_frames_on_a_steady_schedule",

@@ -35,9 +35,12 @@ class Engines:
     executors: list[Executor] = field(default_factory=list)
     closers: list[Callable[[], None]] = field(default_factory=list)  # e.g. cloud synthesizer pools
     warm_count: int = 2
+    warm_agents: Callable[[], None] | None = None  # e.g. rehearse the LLM agents' first request
 
     def warm(self) -> None:
         """Pre-load per-call engines so the first calls do not pay for model loads."""
+        if self.warm_agents is not None:
+            self.warm_agents()
         self.vads.warm(self.warm_count)
         self.recognizers.warm(self.warm_count)
         if self.final_pass is not None:
@@ -113,6 +116,7 @@ def embedded_engines(settings: Settings) -> Engines:
         executors=executors,
         closers=closers,
         warm_count=settings.engine_pool_warm,
+        warm_agents=scenario.warm,
     )
 
 

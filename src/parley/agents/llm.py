@@ -25,9 +25,12 @@ chat-completions API (Ollama, vLLM, llama.cpp server...). What matters on a phon
 from __future__ import annotations
 
 import asyncio
+import importlib
+import json
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -57,6 +60,11 @@ COMPATIBLE_DUMMY_KEY = "not-needed"
 """Local servers (Ollama, llama.cpp) ignore the key, but the client refuses to run without one."""
 ENTRA_SCOPE = "https://cognitiveservices.azure.com/.default"
 MAX_HISTORY_MESSAGES = 60  # sent per request, besides the system prompt (about 15-30 exchanges)
+KEEPALIVE_S = 60.0
+"""How long an idle connection to the model's server stays open. The SDK's default (httpx's 5 s)
+closed it between most turns of a call (the reply is played, the caller speaks), so the next
+request paid DNS, TCP and TLS again. A connection the server closed sooner is noticed when taken
+from the pool; one closed just as a request goes out fails before the first token and is retried."""
 
 TokenProvider = Callable[[], "str | Awaitable[str]"]
 Outcome = Literal["pending", "completed", "first_token_timeout", "total_timeout", "failed", "cancelled", "greeting"]
@@ -142,7 +150,16 @@ def build_client(config: LlmConfig) -> openai.AsyncOpenAI | openai.AsyncAzureOpe
             " in-process model (pizza-local) needs PARLEY_LLM_PROVIDER=llama-cpp and"
             " PARLEY_LLM_MODEL=qwen2.5-0.5b instead, with the llama extra (`make llama`)"
         )
-    return openai.AsyncOpenAI(api_key=api_key, base_url=config.base_url, timeout=timeout, max_retries=0)
+    return openai.AsyncOpenAI(
+        api_key=api_key, base_url=config.base_url, timeout=timeout, max_retries=0, http_client=_http_client(timeout)
+    )
+
+
+def _http_client(timeout: openai.Timeout) -> Any:
+    """The SDK's own HTTP client defaults, with idle connections kept KEEPALIVE_S."""
+    http = _http_module()
+    limits = http.Limits(max_connections=1000, max_keepalive_connections=100, keepalive_expiry=KEEPALIVE_S)
+    return openai.DefaultAsyncHttpxClient(timeout=timeout, limits=limits)
 
 
 def _azure_client(config: LlmConfig, timeout: openai.Timeout) -> openai.AsyncAzureOpenAI:
@@ -172,6 +189,7 @@ def _azure_client(config: LlmConfig, timeout: openai.Timeout) -> openai.AsyncAzu
         azure_deployment=config.model,
         timeout=timeout,
         max_retries=0,
+        http_client=_http_client(timeout),
         **credential,
     )
 
@@ -685,6 +703,92 @@ def _describe(exc: BaseException) -> str:
     status = getattr(exc, "status_code", None)
     name = type(exc).__name__
     return f"{name} {status}: {exc}" if status is not None else f"{name}: {exc}"
+
+
+# --------------------------------------------------------------------------------------------
+# Warm-up
+
+
+def warm_up(client: Any, build_agent: Callable[[Any], LlmAgent]) -> bool:
+    """Pay at startup what the first request would pay (blocking: call it off the event loop).
+
+    Measured against a loopback server, the first request of a process took 40-100 ms more than the
+    next ones (bench/llm_first_request.py), none of it network: the SDK imports its chat resources on first use (~30 ms,
+    `client.chat` builds the parsed-completion models), httpcore loads anyio's asyncio backend
+    on its first connection (~15 ms), and the first request transforms the parameters' types
+    and the first chunk builds the deferred pydantic models of the response (~5 ms each). So the
+    agent rehearses one turn: `build_agent(rehearsal_client)` answers "Hello?" with its real
+    prompt and tools through the real SDK, answered in-process by a canned stream (nothing is
+    sent, nothing is billed), then a tool-call chunk is parsed the same way. The connection itself
+    is not opened (that would take a request to the provider): the first request opens it. An Azure
+    token provider is asked for a token (as the first request would): its cache is warmed too.
+    A failure is logged and ignored: the first caller then pays as before. True if it rehearsed.
+    """
+    if not isinstance(client, openai.AsyncOpenAI):  # AsyncAzureOpenAI is one too; llama-cpp is not
+        return False
+    # httpx logs every request at INFO: the rehearsal's would read as requests sent to the provider.
+    http_log = logging.getLogger(_http_module().__name__)
+    rehearsing = threading.get_ident()
+
+    def hide(record: logging.LogRecord) -> bool:
+        return record.thread != rehearsing
+
+    http_log.addFilter(hide)
+    try:
+        asyncio.run(_rehearse(client, build_agent))
+    except Exception as exc:  # noqa: BLE001 - a warm-up must never stop the server
+        log.warning("LLM warm-up failed (the first request will be slower): %s", _describe(exc))
+        return False
+    finally:
+        http_log.removeFilter(hide)
+    return True
+
+
+async def _rehearse(client: openai.AsyncOpenAI, build_agent: Callable[[Any], LlmAgent]) -> None:
+    client.chat.completions  # noqa: B018 - the SDK's lazy imports, cached on the shared client
+    import anyio  # httpx's dependency: its asyncio backend is imported on the first connection
+
+    anyio.Event()
+    http = _http_module()
+    bodies = iter([_canned_sse({"content": "Hello."}), _canned_sse({"tool_calls": [_CANNED_TOOL_CALL]})])
+
+    def answer(request: Any) -> Any:
+        return http.Response(200, headers={"content-type": "text/event-stream"}, content=next(bodies))
+
+    async with http.AsyncClient(transport=http.MockTransport(answer)) as http_client:
+        rehearsal = client.with_options(http_client=http_client)
+        agent = build_agent(rehearsal)
+        async for _ in agent.respond(UserInput("speech", "Hello?")):
+            pass
+        if agent.last_outcome != "completed":
+            raise RuntimeError(f"the rehearsal ended {agent.last_outcome}")
+        stream = await rehearsal.chat.completions.create(model=agent.config.model, messages=[], stream=True)
+        async for _ in stream:
+            pass
+
+
+_CANNED_TOOL_CALL = {"index": 0, "id": "call_0", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+def _canned_sse(delta: dict[str, Any]) -> bytes:
+    chunks = [{"role": "assistant", "content": ""}, delta]
+    events = [
+        {
+            "id": "warm-up",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": "warm-up",
+            "choices": [{"index": 0, "delta": chunk, "finish_reason": None}],
+        }
+        for chunk in chunks
+    ]
+    return b"".join(f"data: {json.dumps(event)}\n\n".encode() for event in events) + b"data: [DONE]\n\n"
+
+
+def _http_module() -> Any:
+    """The HTTP library the SDK's clients are built on (httpx; httpx2 in recent SDKs)."""
+    base = next(cls for cls in openai.DefaultAsyncHttpxClient.__mro__ if cls.__name__ == "AsyncClient")
+    return importlib.import_module(base.__module__.partition(".")[0])
 
 
 def llm_agent_factory(config: LlmConfig, client: openai.AsyncOpenAI | None = None) -> AgentFactory:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from pydantic import (
 )
 
 from parley.agents.handoff import HandoffSpec
-from parley.agents.llm import LlmAgent, LlmConfig, build_client
+from parley.agents.llm import LlmAgent, LlmConfig, build_client, warm_up
 from parley.agents.loading import (
     AgentConfigError,
     describe_validation_error,
@@ -289,6 +290,22 @@ class Scenario:
 
     def agent(self, context: CallContext) -> ScenarioAgent:
         return ScenarioAgent(self, context)
+
+    def warm(self) -> None:
+        """Rehearse each LLM agent's first turn, answered in-process (parley.agents.llm.warm_up)."""
+        call = ScenarioAgent(self, CallContext("warm-up"))
+        for name, member in self.members.items():
+            if member.config is None:
+                continue
+
+            def rehearsal_agent(client: Any, member: Member = member) -> LlmAgent:
+                agent = call._build(dataclasses.replace(member, client=client))
+                assert isinstance(agent, LlmAgent)
+                return agent
+
+            started = time.perf_counter()
+            if warm_up(member.client, rehearsal_agent):
+                log.info("agent %s: first request rehearsed in %.0f ms", name, (time.perf_counter() - started) * 1000)
 
 
 def _member(spec: ScriptSpec | LlmAgentSpec, defaults: LlmConfig, clients: dict[tuple[Any, ...], Any]) -> Member:
