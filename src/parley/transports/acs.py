@@ -318,6 +318,8 @@ def _decode_envelope(message: str | bytes, max_chars: int) -> tuple[str, dict[st
         raise MalformedMessage(f"message is not valid JSON: {exc.msg} at position {exc.pos}") from None
     except RecursionError:
         raise MalformedMessage("message is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
+        raise MalformedMessage(f"message is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise MalformedMessage(f"message must be a JSON object, got {_json_type(obj)}")
     top = _lower_keys(obj, "message")
