@@ -138,13 +138,17 @@ def serve(
         tts_voice=tts_voice,
         bargein_speaking=bargein,
     )
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, log_format=settings.log_format)
     try:
         app_ = server.create_app(settings)
     except (ValueError, RuntimeError, OSError) as exc:
+        logs.shutdown()
         _startup_error(exc)
         return
-    server.uvicorn_server(app_, settings).run()
+    try:
+        server.uvicorn_server(app_, settings).run()
+    finally:
+        logs.shutdown()  # writes what is queued (and how many records were dropped, if any)
 
 
 @app.command()

@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict, deque
 from typing import Any, Protocol
 
+from parley.logs import EVENT_ATTR
 from parley.stats import ServerStats
 
 log = logging.getLogger("parley.events")
@@ -69,7 +70,8 @@ class EventLog:
         with self._lock:
             self._events.append(record)
         if self._to_log and log.isEnabledFor(logging.INFO):
-            log.info(json.dumps(record, default=str))
+            # The message stays the record's JSON; parley.logs' formatters use the dict itself.
+            log.info("%s", json.dumps(record, default=str), extra={EVENT_ATTR: record})
         return record
 
     def snapshot(self) -> list[dict[str, Any]]:
