@@ -81,7 +81,9 @@ class DroppingQueueHandler(logging.handlers.QueueHandler):
         # The message is formatted here (its arguments may change later); the listener formats the
         # rest. Unlike the base class, the traceback stays with the record for the console handler.
         record = logging.makeLogRecord(record.__dict__)
-        record.msg = record.getMessage()
+        event = getattr(record, EVENT_ATTR, None)
+        # A call event's formatters read its dict: its JSON message is not made on the caller's thread.
+        record.msg = str(event.get("event")) if isinstance(event, dict) else record.getMessage()
         record.args = None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)

@@ -71,6 +71,14 @@ def cap_field(value: Any, limit: int = MAX_FIELD_CHARS) -> Any:
     return value
 
 
+class _AsJson:
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+
+    def __str__(self) -> str:
+        return json.dumps(self.record, default=str)
+
+
 class EventLog:
     """Append-only, bounded list of one call's events. Safe to append from any thread."""
 
@@ -87,8 +95,9 @@ class EventLog:
         with self._lock:
             self._events.append(record)
         if self._to_log and log.isEnabledFor(logging.INFO):
-            # The message stays the record's JSON; parley.logs' formatters use the dict itself.
-            log.info("%s", json.dumps(record, default=str), extra={EVENT_ATTR: record})
+            # The message is the record's JSON, made only if a handler asks for it: parley.logs'
+            # formatters use the dict itself.
+            log.info("%s", _AsJson(record), extra={EVENT_ATTR: record})
         return record
 
     def snapshot(self) -> list[dict[str, Any]]:
