@@ -153,6 +153,7 @@ def serve(
 
 @app.command()
 def call(
+    ctx: typer.Context,
     audio: Path = typer.Argument(..., help="WAV file the simulated caller says (16-bit PCM)."),
     url: str | None = typer.Option(None, help="ws://... of a running server.", show_default="start one in-process"),
     out: Path | None = typer.Option(None, help="Write what the caller heard to this WAV."),
@@ -171,6 +172,7 @@ def call(
     from parley.audio import read_wav
 
     logs.configure("warning", events_to_console=False)
+    ctx.call_on_close(logs.shutdown)  # also when the command runs in-process
     if sample_rate not in (16000, 24000):
         _call_error("--sample-rate must be 16000 or 24000")
     if barge_in_at is not None and barge_in_at < 0:

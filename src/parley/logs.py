@@ -246,6 +246,7 @@ def configure(
         sink = _sink(resolve_format(log_format, stream), stream)
     records: queue.Queue[Any] = queue.Queue(queue_records)
     handler = DroppingQueueHandler(records)
+    handler.setLevel(level.upper())  # also for loggers with a lower level of their own (uvicorn's)
     listener = _Listener(records, sink, respect_handler_level=True)
     with _lock:
         _pipeline = _Pipeline(records, handler, listener)
