@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -187,7 +188,7 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def unread_server(tmp_path: Path) -> Iterator[str]:
+def unread_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`parley serve` (plumbing engines, JSON logs, events logged) with stdout and stderr pipes that
     nobody reads: once their buffers (64 KiB) are full, every write to them would block."""
     port = free_port()
@@ -217,7 +218,7 @@ def unread_server(tmp_path: Path) -> Iterator[str]:
                 pass
             assert time.monotonic() < deadline, "parley serve did not start"
             time.sleep(0.2)
-        yield base
+        yield base, process
     finally:
         process.kill()
         process.wait(10)
@@ -235,14 +236,17 @@ async def flood_dtmf(url: str, messages: list[str]) -> None:
         pass  # a server that refuses a message closes the call; the server must still answer
 
 
-async def test_a_stdout_nobody_reads_never_freezes_the_server(unread_server: str) -> None:
-    ws_url = unread_server.replace("http://", "ws://") + "/ws/acs"
+async def test_a_stdout_nobody_reads_never_freezes_the_server(
+    unread_server: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    base, process = unread_server
+    ws_url = base.replace("http://", "ws://") + "/ws/acs"
     # The original freeze: one 65,000-digit DtmfData (its event line alone was larger than the pipe).
     huge = json.dumps({"kind": "DtmfData", "dtmfData": {"data": "1234567890" * 6500}})
     await flood_dtmf(ws_url, [huge] * 5)
     # Then far more records than the pipe holds: the writer thread is stuck, the queue fills and drops.
     await flood_dtmf(ws_url, [acs.dtmf_message("5")] * 12000)
-    async with httpx.AsyncClient(base_url=unread_server) as http:
+    async with httpx.AsyncClient(base_url=base) as http:
         started = time.monotonic()
         health = await http.get("/healthz", timeout=1)
         assert health.status_code == 200 and time.monotonic() - started < 1
@@ -255,7 +259,9 @@ async def test_a_stdout_nobody_reads_never_freezes_the_server(unread_server: str
         started = time.monotonic()
         assert (await http.get("/healthz", timeout=1)).status_code == 200
         assert time.monotonic() - started < 1
-    await asyncio.sleep(0)
+    # Ctrl-C still stops it: the stuck writer thread gets a deadline and holds no lock exit needs.
+    process.send_signal(signal.SIGINT)
+    await asyncio.to_thread(process.wait, 15)
 
 
 def test_other_handlers_still_get_an_events_json_as_its_message(caplog: pytest.LogCaptureFixture) -> None:

@@ -116,8 +116,16 @@ class _FdStream:
     """Writes straight to a file descriptor. A write blocked on a full pipe then holds no lock of
     sys.stdout, so the interpreter can still exit (a blocked buffered write makes exit abort)."""
 
+    encoding = "utf-8"
+
     def __init__(self, fd: int) -> None:
         self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def isatty(self) -> bool:
+        return os.isatty(self.fd)
 
     def write(self, text: str) -> int:
         data = text.encode("utf-8", "replace")
@@ -202,7 +210,28 @@ def resolve_format(log_format: str, stream: IO[str] | None = None) -> Literal["j
         return "json"
 
 
+def _handle_unlocked(handler: logging.Handler, record: logging.LogRecord) -> bool:
+    """Handler.handle without the handler's lock: only the writer thread writes to the sink, and
+    logging's own exit hook takes every handler's lock, so a write stuck on a full pipe while
+    holding it would hang the process at exit."""
+    if not handler.filter(record):
+        return False
+    handler.emit(record)
+    return True
+
+
+class _StreamSink(logging.StreamHandler):  # type: ignore[type-arg]
+    def handle(self, record: logging.LogRecord) -> bool:
+        return _handle_unlocked(self, record)
+
+
 def _sink(fmt: Literal["json", "console"], stream: IO[str]) -> logging.Handler:
+    target: Any = stream
+    try:
+        stream.flush()
+        target = _FdStream(stream.fileno())
+    except (AttributeError, ValueError, OSError):
+        pass  # not a real file (a test's capture): write to it as it is
     tty = False
     try:
         tty = stream.isatty()
@@ -212,18 +241,16 @@ def _sink(fmt: Literal["json", "console"], stream: IO[str]) -> logging.Handler:
         from rich.console import Console
         from rich.logging import RichHandler
 
-        handler: logging.Handler = RichHandler(
-            console=Console(file=stream), rich_tracebacks=True, show_path=False, markup=False
+        class _RichSink(RichHandler):
+            def handle(self, record: logging.LogRecord) -> bool:
+                return _handle_unlocked(self, record)
+
+        handler: logging.Handler = _RichSink(
+            console=Console(file=target), rich_tracebacks=True, show_path=False, markup=False
         )
         handler.setFormatter(ConsoleFormatter(with_time=False))
         return handler
-    target: Any = stream
-    try:
-        stream.flush()
-        target = _FdStream(stream.fileno())
-    except (AttributeError, ValueError, OSError):
-        pass  # not a real file (a test's capture): write to it as it is
-    handler = logging.StreamHandler(target)
+    handler = _StreamSink(target)
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter(with_time=True))
     return handler
 
