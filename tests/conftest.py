@@ -121,6 +121,7 @@ TIERS: dict[str, str | frozenset[str]] = {
             "test_misbehaving_server_is_recorded_per_call",
         }
     ),
+    "test_logging.py": frozenset({"test_a_stdout_nobody_reads_never_freezes_the_server"}),  # runs `parley serve`
     "test_media_units.py": FAST,
     "test_piper.py": SLOW,  # the Piper voice model
     "test_properties.py": SLOW,  # hypothesis: thousands of codec and harness examples (~35 s)

@@ -138,17 +138,22 @@ def serve(
         tts_voice=tts_voice,
         bargein_speaking=bargein,
     )
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, log_format=settings.log_format)
     try:
         app_ = server.create_app(settings)
     except (ValueError, RuntimeError, OSError) as exc:
+        logs.shutdown()
         _startup_error(exc)
         return
-    server.uvicorn_server(app_, settings).run()
+    try:
+        server.uvicorn_server(app_, settings).run()
+    finally:
+        logs.shutdown()  # writes what is queued (and how many records were dropped, if any)
 
 
 @app.command()
 def call(
+    ctx: typer.Context,
     audio: Path = typer.Argument(..., help="WAV file the simulated caller says (16-bit PCM)."),
     url: str | None = typer.Option(None, help="ws://... of a running server.", show_default="start one in-process"),
     out: Path | None = typer.Option(None, help="Write what the caller heard to this WAV."),
@@ -167,6 +172,7 @@ def call(
     from parley.audio import read_wav
 
     logs.configure("warning", events_to_console=False)
+    ctx.call_on_close(logs.shutdown)  # also when the command runs in-process
     if sample_rate not in (16000, 24000):
         _call_error("--sample-rate must be 16000 or 24000")
     if barge_in_at is not None and barge_in_at < 0:

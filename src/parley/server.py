@@ -15,7 +15,7 @@ import uvicorn
 from fastapi import FastAPI, HTTPException, WebSocket
 from fastapi.responses import PlainTextResponse
 
-from parley import __version__
+from parley import __version__, logs
 from parley.acs.config import is_loopback
 from parley.engines import Engines, build_engines
 from parley.media.events import CallRegistry
@@ -75,6 +75,7 @@ def create_app(
     async def stats(reset: bool = False) -> dict[str, object]:
         """Loop lag (since the last reset), CPU seconds, RSS, threads, call counters."""
         snapshot = registry.stats.snapshot(registry.live_count, reset=reset)
+        snapshot["log_records_dropped"] = logs.dropped()  # the log output was not keeping up
         snapshot["pools"] = {
             pool.name: {"created": pool.created, "idle": pool.idle, "in_use": pool.in_use}
             for pool in (engines.vads, engines.recognizers)
@@ -239,6 +240,8 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         ws_max_size=settings.max_message_bytes,
         ws=settings.websocket_impl,
         lifespan="on",
+        # With parley.logs set up, uvicorn's loggers go through its queue, not straight to stdout.
+        log_config=None if logs.active() else uvicorn.config.LOGGING_CONFIG,
     )
 
 

@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port).")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto",
+        description="json: one JSON object per line; console: short lines with emoji markers;"
+        " auto: json unless stdout is a terminal.",
+    )
     event_log: bool = Field(True, description="Write per-call events as JSON lines to the log.")
     events_api: bool = Field(
         True, description="Serve GET /api/calls/{id}/events (call transcripts: keep off on public hosts)."

@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict, deque
 from typing import Any, Protocol
 
+from parley.logs import EVENT_ATTR
 from parley.stats import ServerStats
 
 log = logging.getLogger("parley.events")
@@ -53,6 +54,31 @@ EVENT_NAMES = frozenset(
 )
 
 
+MAX_FIELD_CHARS = 500  # a longer string in an event (text, digits, error...) is cut to this
+
+
+def cap_field(value: Any, limit: int = MAX_FIELD_CHARS) -> Any:
+    """`value` with every string longer than `limit` (also inside lists and dicts) cut, ending with a
+    marker that says how much was cut: event records, logged and kept, stay small whatever a peer sends."""
+    if isinstance(value, str):
+        return value if len(value) <= limit else f"{value[:limit]}…[+{len(value) - limit} chars]"
+    if isinstance(value, dict):
+        return {key: cap_field(item, limit) for key, item in value.items()}
+    if isinstance(value, list):
+        return [cap_field(item, limit) for item in value]
+    if isinstance(value, tuple):
+        return tuple(cap_field(item, limit) for item in value)
+    return value
+
+
+class _AsJson:
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+
+    def __str__(self) -> str:
+        return json.dumps(self.record, default=str)
+
+
 class EventLog:
     """Append-only, bounded list of one call's events. Safe to append from any thread."""
 
@@ -65,11 +91,13 @@ class EventLog:
     def emit(self, event: str, t: float | None = None, **fields: Any) -> dict[str, Any]:
         assert event in EVENT_NAMES, f"unknown event name {event!r}"
         record = {"event": event, "t": time.monotonic() if t is None else t, "call_id": self.call_id}
-        record.update(fields)
+        record.update((key, cap_field(value)) for key, value in fields.items())
         with self._lock:
             self._events.append(record)
         if self._to_log and log.isEnabledFor(logging.INFO):
-            log.info(json.dumps(record, default=str))
+            # The message is the record's JSON, made only if a handler asks for it: parley.logs'
+            # formatters use the dict itself.
+            log.info("%s", _AsJson(record), extra={EVENT_ATTR: record})
         return record
 
     def snapshot(self) -> list[dict[str, Any]]:
