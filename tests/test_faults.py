@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from parley.protocols import AgentOutput, Hangup, Say, UserInput
+from parley.protocols import AgentOutput, Hangup, Say, Transfer, UserInput
 from parley.testing.harness import CallHarness, ScriptedAgent, ScriptedSynthesizer
 from parley.voice.guarded import Backoff
 from parley.voice.threaded import stream_from_executor
@@ -402,3 +402,46 @@ async def test_a_paused_reply_does_not_resume_while_recognition_is_behind_the_ca
         assert paused_for_s > call.settings.resume_after_ms / 1000  # the old timer would have fired
         assert not [e for e in call.named("barge_in_resumed") if e["t"] < final["t"]]
         assert call.named("barge_in_decided", turn_id=1)
+
+
+class FailingCallControl:
+    """ACS Call Automation refusing every request."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+
+    async def hang_up(self, call_id: str) -> None:
+        self.requests.append("hang_up")
+        raise ConnectionError("ACS answered 503")
+
+    async def transfer(self, call_id: str, target: str) -> None:
+        self.requests.append(f"transfer {target}")
+        raise ConnectionError("ACS answered 503")
+
+
+@pytest.mark.parametrize("control", ["hangup", "transfer"])
+async def test_a_failing_hang_up_or_transfer_request_is_logged_and_the_media_ends(control, caplog) -> None:
+    caplog.set_level(logging.ERROR)
+    agent = ScriptedAgent()
+
+    async def goodbye(user: UserInput) -> AsyncIterator[AgentOutput]:
+        yield Say("One moment.")
+        yield Hangup("done") if control == "hangup" else Transfer("+15551234567")
+
+    agent.behaviour = goodbye
+    harness = CallHarness(agent=agent)
+    acs = FailingCallControl()
+    harness.engines.call_control = acs
+    async with harness as call:
+        await call.say("bye")
+        assert call._task is not None
+        await asyncio.wait_for(call._task, 5)
+        ended = call.named("call_ended")[0]["reason"]
+        # A refused transfer is hung up instead (a closed media socket alone would leave the caller
+        # on a silent line); a refused hang-up still ends the media.
+        assert ended in ("done", "hang up_failed", "transfer_failed"), ended
+        assert acs.requests[0] == ("hang_up" if control == "hangup" else "transfer +15551234567")
+        if control == "transfer":
+            assert "hang_up" in acs.requests
+        assert "failed: ACS answered 503" in caplog.text
+        assert call.named("input_error")
