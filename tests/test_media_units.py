@@ -253,12 +253,17 @@ class Socket:
         self.sent.append((time.monotonic(), json.loads(text)))
 
 
-async def test_player_paces_frames_with_lead_and_tracks_what_was_heard() -> None:
+def start_player(lead_ms: int) -> tuple[Socket, OutboundWriter, asyncio.Task[None], Player, Track]:
+    """A player writing through a running writer to a recording socket, with turn 1's track."""
     socket = Socket()
     writer = OutboundWriter(socket.send_text, EventLog("t", to_log=False))
     writer_task = asyncio.create_task(writer.run())
-    player = Player(writer, frame_bytes=640, lead_ms=100)
-    track = player.begin(1)
+    player = Player(writer, frame_bytes=640, lead_ms=lead_ms)
+    return socket, writer, writer_task, player, player.begin(1)
+
+
+async def test_player_paces_frames_with_lead_and_tracks_what_was_heard() -> None:
+    socket, _writer, writer_task, player, track = start_player(lead_ms=100)
     start = time.monotonic()
     await player.play(track, bytes(640 * 10), text="hello there")  # 200 ms
     await player.play(track, bytes(640 * 10 + 100), text="general kenobi")  # partial tail frame
@@ -295,11 +300,7 @@ async def test_writer_drops_cancelled_turn_audio_and_sends_stop_first() -> None:
 
 
 async def test_player_pause_stops_sending_and_resume_restarts_the_clause() -> None:
-    socket = Socket()
-    writer = OutboundWriter(socket.send_text, EventLog("t", to_log=False))
-    writer_task = asyncio.create_task(writer.run())
-    player = Player(writer, frame_bytes=640, lead_ms=40)
-    track = player.begin(1)
+    socket, writer, writer_task, player, track = start_player(lead_ms=40)
 
     async def speak() -> None:
         for text in ("one two", "three four", "five six"):
@@ -330,11 +331,7 @@ async def test_a_turn_paused_then_cancelled_in_one_loop_iteration_still_ends(sta
     """Regression: asyncio.wait_for (Python 3.11) swallowed a cancellation arriving in the same loop
     iteration as the pause that woke it; the turn then waited for a resume forever, and with it
     the call's route loop (a pause at the VAD gate and a barge-in confirmed right after it)."""
-    socket = Socket()
-    writer = OutboundWriter(socket.send_text, EventLog("t", to_log=False))
-    writer_task = asyncio.create_task(writer.run())
-    player = Player(writer, frame_bytes=640, lead_ms=40)
-    track = player.begin(1)
+    _socket, _writer, writer_task, player, track = start_player(lead_ms=40)
 
     async def speak() -> None:
         await player.play(track, bytes(640 * 100))  # 2 s
@@ -369,11 +366,7 @@ def far_end_position_ms(sent: list[tuple[float, dict]], now: float) -> float:
 async def test_after_a_loop_stall_the_player_tracks_what_the_far_end_played() -> None:
     """Defect: after a stall longer than the playout lead, 'heard' ran ahead of the far end
     (+200 ms after a 300 ms stall), so heard text, finish() and the echo reference were wrong."""
-    socket = Socket()
-    writer = OutboundWriter(socket.send_text, EventLog("t", to_log=False))
-    writer_task = asyncio.create_task(writer.run())
-    player = Player(writer, frame_bytes=640, lead_ms=100)
-    track = player.begin(1)
+    socket, _writer, writer_task, player, track = start_player(lead_ms=100)
     playing = asyncio.create_task(player.play(track, bytes(640 * 75)))  # 1.5 s
     await asyncio.sleep(0.3)
     time.sleep(0.3)  # noqa: ASYNC251 - the event loop stalls for 300 ms: the fault under test

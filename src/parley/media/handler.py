@@ -33,7 +33,7 @@ from parley.media.echo import EchoGate, EchoReference, EchoState
 from parley.media.events import CallRegistry, EventLog
 from parley.media.player import Player
 from parley.media.recognition import RecognitionThread, SegmenterConfig
-from parley.media.reply import END, Clip, ReplyLimits, ReplyProducer
+from parley.media.reply import END, Clip, ReplyLimits, ReplyProducer, wait_bounded
 from parley.media.turns import Pending, RouteTurnLoop, Turn, TurnInbox
 from parley.media.writer import OutboundWriter
 from parley.protocols import (
@@ -548,7 +548,9 @@ class MediaHandler:
             return
         finally:
             producer.cancel()
-            await self._bounded_wait(producer, f"turn {turn.id}'s audio producer")
+            await wait_bounded(
+                producer, self.settings.turn_cleanup_timeout_s, f"call {self.call_id}: turn {turn.id}'s audio producer"
+            )
         if hangup is None and self._deferred_control is not None:
             hangup = self._take_deferred_control()  # the caller's last words are answered: now end
         if hangup is not None:
@@ -565,17 +567,6 @@ class MediaHandler:
             self._transfer(control)
         else:
             self._hang_up(control)
-
-    async def _bounded_wait(self, task: asyncio.Task[None], what: str) -> None:
-        """Wait for a cancelled task to end, at most the cleanup timeout (it must not hold the call)."""
-        done, _ = await asyncio.wait([task], timeout=self.settings.turn_cleanup_timeout_s)
-        if not done:
-            log.warning(
-                "call %s: %s did not end within %.1f s; left behind",
-                self.call_id,
-                what,
-                self.settings.turn_cleanup_timeout_s,
-            )
 
     def _hang_up(self, hangup: Hangup) -> None:
         """End the call: for everyone through Call Automation when configured, and the media here."""

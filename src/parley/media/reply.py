@@ -46,6 +46,15 @@ class ReplyLimits:
     cleanup_s: float = 2.0  # closing the agent's stream after the turn
 
 
+async def wait_bounded(task: asyncio.Task[None], seconds: float, what: str) -> bool:
+    """Wait for a cancelled task to end, at most `seconds`: a task stuck in its own cleanup must
+    not hold the turn (or the call). False, with a warning, if it is left behind."""
+    done, _ = await asyncio.wait([task], timeout=seconds)
+    if not done:
+        log.warning("%s did not end within %.1f s; left behind", what, seconds)
+    return bool(done)
+
+
 class AgentStalled(TimeoutError):
     """The agent produced nothing for longer than its limit."""
 
@@ -90,17 +99,9 @@ class ReplyProducer:
 
     async def _stop_reading(self, turn: Turn) -> None:
         task = turn.agent_task
-        if task is None or task.done():
-            return
-        task.cancel()
-        done, _ = await asyncio.wait([task], timeout=self.limits.cleanup_s)
-        if not done:
-            log.warning(
-                "call %s: turn %d: the agent's stream did not close within %.1f s; left behind",
-                self.call_id,
-                turn.id,
-                self.limits.cleanup_s,
-            )
+        if task is not None and not task.done():
+            task.cancel()
+            await wait_bounded(task, self.limits.cleanup_s, f"call {self.call_id}: turn {turn.id}: the agent's stream")
 
     async def _fail(self, turn: Turn, clips: asyncio.Queue[object], error: Exception, first_audio: list[bool]) -> None:
         stage = "agent" if isinstance(error, AgentStalled) or turn.agent_error is error else "voice"

@@ -112,12 +112,6 @@ class GuardedSynthesizer:
         delay = self.backoff.failed()
         log.error("synthesis failed (%s); the fallback voice speaks, %s retried in %.0f s", reason, self.name, delay)
 
-    def with_voice(self, voice: str) -> GuardedSynthesizer:
-        """The same guard around another voice of the primary engine (its own backoff: one voice
-        failing says little about another)."""
-        other = self.primary.with_voice(voice)  # type: ignore[attr-defined]
-        return GuardedSynthesizer(other, self.fallback, name=f"{self.name} {voice}", limits=self.limits)
-
 
 async def watched(chunks: AsyncIterator[bytes], limits: SynthesisLimits, name: str) -> AsyncGenerator[bytes, None]:
     """`chunks` with a deadline on the first chunk and between chunks; errors become SynthesisFailed."""
