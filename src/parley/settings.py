@@ -104,6 +104,69 @@ class Settings(BaseSettings):
         "auto", description="uvicorn's WebSocket implementation (see bench/README.md for figures)."
     )
 
+    # --- admission and per-call limits (docs/operations.md) -------------------------------------
+    max_calls: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Media sockets served at once; beyond it the upgrade is refused with HTTP 503."
+        " Default: derived from the CPU cores and the engine profile (printed at startup).",
+    )
+    handshake_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="A media socket that sends no AudioMetadata/first frame in this time is closed."
+    )
+    idle_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="A media socket that sends nothing for this long is closed (ACS streams"
+        " a frame every 20 ms, silence included).",
+    )
+    max_call_s: float = Field(4 * 3600.0, gt=0, description="A call is ended (politely) after this long.")
+    max_inbound_rate: float = Field(
+        4.0,
+        ge=1.5,
+        le=1000,
+        description="Sustained inbound audio faster than this many times real time closes the socket (1008).",
+    )
+    max_dtmf_message_digits: int = Field(
+        32, ge=1, le=4096, description="A DtmfData message with more keys than this is refused as bad input."
+    )
+    overload_loop_lag_ms: float = Field(
+        100.0, gt=0, description="Event-loop lag (p99 over the last seconds) above which new calls are refused."
+    )
+    overload_backlog_frames: int = Field(
+        100, ge=1, description="Recognition backlog (frames behind, worst call) above which new calls are refused."
+    )
+
+    # --- access and privacy ----------------------------------------------------------------------
+    api_token: SecretStr | None = Field(
+        None,
+        description="Bearer token for the calls/events/stats APIs. Without it those APIs answer only on a"
+        " loopback bind.",
+    )
+    log_dtmf: bool = Field(False, description="Keep DTMF digits in events and logs (default: masked, PINs stay out).")
+    allowed_origins: StrList = Field(
+        default_factory=list,
+        description="Browser origins allowed to open media sockets (ACS sends no Origin; any other is refused).",
+    )
+
+    # --- call records ----------------------------------------------------------------------------
+    store: Literal["sqlite", "memory"] = Field(
+        "sqlite", description="Where call records go: sqlite (durable, in data_dir) or memory (tests, benchmarks)."
+    )
+    data_dir: Path = Field(Path("parley-data"), description="Directory of the call records database.")
+    retention_days: float = Field(30.0, gt=0, description="Call records older than this are deleted.")
+
+    # --- graceful drain --------------------------------------------------------------------------
+    drain_timeout_s: float = Field(
+        30.0, ge=0, le=86_400, description="On SIGTERM, how long live calls may go on before they are closed."
+    )
+    closing_text: str = Field(
+        "Sorry, this line is closing now. Please call again. Goodbye.",
+        description="What a caller hears when the server drains or the call reaches max_call_s.",
+    )
+
     engines: Literal["embedded", "plumbing"] = Field(
         "embedded",
         description="'plumbing' swaps recognizer, agent and TTS for cost-free test doubles (VAD kept)"
