@@ -30,17 +30,39 @@ def percentiles(values: list[float] | np.ndarray) -> dict[str, float | None]:
     }
 
 
+RECENT_WINDOW_S = 5.0  # what "the loop lag now" means for admission (parley.admission)
+
+
 class LoopLagMonitor:
     def __init__(self, interval_s: float = 0.010, keep: int = 60_000) -> None:
         self.interval_s = interval_s
         self._lags_ms: deque[float] = deque(maxlen=keep)  # ~10 min at 10 ms
+        # (monotonic time, lag) of the last seconds, never reset by /api/stats?reset=true: the
+        # overload check reads it. Bounded by count too (2x the window at the nominal interval).
+        self._recent: deque[tuple[float, float]] = deque(maxlen=int(2 * RECENT_WINDOW_S / interval_s) + 1)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             expected = loop.time() + self.interval_s
             await asyncio.sleep(self.interval_s)
-            self._lags_ms.append(max(0.0, (loop.time() - expected) * 1000))
+            lag_ms = max(0.0, (loop.time() - expected) * 1000)
+            self._lags_ms.append(lag_ms)
+            self._recent.append((time.monotonic(), lag_ms))
+
+    def record(self, lag_ms: float, t: float | None = None) -> None:
+        """One measurement (what `run` does every interval; tests feed it directly)."""
+        self._lags_ms.append(lag_ms)
+        self._recent.append((time.monotonic() if t is None else t, lag_ms))
+
+    def recent_p99(self, window_s: float = RECENT_WINDOW_S, now: float | None = None) -> float | None:
+        """p99 of the lags measured in the last `window_s` (None: no measurement in it). A loop that
+        is stalled right now has not measured the stall yet: it shows once the loop runs again."""
+        since = (time.monotonic() if now is None else now) - window_s
+        values = [lag for t, lag in list(self._recent) if t >= since]
+        if not values:
+            return None
+        return round(float(np.percentile(values, 99)), 3)
 
     def snapshot(self, reset: bool = False) -> dict[str, float | None]:
         values = list(self._lags_ms)
@@ -57,6 +79,7 @@ class ServerStats:
     calls_ended: int = 0
     dropped_frames: int = 0
     input_errors: int = 0
+    calls_refused: dict[str, int] = field(default_factory=dict)  # media sockets refused, by reason
     monitor: LoopLagMonitor = field(default_factory=LoopLagMonitor)
     _process: psutil.Process = field(default_factory=psutil.Process)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -66,6 +89,10 @@ class ServerStats:
             self.calls_ended += 1
             self.dropped_frames += dropped_frames
             self.input_errors += input_errors
+
+    def call_refused(self, reason: str) -> None:
+        with self._lock:
+            self.calls_refused[reason] = self.calls_refused.get(reason, 0) + 1
 
     def snapshot(self, live_calls: int, reset: bool = False) -> dict[str, object]:
         with self._process.oneshot():
@@ -79,7 +106,9 @@ class ServerStats:
             "calls_ended": self.calls_ended,
             "dropped_frames": self.dropped_frames,
             "input_errors": self.input_errors,
+            "calls_refused": dict(self.calls_refused),
             "loop_lag_ms": self.monitor.snapshot(reset),
+            "loop_lag_recent_p99_ms": self.monitor.recent_p99(),  # the last RECENT_WINDOW_S seconds
             "cpu_seconds": round(cpu.user + cpu.system, 3),
             "rss_mb": round(memory.rss / 2**20, 1),
             "threads": threads,
