@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, WebSocket
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from parley import __version__, logs
 from parley.acs.config import is_loopback
+from parley.admission import (
+    AdmissionController,
+    LoadReading,
+    OverloadLimits,
+    Refusal,
+    effective_max_calls,
+    executor_queues,
+    worst_backlog,
+)
 from parley.engines import Engines, build_engines
 from parley.media.events import CallRegistry
 from parley.media.handler import MediaHandler
@@ -33,6 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_TIMEOUT_S = 10  # uvicorn's wait for open connections once it shuts down
+
 
 def create_app(
     settings: Settings, engines: Engines | None = None, *, acs_client_options: Mapping[str, Any] | None = None
@@ -46,6 +59,17 @@ def create_app(
     engines = engines if engines is not None else build_engines(settings)
     if call_automation is not None and engines.call_control is None:
         engines.call_control = call_automation  # the agents' Hangup / Transfer reach the phone call
+    max_calls, max_calls_origin = effective_max_calls(settings)
+    admission = AdmissionController(
+        max_calls, OverloadLimits.from_settings(settings), on_refused=registry.stats.call_refused
+    )
+
+    def load_reading() -> LoadReading:
+        return LoadReading(
+            registry.stats.monitor.recent_p99(),
+            worst_backlog(registry.live_sessions()),
+            executor_queues(engines.executors),
+        )
 
     @asynccontextmanager
     async def lifespan(app_: FastAPI) -> AsyncIterator[None]:
@@ -53,9 +77,20 @@ def create_app(
         if validator is not None:
             await _prefetch_signing_keys(validator)
         await asyncio.to_thread(engines.warm)
-        log.info("parley %s: %s; %s", __version__, describe_agent(settings, engines), describe_engines(settings))
+        log.info(
+            "parley %s: %s; %s; max calls %d (%s)",
+            __version__,
+            describe_agent(settings, engines),
+            describe_engines(settings),
+            max_calls,
+            max_calls_origin,
+        )
         monitor = asyncio.create_task(registry.stats.monitor.run(), name="loop-lag-monitor")
+        watcher = asyncio.create_task(admission.watch(load_reading), name="overload-watch")
         yield
+        # Every call has ended here (drained, or closed by uvicorn's shutdown).
+        await _close_call_records(app_)
+        watcher.cancel()
         monitor.cancel()
         if call_automation is not None:
             await call_automation.close()
@@ -66,10 +101,30 @@ def create_app(
     app.state.engines = engines
     app.state.registry = registry
     app.state.call_automation = call_automation
+    app.state.admission = admission
+
+    async def drain() -> dict[str, float]:
+        """Graceful drain (ParleyServer runs it on the first SIGTERM/SIGINT)."""
+        return await admission.drain(registry.live_sessions, settings.drain_timeout_s)
+
+    app.state.drain = drain
 
     @app.get("/healthz")
     async def healthz() -> dict[str, object]:
+        """Liveness: 200 while the process serves HTTP (overloaded or draining included)."""
         return {"status": "ok", "version": __version__, "calls": registry.live_count}
+
+    @app.get("/livez")
+    async def livez() -> dict[str, object]:
+        """Liveness, by the name orchestrators expect (same as /healthz)."""
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Readiness: 503 with the reasons while new calls would be refused (draining, overloaded,
+        at capacity), so a load balancer sends them elsewhere."""
+        ready, body = admission.readiness()
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/api/stats")
     async def stats(reset: bool = False) -> dict[str, object]:
@@ -80,6 +135,7 @@ def create_app(
             pool.name: {"created": pool.created, "idle": pool.idle, "in_use": pool.in_use}
             for pool in (engines.vads, engines.recognizers)
         }
+        snapshot["admission"] = admission.describe()
         return snapshot
 
     if settings.events_api:
@@ -119,9 +175,25 @@ def create_app(
         await handler.run(websocket)
         log.info("call %s ended: %s", call_id, handler.end_reason)
 
+    async def admitted_media_socket(websocket: WebSocket) -> None:
+        # Admission before accept(), before anything else is spent on the socket: a refusal is an
+        # HTTP status (400, 409, 503); an admitted socket holds its slot until its call has ended.
+        admitted = admission.admit(
+            websocket.headers.get("x-ms-call-connection-id") or websocket.query_params.get("callId") or None,
+            also_check=[value for value in [websocket.query_params.get("callId")] if value],
+            client=f"{websocket.client.host}:{websocket.client.port}" if websocket.client else "-",
+        )
+        if isinstance(admitted, Refusal):
+            await _deny(websocket, admitted.status, f"{admitted.reason}: {admitted.message}\n")
+            return
+        try:
+            await media_socket(websocket)
+        finally:
+            admission.release(admitted)
+
     # /ws is the path Microsoft's samples give ACS; /ws/acs names the transport.
-    app.add_api_websocket_route("/ws/acs", media_socket)
-    app.add_api_websocket_route("/ws", media_socket)
+    app.add_api_websocket_route("/ws/acs", admitted_media_socket)
+    app.add_api_websocket_route("/ws", admitted_media_socket)
     if call_automation is not None:
         from parley.acs.routes import acs_router, redact_uvicorn_request_logs
 
@@ -140,6 +212,23 @@ async def _unknown_websocket_path(websocket: WebSocket) -> None:
         await websocket.send_denial_response(PlainTextResponse(message, status_code=404))
     else:  # a server without the denial-response extension can only refuse
         await websocket.close()
+
+
+async def _deny(websocket: WebSocket, status: int, message: str) -> None:
+    """Refuse a WebSocket upgrade with an HTTP status (a plain close, seen as 403, without the extension)."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(PlainTextResponse(message, status_code=status))
+    else:
+        await websocket.close()
+
+
+async def _close_call_records(app: FastAPI) -> None:
+    """HOOK for the call-records store (issue 12, durable call records): flush and close it here, in
+    the lifespan shutdown, after the drain (every call has ended) and before the process exits.
+    `app.state.call_records` is the store when one is configured; nothing to do until then."""
+    store = getattr(app.state, "call_records", None)
+    if store is not None:
+        await asyncio.to_thread(store.close)
 
 
 def _acs_validator(settings: Settings) -> AcsTokenValidator | None:
@@ -215,9 +304,17 @@ def describe_engines(settings: Settings) -> str:
 
 
 class ParleyServer(uvicorn.Server):
-    """uvicorn's server, logging the media URL once it listens (the port may be chosen then)."""
+    """uvicorn's server, logging the media URL once it listens (the port may be chosen then), and
+    draining on the first SIGTERM or SIGINT (a second one ends at once)."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_requested = False
+        self._drain_task: asyncio.Task[None] | None = None
 
     async def startup(self, sockets: list[Any] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
         await super().startup(sockets=sockets)
         if self.should_exit or not self.servers or not self.servers[0].sockets:
             return
@@ -225,6 +322,44 @@ class ParleyServer(uvicorn.Server):
         host = self.config.host
         host = f"[{host}]" if ":" in host else host
         log.info("media WebSocket: ws://%s:%d/ws/acs (ACS streams calls here; also /ws)", host, port)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """uvicorn's own sets `should_exit`, after which its shutdown closes every media socket with
+        1012 at once, and it raises the signal again once served (the process dies of it even after a
+        clean shutdown). Here the first signal starts the drain and the process exits 0 when it is
+        done; a second signal (or one before the server has started) is uvicorn's: exit now."""
+        if not self._drain_requested and self.request_drain():
+            log.warning(
+                "%s: draining (new calls refused, live calls go on); send it again to end at once",
+                signal.Signals(sig).name,
+            )
+            return
+        if self._drain_requested:
+            log.warning("%s again: ending now, without waiting for the calls", signal.Signals(sig).name)
+            self.force_exit = True
+        super().handle_exit(sig, frame)
+
+    def request_drain(self) -> bool:
+        """Start the graceful drain (safe from a signal handler or another thread); False when there
+        is none to start (the server has not started, is stopping, or its app has no drain)."""
+        drain = getattr(getattr(self.config.app, "state", None), "drain", None)
+        loop = self._loop
+        if drain is None or loop is None or not self.started or self.should_exit or self._drain_requested:
+            return False
+        self._drain_requested = True
+        loop.call_soon_threadsafe(self._start_drain, drain)
+        return True
+
+    def _start_drain(self, drain: Callable[[], Awaitable[object]]) -> None:
+        self._drain_task = asyncio.create_task(self._drain_then_exit(drain), name="drain")
+
+    async def _drain_then_exit(self, drain: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await drain()
+        except Exception:  # a failed drain still ends in uvicorn's shutdown
+            log.exception("the drain failed; shutting down")
+        finally:
+            self.should_exit = True  # uvicorn's main loop sees it within 0.1 s, then its shutdown runs
 
 
 def uvicorn_server(app: FastAPI, settings: Settings) -> uvicorn.Server:
@@ -240,6 +375,8 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         ws_max_size=settings.max_message_bytes,
         ws=settings.websocket_impl,
         lifespan="on",
+        # After a drain no call is left; this bounds the wait for any socket that is (1012 closes it).
+        timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
         # With parley.logs set up, uvicorn's loggers go through its queue, not straight to stdout.
         log_config=None if logs.active() else uvicorn.config.LOGGING_CONFIG,
     )
@@ -286,6 +423,15 @@ class BackgroundServer:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(10)
+
+    def begin_drain(self) -> bool:
+        """What the first SIGTERM does to `parley serve` (the server stops once drained)."""
+        assert isinstance(self._server, ParleyServer)
+        return self._server.request_drain()
+
+    @property
+    def stopped(self) -> bool:
+        return not self._thread.is_alive()
 
     def __enter__(self) -> BackgroundServer:
         return self.start()

@@ -138,6 +138,12 @@ class Settings(BaseSettings):
     overload_backlog_frames: int = Field(
         100, ge=1, description="Recognition backlog (frames behind, worst call) above which new calls are refused."
     )
+    overload_queued_jobs: int = Field(
+        8,
+        ge=1,
+        description="Jobs waiting per worker on a shared executor (synthesis, Whisper finals) above which new"
+        " calls are refused.",
+    )
 
     # --- access and privacy ----------------------------------------------------------------------
     api_token: SecretStr | None = Field(

@@ -157,3 +157,7 @@ class CallRegistry:
     @property
     def live_count(self) -> int:
         return len(self._live)
+
+    def live_sessions(self) -> list[Any]:
+        """The calls in progress (their media handlers)."""
+        return list(self._live.values())
