@@ -125,6 +125,7 @@ TIERS: dict[str, str | frozenset[str]] = {
         }
     ),
     "test_logging.py": frozenset({"test_a_stdout_nobody_reads_never_freezes_the_server"}),  # runs `parley serve`
+    "test_limits.py": frozenset({"test_finish_politely_over_a_real_socket"}),
     "test_media_units.py": FAST,
     "test_piper.py": SLOW,  # the Piper voice model
     "test_properties.py": SLOW,  # hypothesis: thousands of codec and harness examples (~35 s)

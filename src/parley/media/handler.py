@@ -57,6 +57,7 @@ _LOGGED_ERRORS = 20  # log the first errors in full, then only every 100th
 _RECENT_WORDS = 16  # how much of the agent's speech its echo may repeat back
 _CAUGHT_UP_FRAMES = 5  # recognition this close behind the line (100 ms) has heard what was said
 _RESUME_RECHECK_S = 0.2
+_CLOSING_LIMIT_S = 10.0  # finish_politely: the call ends by then even if the closing line has not
 
 
 class MediaHandler:
@@ -109,6 +110,10 @@ class MediaHandler:
         self._hangup = asyncio.Event()
         self._end_reason = "caller_hangup"
         self._close_code = 1000
+        self._close_reason = ""
+        self._finishing = False  # finish_politely was called: the closing line, then the hang-up
+        self._closing_done = asyncio.Event()
+        self._ending = False  # run() is shutting the call down
         # A goodbye's hang-up (or a transfer) whose turn the caller talked over: carried out after
         # the caller's words are answered, or at once if those words were a farewell.
         self._deferred_control: Hangup | Transfer | None = None
@@ -126,6 +131,7 @@ class MediaHandler:
         try:
             await asyncio.wait([receiving, hangup], return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self._ending = True
             for task in (receiving, hangup):
                 task.cancel()
             await asyncio.gather(receiving, hangup, return_exceptions=True)
@@ -151,7 +157,7 @@ class MediaHandler:
     async def _close_socket(self, websocket: WebSocket) -> None:
         if websocket.application_state == WebSocketState.CONNECTED:
             try:
-                await websocket.close(code=self._close_code)
+                await websocket.close(code=self._close_code, reason=self._close_reason)
             except Exception:  # noqa: BLE001 - already closed from the other side (any transport's error)
                 pass
 
@@ -206,7 +212,47 @@ class MediaHandler:
     def end_call(self, reason: str, close_code: int = 1000) -> None:
         self._end_reason = reason
         self._close_code = close_code
+        self._close_reason = reason.encode()[:123].decode(errors="ignore")  # a close reason's limit
         self._hangup.set()
+
+    def finish_politely(self, reason: str) -> None:
+        """End the call with a goodbye (server drain, max call duration). Call on the loop.
+
+        Queued inputs are dropped, the current turn is stopped as a barge-in would stop it (StopAudio
+        first, none of its audio after), `settings.closing_text` is spoken as a turn the caller cannot
+        interrupt, then the call is hung up (through Call Automation when configured) with end reason
+        `reason`. Before the media started (no AudioMetadata yet) the call ends at once. Bounded:
+        the call ends after `_CLOSING_LIMIT_S` even if the closing line has not finished. A second
+        call does nothing.
+        """
+        if self._finishing or self._ending or self._hangup.is_set():
+            return
+        self._finishing = True
+        log.info("call %s: finishing (%s)", self.call_id, reason)
+        if self.player is None or not self.settings.closing_text.strip():
+            self._hang_up(Hangup(reason))
+            return
+        self._deferred_control = None  # whatever the agent wanted, the call ends now
+        self.inbox.clear()
+        turn = self.route.current
+        if turn is not None and not turn.cancelled:
+            self._stop_turn(turn, time.monotonic())
+        closing = Pending(
+            "closing", None, self._latest_utterance_id, interruptible=False, say=self.settings.closing_text
+        )
+        self.inbox.put(closing)
+        self.inbox.release()  # not held for a caller mid-utterance: nothing they say is answered now
+        self._spawn(self._hang_up_after_closing(reason), "closing")
+
+    async def _hang_up_after_closing(self, reason: str) -> None:
+        try:
+            async with asyncio.timeout(_CLOSING_LIMIT_S):
+                await self._closing_done.wait()
+        except TimeoutError:
+            log.warning(
+                "call %s: the closing line did not end within %.0f s; hanging up", self.call_id, _CLOSING_LIMIT_S
+            )
+        self._hang_up(Hangup(reason))
 
     def _agent_event(self, name: str, /, **fields: Any) -> None:
         if name in ("agent_handoff", "tool_called"):
@@ -311,7 +357,8 @@ class MediaHandler:
     def on_speech_started(self, event: SpeechStarted) -> None:
         self._latest_utterance_id = max(self._latest_utterance_id, event.utterance_id)
         self.events.emit("speech_started", t=event.detected_t, utterance_id=event.utterance_id, onset_t=event.onset_t)
-        self.inbox.hold()  # answer once the caller has finished, everything they said at once
+        if not self._finishing:
+            self.inbox.hold()  # answer once the caller has finished, everything they said at once
         self._consider_barge_in(Signal("vad", event.utterance_id))
 
     def on_speech_continues(self, event: SpeechContinues) -> None:
@@ -342,7 +389,7 @@ class MediaHandler:
         decision = self._consider_barge_in(Signal("final", event.utterance_id, event.text, evidence))
         if self._deferred_control is not None and is_farewell(event.text):
             self._carry_out(self._take_deferred_control(), "farewell")  # "thanks, bye" over the goodbye
-        elif event.text.strip() and not decision.said_over_agent:
+        elif event.text.strip() and not decision.said_over_agent and not self._finishing:
             self.inbox.put(Pending("speech", UserInput("speech", text=event.text), event.utterance_id))
         self._last_final_utterance_id = max(self._last_final_utterance_id, event.utterance_id)
         if event.utterance_id >= self._latest_utterance_id:
@@ -376,6 +423,8 @@ class MediaHandler:
 
     def _queue_digits(self, digits: str) -> None:
         self.events.emit("dtmf_input", digits=digits)
+        if self._finishing:
+            return
         self.inbox.put(Pending("dtmf", UserInput("dtmf", digits=digits), self._latest_utterance_id))
 
     def _digits_expected(self) -> int | None:
@@ -426,11 +475,24 @@ class MediaHandler:
 
     def _barge_in(self, turn: Turn, trigger: str) -> None:
         """Synchronous on purpose: StopAudio is queued before anything else can run on the loop."""
-        assert self.writer is not None and self.player is not None
         now = time.monotonic()
         self.events.emit("barge_in_decided", t=now, turn_id=turn.id, trigger=trigger)
         if turn.interruption_pending:
             self.events.emit("barge_in_confirmed", t=now, turn_id=turn.id, reason=trigger)
+        self._stop_turn(turn, now)
+        if turn.control is not None:  # the caller talked over a goodbye (or a "please hold")
+            self._deferred_control = turn.control
+            self.events.emit("control_deferred", turn_id=turn.id, control=type(turn.control).__name__)
+        self.inbox.drop_greetings()
+        if turn.heard_ms == 0 and turn.user is not None and not (trigger == "dtmf" and turn.kind == "dtmf"):
+            # The caller heard none of this answer: answer that input together with what comes next
+            # (not a key input cut by the next key: the caller has moved on to a new one).
+            self.inbox.put_back(Pending(turn.kind, turn.user, turn.source_utterance_id))
+
+    def _stop_turn(self, turn: Turn, now: float) -> None:
+        """Cancel `turn` at once: StopAudio queued ahead of everything (none of its audio follows),
+        its agent and task cancelled, what the caller heard of it recorded."""
+        assert self.writer is not None and self.player is not None
         turn.cancelled = True
         track = self.player.track_of(turn.id)
         self.writer.stop_audio(turn.id, send_stop=not (track is not None and track.paused))
@@ -442,14 +504,6 @@ class MediaHandler:
         if turn.task is not None:
             turn.task.cancel()
         self._tell_agent_what_was_heard(turn)
-        if turn.control is not None:  # the caller talked over a goodbye (or a "please hold")
-            self._deferred_control = turn.control
-            self.events.emit("control_deferred", turn_id=turn.id, control=type(turn.control).__name__)
-        self.inbox.drop_greetings()
-        if turn.heard_ms == 0 and turn.user is not None and not (trigger == "dtmf" and turn.kind == "dtmf"):
-            # The caller heard none of this answer: answer that input together with what comes next
-            # (not a key input cut by the next key: the caller has moved on to a new one).
-            self.inbox.put_back(Pending(turn.kind, turn.user, turn.source_utterance_id))
 
     def _tell_agent_what_was_heard(self, turn: Turn) -> None:
         """An agent that keeps history (an LLM) remembers only the part of its reply the caller
@@ -551,6 +605,8 @@ class MediaHandler:
             await wait_bounded(
                 producer, self.settings.turn_cleanup_timeout_s, f"call {self.call_id}: turn {turn.id}'s audio producer"
             )
+            if turn.kind == "closing":
+                self._closing_done.set()
         if hangup is None and self._deferred_control is not None:
             hangup = self._take_deferred_control()  # the caller's last words are answered: now end
         if hangup is not None:

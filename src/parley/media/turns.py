@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from parley.protocols import Hangup, Transfer, UserInput
 
-TurnKind = Literal["greeting", "speech", "dtmf"]
+TurnKind = Literal["greeting", "speech", "dtmf", "closing"]  # closing: the last words (finish_politely)
 
 
 @dataclass
@@ -92,6 +92,10 @@ class TurnInbox:
     def release(self) -> None:
         self._held = False
         self._changed.set()
+
+    def clear(self) -> None:
+        """Drop every waiting input (the call is closing)."""
+        self._items.clear()
 
     def drop_greetings(self) -> None:
         self._items = deque(item for item in self._items if item.kind != "greeting")

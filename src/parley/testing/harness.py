@@ -158,6 +158,7 @@ class FakeSocket:
         self.sent: list[tuple[float, acs.OutboundMessage]] = []
         self.application_state = WebSocketState.CONNECTED
         self.close_code: int | None = None
+        self.close_reason: str | None = None
         self.send_delay_s = 0.0  # a slow reader on the other end
 
     async def receive(self) -> dict[str, Any]:
@@ -168,9 +169,10 @@ class FakeSocket:
             await asyncio.sleep(self.send_delay_s)
         self.sent.append((time.monotonic(), acs.parse_outbound(data)))
 
-    async def close(self, code: int = 1000) -> None:
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
         self.application_state = WebSocketState.DISCONNECTED
         self.close_code = code
+        self.close_reason = reason
 
 
 # ------------------------------------------------------------------------------- the harness
