@@ -92,6 +92,7 @@ TIERS: dict[str, str | frozenset[str]] = {
     "test_caller.py": SLOW,  # real-time calls against local servers
     "test_clauses.py": FAST,
     "test_cli.py": SLOW,
+    "test_drain.py": SLOW,  # `parley serve` subprocesses drained with SIGTERM
     "test_e2e.py": SLOW,
     "test_echo_gate.py": SLOW,  # Silero VAD and pocketsphinx on real-time audio
     "test_engines.py": SLOW,  # loads every engine
