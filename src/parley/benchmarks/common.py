@@ -157,6 +157,16 @@ class ServerUnderTest:
         return response.json()
 
 
+# Benchmarks measure the server up to and past the point where admission control would refuse
+# calls (`bench load --sweep` looks for it): a server they start admits every call they make.
+UNLIMITED_ADMISSION: dict[str, object] = {
+    "max_calls": 100_000,
+    "overload_loop_lag_ms": 1e9,
+    "overload_backlog_frames": 10**9,
+    "overload_queued_jobs": 10**9,
+}
+
+
 @contextmanager
 def server_under_test(url: str | None, mode: str = "subprocess", **settings: object) -> Iterator[ServerUnderTest]:
     """A running server for the benchmark; settings apply only to a server we start."""
@@ -164,6 +174,7 @@ def server_under_test(url: str | None, mode: str = "subprocess", **settings: obj
     if url:
         yield ServerUnderTest(url, None)
         return
+    settings = {**UNLIMITED_ADMISSION, **settings}
     if mode == "inprocess":
         from parley.server import BackgroundServer
         from parley.settings import load_settings
