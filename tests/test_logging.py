@@ -197,6 +197,9 @@ def unread_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]
         PARLEY_ENGINES="plumbing",
         PARLEY_PORT=str(port),
         PARLEY_HOST="127.0.0.1",
+        # The floods below stall the loop on purpose (the log pipe is what is tested): overload
+        # refusals (tests/test_admission.py) would refuse the calls that follow them.
+        PARLEY_OVERLOAD_LOOP_LAG_MS="100000",
         PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"),
     )
     process = subprocess.Popen(
