@@ -463,12 +463,8 @@ class AdmissionController:
 
 
 def _finish(session: Any, reason: str) -> None:
-    """Ask a live call to end politely: its closing line, then the hang-up."""
+    """Ask a live call (a MediaHandler) to end politely: its closing line, then the hang-up."""
     try:
-        finish = getattr(session, "finish_politely", None)
-        if finish is not None:
-            finish(reason)
-        else:  # a handler without a closing line: end the call at once
-            session.end_call(reason)
+        session.finish_politely(reason)
     except Exception:  # one call failing to finish must not stop the drain of the others
         log.exception("call %s: could not be finished politely", getattr(session, "call_id", "?"))

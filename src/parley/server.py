@@ -327,19 +327,17 @@ class ParleyServer(uvicorn.Server):
         """uvicorn's own sets `should_exit`, after which its shutdown closes every media socket with
         1012 at once, and it raises the signal again once served (the process dies of it even after a
         clean shutdown). Here the first signal starts the drain and the process exits 0 when it is
-        done; a second signal (or one before the server has started) is uvicorn's: exit now."""
-        if not self._drain_requested and self.request_drain():
-            log.warning(
-                "%s: draining (new calls refused, live calls go on); send it again to end at once",
-                signal.Signals(sig).name,
-            )
+        done; a second signal (or one before the server has started) is uvicorn's: exit now.
+        (A signal handler: it logs nothing itself, a logging lock may be held where it interrupted.)"""
+        name = signal.Signals(sig).name
+        if not self._drain_requested and self.request_drain(why=name):
             return
-        if self._drain_requested:
-            log.warning("%s again: ending now, without waiting for the calls", signal.Signals(sig).name)
+        if self._drain_requested and self._loop is not None:
             self.force_exit = True
+            self._loop.call_soon_threadsafe(log.warning, "%s again: ending now, without waiting for the calls", name)
         super().handle_exit(sig, frame)
 
-    def request_drain(self) -> bool:
+    def request_drain(self, why: str = "drain requested") -> bool:
         """Start the graceful drain (safe from a signal handler or another thread); False when there
         is none to start (the server has not started, is stopping, or its app has no drain)."""
         drain = getattr(getattr(self.config.app, "state", None), "drain", None)
@@ -347,10 +345,11 @@ class ParleyServer(uvicorn.Server):
         if drain is None or loop is None or not self.started or self.should_exit or self._drain_requested:
             return False
         self._drain_requested = True
-        loop.call_soon_threadsafe(self._start_drain, drain)
+        loop.call_soon_threadsafe(self._start_drain, drain, why)
         return True
 
-    def _start_drain(self, drain: Callable[[], Awaitable[object]]) -> None:
+    def _start_drain(self, drain: Callable[[], Awaitable[object]], why: str) -> None:
+        log.warning("%s: draining (new calls refused, live calls go on); send it again to end at once", why)
         self._drain_task = asyncio.create_task(self._drain_then_exit(drain), name="drain")
 
     async def _drain_then_exit(self, drain: Callable[[], Awaitable[object]]) -> None:
