@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -469,3 +471,29 @@ async def test_a_draining_server_refuses_new_calls_and_serves_its_live_one() -> 
             await asyncio.sleep(0.05)
     finally:
         server.stop()
+
+
+async def test_peers_gone_before_their_refusal_harm_nothing(small_server: BackgroundServer) -> None:
+    """Upgrade requests to a full server whose peers reset the connection at once: each is refused
+    (counted), none is left holding anything, and the server goes on answering."""
+    before = (await stats(small_server))["calls_refused"].get("capacity", 0)
+    request = (
+        f"GET /ws/acs HTTP/1.1\r\nHost: 127.0.0.1:{small_server.port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+    async with websockets.connect(small_server.url), websockets.connect(small_server.url):
+        for _ in range(20):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", small_server.port)
+            writer.write(request)
+            await writer.drain()
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST on close
+            writer.close()
+        deadline = time.monotonic() + 5
+        while (await stats(small_server))["calls_refused"].get("capacity", 0) < before + 20:
+            assert time.monotonic() < deadline, await stats(small_server)
+            await asyncio.sleep(0.05)
+        assert (await stats(small_server))["admission"]["admitted"] == 2
+    await wait_for_admitted(small_server, 0)
+    async with websockets.connect(small_server.url) as ws:
+        assert ws.response is not None and ws.response.status_code == 101

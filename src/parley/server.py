@@ -216,10 +216,13 @@ async def _unknown_websocket_path(websocket: WebSocket) -> None:
 
 async def _deny(websocket: WebSocket, status: int, message: str) -> None:
     """Refuse a WebSocket upgrade with an HTTP status (a plain close, seen as 403, without the extension)."""
-    if "websocket.http.response" in websocket.scope.get("extensions", {}):
-        await websocket.send_denial_response(PlainTextResponse(message, status_code=status))
-    else:
-        await websocket.close()
+    try:
+        if "websocket.http.response" in websocket.scope.get("extensions", {}):
+            await websocket.send_denial_response(PlainTextResponse(message, status_code=status))
+        else:
+            await websocket.close()
+    except Exception as exc:  # noqa: BLE001 - any transport's error: the peer left before its refusal
+        log.debug("refusal not delivered (HTTP %d): %s", status, exc)
 
 
 async def _close_call_records(app: FastAPI) -> None:
