@@ -122,7 +122,14 @@ TIERS: dict[str, str | frozenset[str]] = {
         }
     ),
     "test_logging.py": frozenset({"test_a_stdout_nobody_reads_never_freezes_the_server"}),  # runs `parley serve`
-    "test_limits.py": frozenset({"test_finish_politely_over_a_real_socket"}),
+    "test_limits.py": frozenset(  # real servers
+        {
+            "test_finish_politely_over_a_real_socket",
+            "test_sockets_that_only_connect_take_no_engines_and_are_closed_after_the_handshake_timeout",
+            "test_a_flooding_peer_is_closed_with_1008_over_a_real_socket",
+            "test_a_long_dtmf_message_over_a_real_socket_is_refused_and_the_call_goes_on",
+        }
+    ),
     "test_media_units.py": FAST,
     "test_piper.py": SLOW,  # the Piper voice model
     "test_properties.py": SLOW,  # hypothesis: thousands of codec and harness examples (~35 s)
