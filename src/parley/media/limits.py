@@ -5,6 +5,9 @@
   large non-audio message costs what its size would. The bucket refills at `rate` x real time and
   holds `burst_s` seconds, so the backlog a network stall delivers at once passes, while a peer that
   keeps sending faster than `rate` x real time empties it within `burst_s / (speed - rate)` seconds.
+  A new call starts with only `initial_s` in the bucket (a stream starts in real time; it fills by
+  `rate - 1` seconds a second of real-time audio, so it is full within ~3 s at 4x): a peer that
+  floods and dials again at once gets ~2 s of audio through per connection, not 10.
   O(1) per message, before any parsing.
 - `ErrorWindow`: more than `max_errors` bad messages within `window_s` seconds. Unlike a count of
   consecutive errors, good messages in between do not reset it.
@@ -20,6 +23,7 @@ from collections import deque
 FRAME_S = 0.02  # one ACS audio frame
 COST_UNIT_BYTES = 2048  # a message costs one frame per started unit (an ACS frame is < 1.4 KB)
 BURST_S = 10.0  # inbound media the bucket lets through at once (a stalled network's backlog)
+INITIAL_BURST_S = 2.0  # what a new call may send at once
 MAX_ERRORS = 100  # bad messages tolerated within ERROR_WINDOW_S (20% of the frames)...
 ERROR_WINDOW_S = 10.0  # ...of a 50-frames-a-second stream
 
@@ -36,12 +40,12 @@ def message_cost(size: int) -> float:
 class InboundRateLimiter:
     """Token bucket: `admit` is False once the peer has sent more than the bucket allows."""
 
-    def __init__(self, rate: float, now: float, burst_s: float = BURST_S) -> None:
-        if rate <= 1 or burst_s <= 0:
-            raise ValueError("the rate must exceed real time and the burst must be positive")
+    def __init__(self, rate: float, now: float, burst_s: float = BURST_S, initial_s: float = INITIAL_BURST_S) -> None:
+        if rate <= 1 or burst_s <= 0 or not 0 < initial_s <= burst_s:
+            raise ValueError("the rate must exceed real time and the bursts must be positive, initial <= burst")
         self.rate = rate
         self.burst_s = burst_s
-        self.tokens = burst_s  # a new call may start with a backlog
+        self.tokens = initial_s
         self._last = now
 
     def admit(self, now: float, cost_s: float = FRAME_S) -> bool:
@@ -50,7 +54,7 @@ class InboundRateLimiter:
             self.tokens = min(self.burst_s, self.tokens + elapsed * self.rate)
             self._last = now
         self.tokens -= cost_s
-        return self.tokens >= 0
+        return self.tokens >= -1e-9  # (a sum of 20 ms steps is not exact in floating point)
 
 
 class ErrorWindow:
