@@ -93,7 +93,8 @@ TIERS: dict[str, str | frozenset[str]] = {
     "test_echo_gate.py": SLOW,  # Silero VAD and pocketsphinx on real-time audio
     "test_engines.py": SLOW,  # loads every engine
     "test_extending.py": SLOW,  # the example agent on a real server, real calls
-    "test_faults.py": FAST,  # in-memory harness: a real MediaHandler, scripted engines
+    "test_faults.py": FAST,
+    "test_flood.py": SLOW,  # a flooding process against a real server, a real-time call  # in-memory harness: a real MediaHandler, scripted engines
     "test_eval.py": frozenset({"test_eval_stt_smoke", "test_eval_bargein_smoke"}),
     "test_llama.py": frozenset(  # the ones that load SmolLM2 (skipped without the llama extra)
         {
