@@ -321,7 +321,7 @@ async def test_alternating_good_and_bad_frames_are_closed_with_1007() -> None:
             call.send('{"kind": "AudioData", "audioData": {"data": "***"}}')
         await asyncio.wait_for(call._task, 5)  # type: ignore[arg-type]
     assert call.socket.close_code == 1007 and call.socket.close_reason == "protocol_errors"
-    assert call.named("call_ended")[0]["input_errors"] == 101
+    assert call.named("call_ended")[0]["input_errors"] == 51
 
 
 async def test_a_few_bad_frames_among_good_ones_are_tolerated() -> None:

@@ -197,6 +197,7 @@ def unread_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]
         PARLEY_ENGINES="plumbing",
         PARLEY_PORT=str(port),
         PARLEY_HOST="127.0.0.1",
+        PARLEY_MAX_INBOUND_RATE="1000",  # the floods below are not about the rate cap (test_limits.py is)
         PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"),
     )
     process = subprocess.Popen(

@@ -24,8 +24,8 @@ FRAME_S = 0.02  # one ACS audio frame
 COST_UNIT_BYTES = 2048  # a message costs one frame per started unit (an ACS frame is < 1.4 KB)
 BURST_S = 10.0  # inbound media the bucket lets through at once (a stalled network's backlog)
 INITIAL_BURST_S = 2.0  # what a new call may send at once
-MAX_ERRORS = 100  # bad messages tolerated within ERROR_WINDOW_S (20% of the frames)...
-ERROR_WINDOW_S = 10.0  # ...of a 50-frames-a-second stream
+MAX_ERRORS = 50  # bad messages tolerated within ERROR_WINDOW_S (5% of a 50-frames-a-second stream),
+ERROR_WINDOW_S = 10.0  # fewer than a new call may send at once: a garbage-only peer ends in 1007
 
 HANDSHAKE_TIMEOUT = "handshake_timeout"
 IDLE_TIMEOUT = "idle_timeout"
