@@ -97,7 +97,8 @@ TIERS: dict[str, str | frozenset[str]] = {
     "test_echo_gate.py": SLOW,  # Silero VAD and pocketsphinx on real-time audio
     "test_engines.py": SLOW,  # loads every engine
     "test_extending.py": SLOW,  # the example agent on a real server, real calls
-    "test_faults.py": FAST,  # in-memory harness: a real MediaHandler, scripted engines
+    "test_faults.py": FAST,
+    "test_flood.py": SLOW,  # a flooding process against a real server, a real-time call  # in-memory harness: a real MediaHandler, scripted engines
     "test_eval.py": frozenset({"test_eval_stt_smoke", "test_eval_bargein_smoke"}),
     "test_llama.py": frozenset(  # the ones that load SmolLM2 (skipped without the llama extra)
         {
@@ -126,7 +127,14 @@ TIERS: dict[str, str | frozenset[str]] = {
         }
     ),
     "test_logging.py": frozenset({"test_a_stdout_nobody_reads_never_freezes_the_server"}),  # runs `parley serve`
-    "test_limits.py": frozenset({"test_finish_politely_over_a_real_socket"}),
+    "test_limits.py": frozenset(  # real servers
+        {
+            "test_finish_politely_over_a_real_socket",
+            "test_sockets_that_only_connect_take_no_engines_and_are_closed_after_the_handshake_timeout",
+            "test_a_flooding_peer_is_closed_with_1008_over_a_real_socket",
+            "test_a_long_dtmf_message_over_a_real_socket_is_refused_and_the_call_goes_on",
+        }
+    ),
     "test_media_units.py": FAST,
     "test_piper.py": SLOW,  # the Piper voice model
     "test_properties.py": SLOW,  # hypothesis: thousands of codec and harness examples (~35 s)

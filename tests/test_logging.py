@@ -200,6 +200,7 @@ def unread_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]
         # The floods below stall the loop on purpose (the log pipe is what is tested): overload
         # refusals (tests/test_admission.py) would refuse the calls that follow them.
         PARLEY_OVERLOAD_LOOP_LAG_MS="100000",
+        PARLEY_MAX_INBOUND_RATE="1000",  # the floods below are not about the rate cap (test_limits.py is)
         PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"),
     )
     process = subprocess.Popen(

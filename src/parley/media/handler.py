@@ -31,6 +31,17 @@ from parley.media.bridge import (
 from parley.media.dtmf import DigitCollector, DigitRules
 from parley.media.echo import EchoGate, EchoReference, EchoState
 from parley.media.events import CallRegistry, EventLog
+from parley.media.limits import (
+    BURST_S,
+    ERROR_WINDOW_S,
+    HANDSHAKE_TIMEOUT,
+    MAX_CALL_DURATION,
+    MAX_ERRORS,
+    Deadlines,
+    ErrorWindow,
+    InboundRateLimiter,
+    message_cost,
+)
 from parley.media.player import Player
 from parley.media.recognition import RecognitionThread, SegmenterConfig
 from parley.media.reply import END, Clip, ReplyLimits, ReplyProducer, wait_bounded
@@ -52,7 +63,9 @@ from parley.transports import acs
 
 log = logging.getLogger(__name__)
 
-_MAX_CONSECUTIVE_ERRORS = 250  # 5 s of nothing but bad frames: the peer is not speaking ACS
+# Messages handled in a row before giving the loop to others: a backlog (or a flood) arrives in
+# reads of hundreds of messages, which would otherwise be handled in one uninterrupted step.
+_YIELD_EVERY = 16
 _LOGGED_ERRORS = 20  # log the first errors in full, then only every 100th
 _RECENT_WORDS = 16  # how much of the agent's speech its echo may repeat back
 _CAUGHT_UP_FRAMES = 5  # recognition this close behind the line (100 ms) has heard what was said
@@ -102,7 +115,10 @@ class MediaHandler:
         self.echo_reference = EchoReference() if settings.echo_gate else None
         self.frames_in = 0
         self.input_errors = 0
-        self._consecutive_errors = 0
+        # Per-call limits (docs/operations.md, "Per-call limits"); the clocks start in run().
+        self._errors = ErrorWindow(MAX_ERRORS, ERROR_WINDOW_S)
+        self._inbound: InboundRateLimiter | None = None
+        self.deadlines: Deadlines | None = None
         self._latest_utterance_id = 0
         self._last_final_utterance_id = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -121,8 +137,10 @@ class MediaHandler:
     # ------------------------------------------------------------------ socket lifecycle
     async def run(self, websocket: WebSocket) -> None:
         """Serve the call until the caller hangs up, the agent ends it, or the peer misbehaves."""
+        self._start_limits(time.monotonic())
         self.writer = OutboundWriter(websocket.send_text, self.events)
         self._spawn(self.writer.run(), "writer")
+        self._spawn(self._watch_deadlines(), "deadlines")
         self.events.emit("call_started", correlation_id=self.correlation_id)
         if self.registry:
             self.registry.started(self)
@@ -142,7 +160,11 @@ class MediaHandler:
             await self._close_socket(websocket)
 
     async def _receive(self, websocket: WebSocket) -> None:
+        handled = 0
         while True:
+            handled += 1
+            if handled % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 self._end_reason = f"caller_hangup (code {message.get('code', 1000)})"
@@ -160,6 +182,44 @@ class MediaHandler:
                 await websocket.close(code=self._close_code, reason=self._close_reason)
             except Exception:  # noqa: BLE001 - already closed from the other side (any transport's error)
                 pass
+
+    def _start_limits(self, now: float) -> None:
+        settings = self.settings
+        self._inbound = InboundRateLimiter(settings.max_inbound_rate, now, BURST_S)
+        self.deadlines = Deadlines(
+            now,
+            handshake_s=settings.handshake_timeout_s,
+            idle_s=settings.idle_timeout_s,
+            max_call_s=settings.max_call_s,
+        )
+
+    async def _watch_deadlines(self) -> None:
+        """One timer per call (not one per message): sleeps until the next deadline, looks again."""
+        deadlines = self.deadlines
+        assert deadlines is not None
+        while True:
+            now = time.monotonic()
+            expired = deadlines.expired(now)
+            if expired == MAX_CALL_DURATION:
+                log.info("call %s: reached max_call_s (%.0f s); finishing", self.call_id, deadlines.max_call_s)
+                self.finish_politely(MAX_CALL_DURATION)
+            elif expired == HANDSHAKE_TIMEOUT:
+                self._limit_hit(
+                    expired, 1008, f"no AudioMetadata or AudioData within {deadlines.handshake_s:g} s of connecting"
+                )
+                return
+            elif expired is not None:
+                self._limit_hit(expired, 1008, f"no message for {deadlines.idle_s:g} s")
+                return
+            await asyncio.sleep(max(0.0, deadlines.next_check() - time.monotonic()))
+
+    def _limit_hit(self, reason: str, close_code: int, detail: str) -> None:
+        """A per-call limit closes the socket: one log line (call id, reason, detail), the end reason
+        in call_ended, the reason in the close frame."""
+        if self._hangup.is_set():
+            return
+        log.warning("call %s: closing (%d %s): %s", self.call_id, close_code, reason, detail)
+        self.end_call(reason, close_code)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
         self._tasks.append(asyncio.create_task(coroutine, name=f"{name}-{self.call_id}"))
@@ -260,12 +320,23 @@ class MediaHandler:
 
     # ------------------------------------------------------------------ inbound messages
     def on_message(self, data: str | bytes, arrival_t: float) -> None:
+        if self._inbound is None:  # driven without run() (unit tests): the clocks start now
+            self._start_limits(arrival_t)
+        assert self._inbound is not None and self.deadlines is not None
+        # The rate check comes first and is O(1): a flood costs no parsing beyond the cap.
+        if not self._inbound.admit(arrival_t, message_cost(len(data))):
+            self._limit_hit(
+                "inbound_rate_exceeded",
+                1008,
+                f"inbound media faster than {self._inbound.rate:g}x real time, beyond the burst allowance",
+            )
+            return
+        self.deadlines.message(arrival_t)
         try:
             message = acs.parse_inbound(data, self.format)
         except acs.AcsProtocolError as exc:
-            self._input_error(str(exc))
+            self._input_error(str(exc), arrival_t)
             return
-        self._consecutive_errors = 0
         if isinstance(message, acs.AudioFrame):
             self._on_audio(message, arrival_t)
         elif isinstance(message, acs.AudioMetadata):
@@ -295,18 +366,19 @@ class MediaHandler:
                 f"{audio_format.sample_rate} Hz mid-call; keeping {self.format.sample_rate} Hz"
             )
 
-    def _input_error(self, message: str) -> None:
+    def _input_error(self, message: str, now: float | None = None) -> None:
         self.input_errors += 1
-        self._consecutive_errors += 1
         if self.input_errors <= _LOGGED_ERRORS or self.input_errors % 100 == 0:
             log.error("call %s: bad inbound message (#%d): %s", self.call_id, self.input_errors, message)
             self.events.emit("input_error", error=message, count=self.input_errors)
-        if self._consecutive_errors >= _MAX_CONSECUTIVE_ERRORS:
-            log.error("call %s: %d bad messages in a row; closing", self.call_id, self._consecutive_errors)
-            self.end_call("protocol_errors", close_code=1007)
+        if self._errors.add(time.monotonic() if now is None else now):
+            self._limit_hit("protocol_errors", 1007, f"more than {MAX_ERRORS} bad messages within {ERROR_WINDOW_S:g} s")
 
     def _start_media(self, audio_format: acs.AudioFormat) -> None:
+        """The handshake is done: only now are engines taken from the pools (the recognition thread)."""
         self.format = audio_format
+        if self.deadlines is not None:
+            self.deadlines.handshake_done()
         assert self.writer is not None
         self.player = Player(self.writer, audio_format.frame_bytes, self.settings.playout_lead_ms, self.echo_reference)
         self.reply = ReplyProducer(
@@ -403,6 +475,12 @@ class MediaHandler:
             self._resume(turn, "recognition_failed")
 
     def _on_dtmf(self, digits: str) -> None:
+        if len(digits) > self.settings.max_dtmf_message_digits:  # not processed; the keys not logged
+            self._input_error(
+                f"DtmfData with {len(digits)} keys (max_dtmf_message_digits is"
+                f" {self.settings.max_dtmf_message_digits}); ignored"
+            )
+            return
         self.events.emit("dtmf", digits=digits)
         self._consider_barge_in(Signal("dtmf"))
         for entered in self.digits.press(digits, self._digits_expected()):

@@ -189,6 +189,8 @@ def harness_settings(**overrides: Any) -> Settings:
         "tts_first_audio_timeout_s": 0.5,
         "tts_chunk_timeout_s": 0.5,
         "turn_cleanup_timeout_s": 0.5,
+        # The harness sends the caller's audio at once, far faster than real time (see frames()).
+        "max_inbound_rate": 1000.0,
     }
     defaults.update(overrides)
     return Settings(_env_file=None, **defaults)
