@@ -53,7 +53,7 @@ TEST_GREETING = "Hi, thanks for calling. How can I help you today?"
 
 @pytest.fixture(scope="module")
 def server():
-    srv = make_server(greeting=TEST_GREETING)
+    srv = make_server(greeting=TEST_GREETING, log_dtmf=True)  # tests read the keys back from events
     yield srv
     srv.stop()
 
