@@ -81,6 +81,7 @@ SLOW = "slow"
 
 TIERS: dict[str, str | frozenset[str]] = {
     "test_acs_auth.py": FAST,  # JWT checks; a JWKS server and a small app on loopback
+    "test_access.py": SLOW,  # API tokens, Origin and call checks, redaction: servers and real calls
     "test_acs_call_automation.py": SLOW,  # parley with fake ACS over TLS, the real SDK
     "test_acs_codec.py": FAST,
     "test_azure_speech.py": SLOW,  # the real Speech SDK against a fake service, calls

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
-from fastapi import FastAPI, HTTPException, WebSocket
+from fastapi import Depends, FastAPI, HTTPException, WebSocket
 from fastapi.responses import PlainTextResponse
 
 from parley import __version__, logs
@@ -26,6 +26,7 @@ from parley.security import (
     build_acs_validator,
     check_websocket,
 )
+from parley.security.access import api_access, check_media_access
 from parley.settings import Settings
 
 if TYPE_CHECKING:
@@ -71,7 +72,10 @@ def create_app(
     async def healthz() -> dict[str, object]:
         return {"status": "ok", "version": __version__, "calls": registry.live_count}
 
-    @app.get("/api/stats")
+    # The calls/events/stats APIs: a bearer token, or a loopback bind without one (parley.security.access).
+    api_guard = [Depends(api_access(settings))]
+
+    @app.get("/api/stats", dependencies=api_guard)
     async def stats(reset: bool = False) -> dict[str, object]:
         """Loop lag (since the last reset), CPU seconds, RSS, threads, call counters."""
         snapshot = registry.stats.snapshot(registry.live_count, reset=reset)
@@ -84,7 +88,7 @@ def create_app(
 
     if settings.events_api:
 
-        @app.get("/api/calls/{call_id}/events")
+        @app.get("/api/calls/{call_id}/events", dependencies=api_guard)
         async def call_events(call_id: str) -> dict[str, object]:
             events = registry.find(call_id)
             if events is None:
@@ -94,6 +98,8 @@ def create_app(
     async def media_socket(websocket: WebSocket) -> None:
         # Before accept(): a refused token closes the handshake (HTTP 403), no call is started.
         if not await check_websocket(websocket, validator):
+            return
+        if not await check_media_access(websocket, settings, call_automation):  # Origin; a call of ours
             return
         call_id = (
             websocket.headers.get("x-ms-call-connection-id")
