@@ -409,3 +409,19 @@ def test_info_lines_carry_lengths_not_words(caplog: pytest.LogCaptureFixture) ->
     assert shown[6] == {**shown[6], "trigger": "speech"}
     assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "parley.events")
     assert events.of("final")[0]["text"] == "my card number is four four"  # the record keeps it
+
+
+async def test_a_tools_bad_arguments_are_logged_by_length_unless_debug(caplog: pytest.LogCaptureFixture) -> None:
+    from parley.agents.tools import Toolbox, ToolContext, end_call_tool
+
+    toolbox = Toolbox([end_call_tool()])
+    context = ToolContext(CallContext("bank-1"), "auth")
+    with caplog.at_level(logging.INFO, logger="parley.agents.tools"):
+        result = await toolbox.call("end_call", '{"pin": "4321"', context)
+    assert "not valid JSON" in result.content
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "parley.agents.tools"]
+    assert "not JSON (14 chars)" in warning and "4321" not in warning
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="parley.agents.tools"):
+        await toolbox.call("end_call", '{"pin": "4321"', context)
+    assert any("4321" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)
