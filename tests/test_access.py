@@ -13,12 +13,15 @@ from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import websockets
 from fastapi.testclient import TestClient
 from websockets.asyncio.client import connect
 
 from parley import logs
+from parley.benchmarks.common import ServerUnderTest
+from parley.caller import CallOptions, run_call
 from parley.engines import Engines, recognizer_pool, vad_pool
 from parley.media.events import EventLog, mask_digits
 from parley.protocols import AgentOutput, CallContext, Say, UserInput
@@ -135,6 +138,33 @@ async def test_with_a_token_the_apis_need_it(token_server: BackgroundServer, cap
         proxied = bearer() | {"X-Forwarded-For": "203.0.113.9", "Host": "parley.example.org"}
         assert (await http.get("/api/stats", headers=proxied)).status_code == 200
         assert (await http.get("/healthz")).status_code == 200
+
+
+async def test_the_caller_and_the_benchmarks_send_the_token(
+    token_server: BackgroundServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PARLEY_API_TOKEN", raising=False)
+    silence = np.zeros(8000, dtype=np.int16)
+
+    def options(**given: Any) -> CallOptions:
+        return CallOptions(url=token_server.url, pcm=silence, greeting_wait_s=0.2, max_wait_s=0.3, **given)
+
+    report = await run_call(options(api_token=TOKEN))
+    assert report.errors == [] and any(e["event"] == "call_ended" for e in report.events)
+    report = await run_call(options())  # no token: the call is fine, its events are refused
+    assert [e for e in report.errors if "events fetch failed" in e and "401" in e], report.errors
+    monkeypatch.setenv("PARLEY_API_TOKEN", TOKEN)  # the default comes from the environment, as the server's
+    report = await run_call(options())
+    assert report.errors == []
+    assert "pools" in ServerUnderTest(token_server.url, None).stats()
+    monkeypatch.delenv("PARLEY_API_TOKEN")
+    with pytest.raises(httpx.HTTPStatusError):
+        ServerUnderTest(token_server.url, None).stats()
+
+
+def test_a_blank_token_is_no_token() -> None:
+    with TestClient(create_app(plumbing(host="0.0.0.0", api_token="  "))) as client:
+        assert client.get("/api/stats", headers=bearer("  ")).status_code == 403
 
 
 def test_a_non_loopback_bind_needs_a_token() -> None:
@@ -299,14 +329,22 @@ def recording_engines(inputs: list[UserInput]) -> Engines:
     )
 
 
+async def _drain(ws: Any) -> None:
+    async for _message in ws:
+        pass
+
+
 async def _keyed_call(server: BackgroundServer, call_id: str, keys: str) -> list[dict[str, Any]]:
     """Press `keys`, hear the start of the answer, hang up over it; the call's events from the API."""
     async with connect(f"{server.url}?callId={call_id}", compression=None) as ws:
+        drain = asyncio.create_task(_drain(ws))  # the agent's audio, read as ACS would
         await ws.send(acs.audio_metadata_message(acs.AudioFormat.for_rate(16000)))
         await ws.send(acs.dtmf_message(keys))
         for _ in range(60):  # 1.2 s of silence, paced
             await ws.send(acs.inbound_audio_message(bytes(640), silent=True))
             await asyncio.sleep(0.02)
+        await ws.close()
+        await drain
     async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
         for _ in range(100):
             events = (await http.get(f"/api/calls/{call_id}/events")).json()["events"]

@@ -52,6 +52,12 @@ class CallMembership(Protocol):
         ...
 
 
+def configured_token(settings: Settings) -> str | None:
+    """PARLEY_API_TOKEN, or None when unset or blank (an empty token would let nobody in: it means unset)."""
+    token = settings.api_token.get_secret_value().strip() if settings.api_token is not None else ""
+    return token or None
+
+
 def bearer_token(headers: Mapping[str, str]) -> str | None:
     """The token of an `Authorization: Bearer <token>` header, or None when there is no such header."""
     scheme, _, token = headers.get("authorization", "").strip().partition(" ")
@@ -102,7 +108,7 @@ def peer(client: Any) -> str:
 
 def check_api_access(request: Request, settings: Settings) -> None:
     """Raise HTTPException (401/403, logged) unless this request may use the calls/events/stats APIs."""
-    expected = settings.api_token
+    expected = configured_token(settings)
     if expected is not None:
         presented = bearer_token(request.headers)
         if presented is None:
@@ -113,7 +119,7 @@ def check_api_access(request: Request, settings: Settings) -> None:
                 "this API needs a token: send Authorization: Bearer <PARLEY_API_TOKEN>",
                 'Bearer realm="parley"',
             )
-        elif not same_secret(presented, expected.get_secret_value()):
+        elif not same_secret(presented, expected):
             _refuse(request, 401, "wrong token", "wrong API token", 'Bearer realm="parley", error="invalid_token"')
         return
     if not is_loopback(settings.host):
@@ -217,6 +223,7 @@ __all__ = [
     "bearer_token",
     "check_api_access",
     "check_media_access",
+    "configured_token",
     "is_loopback_host_header",
     "media_refusal",
     "normalize_origin",
