@@ -429,6 +429,17 @@ def test_a_keyed_pin_is_masked_where_a_tool_call_repeats_it() -> None:
     assert mask_digits("*12#AB") == "*••#••"
 
 
+def test_a_long_key_flood_is_masked_then_cut_and_remembered_within_bounds() -> None:
+    events = EventLog("flood", to_log=False, mask_dtmf=True)
+    record = events.emit("dtmf", digits="1" * 65000)
+    assert record["digits"] == "•" * 500 + "…[+64500 chars]"  # the cut marker stays readable
+    for n in range(100):
+        events.emit("dtmf_input", digits=f"{n:04d}")
+    assert len(events._keyed) == 16 and "0099" in events._keyed and "0000" not in events._keyed
+    record = events.emit("tool_called", tool="t", arguments="0099 0000")
+    assert record["arguments"] == "•••• 0000"
+
+
 def test_info_lines_carry_lengths_not_words(caplog: pytest.LogCaptureFixture) -> None:
     events = EventLog("call-9")
     with caplog.at_level(logging.INFO, logger="parley.events"):

@@ -89,6 +89,7 @@ DTMF_FIELDS: dict[str, frozenset[str]] = {"dtmf": frozenset({"digits"}), "dtmf_i
 MASK = "•"
 _KEPT_KEYS = frozenset("*#")  # not secrets (a menu's star, the terminator): they stay readable
 _REMEMBERED_DIGITS = 4  # inputs this long are masked again where they reappear (a PIN in a tool's arguments)
+_REMEMBERED_INPUTS = 16  # how many such inputs of a call are remembered (the latest)
 
 
 def mask_digits(digits: str) -> str:
@@ -130,14 +131,14 @@ class EventLog:
         self._lock = threading.Lock()
         self._to_log = to_log
         self.mask_dtmf = mask_dtmf
-        self._keyed: set[str] = set()  # long DTMF inputs of this call, masked where they reappear
+        self._keyed: dict[str, None] = {}  # the last long DTMF inputs, masked where they reappear
 
     def emit(self, event: str, t: float | None = None, **fields: Any) -> dict[str, Any]:
         assert event in EVENT_NAMES, f"unknown event name {event!r}"
         record = {"event": event, "t": time.monotonic() if t is None else t, "call_id": self.call_id}
+        if self.mask_dtmf:  # before the size cap, which would be masked too
+            fields = self._masked(event, fields)
         record.update((key, cap_field(value)) for key, value in fields.items())
-        if self.mask_dtmf:
-            self._mask(event, record)
         with self._lock:
             self._events.append(record)
         if self._to_log and log.isEnabledFor(logging.INFO):
@@ -152,17 +153,19 @@ class EventLog:
                 log.info("%s", _AsJson(shown), extra={EVENT_ATTR: shown})
         return record
 
-    def _mask(self, event: str, record: dict[str, Any]) -> None:
-        """Mask DTMF digits in the record itself (and a long input where a tool call repeats it)."""
-        for key, value in record.items():
-            if isinstance(value, str) and _is_dtmf_field(event, key, record):
-                if event == "dtmf_input" and len(value) >= _REMEMBERED_DIGITS:
-                    self._keyed.add(value)
-                record[key] = mask_digits(value)
-        if event == "tool_called" and self._keyed:
-            for key, value in record.items():
-                if key in PRIVATE_FIELDS["tool_called"]:
-                    record[key] = _masked_inside(value, self._keyed)
+    def _masked(self, event: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """The fields with DTMF digits masked (and a long keyed input where a tool call repeats it)."""
+        masked = dict(fields)
+        for key, value in fields.items():
+            if isinstance(value, str) and _is_dtmf_field(event, key, fields):
+                if event == "dtmf_input" and _REMEMBERED_DIGITS <= len(value) <= MAX_FIELD_CHARS:
+                    self._keyed[value] = None
+                    while len(self._keyed) > _REMEMBERED_INPUTS:
+                        del self._keyed[next(iter(self._keyed))]
+                masked[key] = mask_digits(value)
+            elif event == "tool_called" and key in PRIVATE_FIELDS[event] and self._keyed:
+                masked[key] = _masked_inside(value, self._keyed)
+        return masked
 
     def snapshot(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -188,7 +191,7 @@ def _redacted_copy(event: str, record: dict[str, Any]) -> dict[str, Any]:
     return shown
 
 
-def _masked_inside(value: Any, keyed: set[str]) -> Any:
+def _masked_inside(value: Any, keyed: dict[str, None]) -> Any:
     """`value` with every occurrence of a keyed input masked (in strings, lists and dicts)."""
     if isinstance(value, str):
         for digits in sorted(keyed, key=len, reverse=True):
