@@ -137,7 +137,8 @@ class EventLog:
         assert event in EVENT_NAMES, f"unknown event name {event!r}"
         record = {"event": event, "t": time.monotonic() if t is None else t, "call_id": self.call_id}
         if self.mask_dtmf:  # before the size cap, which would be masked too
-            fields = self._masked(event, fields)
+            with self._lock:  # (the remembered inputs)
+                fields = self._masked(event, fields)
         record.update((key, cap_field(value)) for key, value in fields.items())
         with self._lock:
             self._events.append(record)
