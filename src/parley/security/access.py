@@ -26,7 +26,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 from urllib.parse import urlsplit
 
 from fastapi import HTTPException, Request, WebSocket
@@ -159,7 +159,7 @@ def _not_local(request: Request, settings: Settings) -> str | None:
     return None
 
 
-def _refuse(request: Request, status: int, reason: str, detail: str, challenge: str | None = None) -> None:
+def _refuse(request: Request, status: int, reason: str, detail: str, challenge: str | None = None) -> NoReturn:
     log.warning(
         "%s %s from %s refused (%d): %s", request.method, request.url.path, peer(request.client), status, reason
     )
