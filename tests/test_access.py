@@ -249,12 +249,13 @@ async def test_with_acs_a_media_socket_must_belong_to_a_call_parley_answered_or_
     try:
         service = server.app.state.call_automation
         call = service.calls.new("inbound", "+15551234567")  # as answer() books a call before ACS dials
+        assert call.key[::-1] != call.key  # (a palindrome of 32 random hex digits: never)
         base = f"ws://127.0.0.1:{server.port}/ws/acs"
         with caplog.at_level(logging.WARNING, logger="parley.security.access"):
             for url, reason in [
                 (base, b"no callId"),
                 (f"{base}?callId=local-guess", b"is not a call parley answered or placed"),
-                (f"{base}?callId={call.key[:-1]}0", b"is not a call parley answered or placed"),
+                (f"{base}?callId={call.key[::-1]}", b"is not a call parley answered or placed"),
             ]:
                 with pytest.raises(websockets.InvalidStatus) as refused:
                     await _short_call(url, additional_headers={"x-ms-call-connection-id": "conn-x"})
@@ -354,6 +355,20 @@ async def _keyed_call(server: BackgroundServer, call_id: str, keys: str) -> list
     raise AssertionError("the call did not end")
 
 
+PIN = "73915824"  # 8 digits: cannot hide in a port number; timestamps are numbers, not strings
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string in a JSON-like value (keys too): where a keyed number would show."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [text for key, item in value.items() for text in (key, *_strings(item))]
+    if isinstance(value, list):
+        return [text for item in value for text in _strings(item)]
+    return []
+
+
 def _server_lines(stream: io.StringIO) -> list[dict[str, Any]]:
     """The server's log lines (the test's own websockets client logs its frames at DEBUG)."""
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
@@ -367,29 +382,29 @@ async def test_digits_are_masked_in_the_records_and_speech_is_logged_only_at_deb
     inputs: list[UserInput] = []
     server = BackgroundServer(plumbing(event_log=True), recording_engines(inputs)).start()
     try:
-        events = await _keyed_call(server, f"pin-{level}", "4321#")
+        events = await _keyed_call(server, f"pin-{level}", f"{PIN}#")
     finally:
         server.stop()
     logs.shutdown()
     # The agent got the real keys; the records (the API, any store) only their count.
-    assert [u.digits for u in inputs] == ["4321"]
+    assert [u.digits for u in inputs] == [PIN]
     by_name = {e["event"]: e for e in events}
-    assert by_name["dtmf"]["digits"] == "••••#"
-    assert by_name["dtmf_input"]["digits"] == "••••"
-    assert by_name["turn_started"]["kind"] == "dtmf" and by_name["turn_started"]["input"] == "••••"
+    assert by_name["dtmf"]["digits"] == "••••••••#"
+    assert by_name["dtmf_input"]["digits"] == "••••••••"
+    assert by_name["turn_started"]["kind"] == "dtmf" and by_name["turn_started"]["input"] == "••••••••"
     assert "verified" in by_name["agent_text"]["text"]  # transcripts stay in the record
-    assert "4321" not in json.dumps(events)
+    assert not [text for text in _strings(events) if PIN in text]
 
     lines = _server_lines(stream)
     logged = {line["event"]: line for line in lines if line.get("logger") == "parley.events"}
     assert {"dtmf", "dtmf_input", "turn_started", "agent_text", "turn_cancelled", "call_ended"} <= logged.keys()
-    assert "4321" not in json.dumps(lines)  # never, at any level, with PARLEY_LOG_DTMF off
-    assert logged["dtmf"]["digits"] == "••••#"
+    assert not [text for text in _strings(lines) if PIN in text]  # at no level, with PARLEY_LOG_DTMF off
+    assert logged["dtmf"]["digits"] == "••••••••#"
     if level == "info":
         text = by_name["agent_text"]["text"]
         assert logged["agent_text"]["text"] == f"[{len(text)} chars]" and logged["agent_text"]["level"] == "INFO"
         assert "verified" not in json.dumps(lines)
-        assert logged["turn_started"]["input"] == "••••"
+        assert logged["turn_started"]["input"] == "••••••••"
         assert logged["turn_cancelled"]["heard_text"].endswith(" chars]")
     else:
         assert "verified" in logged["agent_text"]["text"] and logged["agent_text"]["level"] == "DEBUG"
@@ -402,15 +417,15 @@ async def test_log_dtmf_keeps_the_digits_in_the_records_and_debug_lines_only() -
     inputs: list[UserInput] = []
     server = BackgroundServer(plumbing(event_log=True, log_dtmf=True), recording_engines(inputs)).start()
     try:
-        events = await _keyed_call(server, "pin-kept", "1357#")
+        events = await _keyed_call(server, "pin-kept", f"{PIN}#")
     finally:
         server.stop()
     logs.shutdown()
-    assert next(e for e in events if e["event"] == "dtmf_input")["digits"] == "1357"
+    assert next(e for e in events if e["event"] == "dtmf_input")["digits"] == PIN
     lines = _server_lines(stream)
-    assert "1357" not in json.dumps(lines)  # INFO lines show the count only
+    assert not [text for text in _strings(lines) if PIN in text]  # INFO lines show the count only
     logged = [line for line in lines if line.get("event") == "dtmf_input"]
-    assert logged and logged[0]["digits"] == "••••"
+    assert logged and logged[0]["digits"] == "••••••••"
 
 
 def test_a_keyed_pin_is_masked_where_a_tool_call_repeats_it() -> None:
@@ -448,13 +463,14 @@ def test_info_lines_carry_lengths_not_words(caplog: pytest.LogCaptureFixture) ->
         events.emit("turn_started", turn_id=1, kind="speech", input="my card number is four four")
         events.emit("turn_completed", turn_id=1, text="Thanks.", audio_ms=900.0)
         events.emit("turn_cancelled", turn_id=2, heard_text="Your balance", heard_ms=800.0)
-        events.emit("tool_called", agent="a", tool="t", arguments='{"pin": "4321"}', result="ok")
+        events.emit("tool_called", agent="a", tool="t", arguments=f'{{"pin": "{PIN}"}}', result="ok")
         events.emit("barge_in_decided", turn_id=2, trigger="speech")
     shown = [json.loads(r.getMessage()) for r in caplog.records if r.name == "parley.events"]
-    text = json.dumps(shown)
-    assert "card" not in text and "balance" not in text and "Thanks" not in text and "4321" not in text
+    text = " ".join(_strings(shown))
+    for private in ("card", "balance", "Thanks", PIN):
+        assert private not in text, private
     assert shown[1]["text"] == "[27 chars]" and shown[1]["utterance_id"] == 1
-    assert shown[5]["arguments"] == "[15 chars]" and shown[5]["tool"] == "t"
+    assert shown[5]["arguments"] == "[19 chars]" and shown[5]["tool"] == "t"
     assert shown[6] == {**shown[6], "trigger": "speech"}
     assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "parley.events")
     assert events.of("final")[0]["text"] == "my card number is four four"  # the record keeps it
