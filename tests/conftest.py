@@ -53,7 +53,7 @@ TEST_GREETING = "Hi, thanks for calling. How can I help you today?"
 
 @pytest.fixture(scope="module")
 def server():
-    srv = make_server(greeting=TEST_GREETING)
+    srv = make_server(greeting=TEST_GREETING, log_dtmf=True)  # tests read the keys back from events
     yield srv
     srv.stop()
 
@@ -81,6 +81,7 @@ SLOW = "slow"
 
 TIERS: dict[str, str | frozenset[str]] = {
     "test_acs_auth.py": FAST,  # JWT checks; a JWKS server and a small app on loopback
+    "test_access.py": SLOW,  # API tokens, Origin and call checks, redaction: servers and real calls
     "test_admission.py": frozenset(  # the overload test waits for the loop to calm down (~10 s)
         {"test_an_overloaded_loop_refuses_new_calls_and_readyz_says_why"}
     ),

@@ -766,7 +766,9 @@ def bank_engines() -> Engines:
 
 @pytest.fixture(scope="module")
 def bank_parley(fake_acs: FakeAcs, jwks_file: Path, tls: TlsFiles) -> Iterator[BackgroundServer]:
-    settings = acs_settings(fake_acs, jwks_file, greeting="Welcome.", acs_outbound_token=None, acs_incoming_code=None)
+    settings = acs_settings(
+        fake_acs, jwks_file, greeting="Welcome.", acs_outbound_token=None, acs_incoming_code=None, log_dtmf=True
+    )
     server = start_parley(settings, tls, bank_engines())
     yield server
     server.stop()

@@ -326,7 +326,7 @@ async def test_ten_keys_are_one_input_answered_once() -> None:
     """Defect: every key was its own turn, and cancelled key turns were queued again (10 keys ->
     13 turns, the fallback spoken three times)."""
     agent = MenuAgent(expected=None)
-    async with CallHarness(agent=agent, dtmf_interdigit_ms=300) as call:
+    async with CallHarness(agent=agent, dtmf_interdigit_ms=300, log_dtmf=True) as call:
         for key in "1234567890":
             call.dtmf(key)
             await asyncio.sleep(0.05)
@@ -339,7 +339,7 @@ async def test_ten_keys_are_one_input_answered_once() -> None:
 
 async def test_a_terminator_ends_the_input_at_once_and_an_expected_count_too() -> None:
     agent = MenuAgent(expected=None)
-    async with CallHarness(agent=agent, dtmf_interdigit_ms=5000) as call:
+    async with CallHarness(agent=agent, dtmf_interdigit_ms=5000, log_dtmf=True) as call:
         call.dtmf("4321#")
         assert (await call.wait_for("dtmf_input", timeout=1))["digits"] == "4321"
         agent.expected = 1  # a menu of single keys: answered at the first key
@@ -349,7 +349,7 @@ async def test_a_terminator_ends_the_input_at_once_and_an_expected_count_too() -
 
 async def test_keys_are_not_held_behind_a_long_noisy_utterance() -> None:
     agent = MenuAgent(expected=1)
-    async with CallHarness(agent=agent) as call:
+    async with CallHarness(agent=agent, log_dtmf=True) as call:
         call.frames(3.0, loud=True)  # the caller (or the line) is noisy for 3 s ...
         call.dtmf("1")  # ... and presses a key meanwhile
         started = await call.wait_for("turn_started", timeout=1.0)

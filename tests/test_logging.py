@@ -53,7 +53,7 @@ def test_json_lines_are_one_parseable_line_each_with_the_events_fields_merged(tm
     out = tmp_path / "out.log"
     with out.open("w") as stream:  # a file, not a terminal: auto is JSON
         assert logs.resolve_format("auto", stream) == "json"
-        logs.configure("info", stream=stream)
+        logs.configure("debug", stream=stream)  # what callers said is logged only at DEBUG
         logging.getLogger("parley.test").info("a long message %s", "x" * 200)
         events = EventLog("call-1")
         events.emit("final", text="what are your opening hours " * 10, utterance_id=3)
@@ -81,7 +81,8 @@ def test_json_lines_are_one_parseable_line_each_with_the_events_fields_merged(tm
 def test_console_format_is_short_with_emoji_markers() -> None:
     stream = io.StringIO()
     assert logs.resolve_format("console", stream) == "console"
-    logs.configure("info", log_format="console", stream=stream)  # not a terminal: no rich, no wrapping
+    # Not a terminal: no rich, no wrapping. DEBUG: what the agent said is logged only then.
+    logs.configure("debug", log_format="console", stream=stream)
     events = EventLog("call-123")
     events.emit("barge_in_decided", turn_id=2, trigger="speech")
     events.emit("stop_audio_sent", turn_id=2)
@@ -269,7 +270,7 @@ async def test_a_stdout_nobody_reads_never_freezes_the_server(
 
 
 def test_other_handlers_still_get_an_events_json_as_its_message(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="parley.events"):
+    with caplog.at_level(logging.DEBUG, logger="parley.events"):  # digits are logged only at DEBUG
         EventLog("call-7").emit("dtmf", digits="12#")
     [record] = [r for r in caplog.records if r.name == "parley.events"]
     assert json.loads(record.getMessage()) == {

@@ -208,6 +208,8 @@ def call(
         progress=sys.stderr.isatty(),
         dtmf=presses,
     )
+    if server is not None and server.settings.api_token is not None:  # e.g. from a .env file
+        options.api_token = server.settings.api_token.get_secret_value()
     try:
         report = asyncio.run(caller.run_call(options))
     except (ValueError, OSError) as exc:

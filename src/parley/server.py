@@ -14,7 +14,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
-from fastapi import FastAPI, HTTPException, WebSocket
+from fastapi import Depends, FastAPI, HTTPException, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from parley import __version__, logs
@@ -37,6 +37,7 @@ from parley.security import (
     build_acs_validator,
     check_websocket,
 )
+from parley.security.access import api_access, check_media_access
 from parley.settings import Settings
 
 if TYPE_CHECKING:
@@ -126,7 +127,10 @@ def create_app(
         ready, body = admission.readiness()
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    @app.get("/api/stats")
+    # The calls/events/stats APIs: a bearer token, or a loopback bind without one (parley.security.access).
+    api_guard = [Depends(api_access(settings))]
+
+    @app.get("/api/stats", dependencies=api_guard)
     async def stats(reset: bool = False) -> dict[str, object]:
         """Loop lag (since the last reset), CPU seconds, RSS, threads, call counters."""
         snapshot = registry.stats.snapshot(registry.live_count, reset=reset)
@@ -140,7 +144,7 @@ def create_app(
 
     if settings.events_api:
 
-        @app.get("/api/calls/{call_id}/events")
+        @app.get("/api/calls/{call_id}/events", dependencies=api_guard)
         async def call_events(call_id: str) -> dict[str, object]:
             events = registry.find(call_id)
             if events is None:
@@ -148,14 +152,28 @@ def create_app(
             return {"call_id": call_id, "events": events.snapshot()}
 
     async def media_socket(websocket: WebSocket) -> None:
-        # Before accept(): a refused token closes the handshake (HTTP 403), no call is started.
+        # Before accept(): who may connect first (a refused ACS token or Origin, a call that is not
+        # ours: HTTP 403), so an unauthenticated peer learns nothing about live calls or capacity.
         if not await check_websocket(websocket, validator):
             return
-        call_id = (
-            websocket.headers.get("x-ms-call-connection-id")
-            or websocket.query_params.get("callId")
-            or f"local-{uuid.uuid4()}"
+        if not await check_media_access(websocket, settings, call_automation):  # Origin; a call of ours
+            return
+        # Then admission, with no await between it and accept(): a refusal is an HTTP status (400,
+        # 409, 503); an admitted socket holds its slot until its call has ended.
+        admitted = admission.admit(
+            websocket.headers.get("x-ms-call-connection-id") or websocket.query_params.get("callId") or None,
+            also_check=[value for value in [websocket.query_params.get("callId")] if value],
+            client=f"{websocket.client.host}:{websocket.client.port}" if websocket.client else "-",
         )
+        if isinstance(admitted, Refusal):
+            await _deny(websocket, admitted.status, f"{admitted.reason}: {admitted.message}\n")
+            return
+        try:
+            await serve_call(websocket, admitted.call_id or f"local-{uuid.uuid4()}")
+        finally:
+            admission.release(admitted)
+
+    async def serve_call(websocket: WebSocket, call_id: str) -> None:
         correlation_id = websocket.headers.get("x-ms-call-correlation-id", "")
         # Who is calling is not part of ACS media streaming: whoever answered the call (Call
         # Automation, a test caller) may pass it in the URL for the agents' prompts.
@@ -175,25 +193,9 @@ def create_app(
         await handler.run(websocket)
         log.info("call %s ended: %s", call_id, handler.end_reason)
 
-    async def admitted_media_socket(websocket: WebSocket) -> None:
-        # Admission before accept(), before anything else is spent on the socket: a refusal is an
-        # HTTP status (400, 409, 503); an admitted socket holds its slot until its call has ended.
-        admitted = admission.admit(
-            websocket.headers.get("x-ms-call-connection-id") or websocket.query_params.get("callId") or None,
-            also_check=[value for value in [websocket.query_params.get("callId")] if value],
-            client=f"{websocket.client.host}:{websocket.client.port}" if websocket.client else "-",
-        )
-        if isinstance(admitted, Refusal):
-            await _deny(websocket, admitted.status, f"{admitted.reason}: {admitted.message}\n")
-            return
-        try:
-            await media_socket(websocket)
-        finally:
-            admission.release(admitted)
-
     # /ws is the path Microsoft's samples give ACS; /ws/acs names the transport.
-    app.add_api_websocket_route("/ws/acs", admitted_media_socket)
-    app.add_api_websocket_route("/ws", admitted_media_socket)
+    app.add_api_websocket_route("/ws/acs", media_socket)
+    app.add_api_websocket_route("/ws", media_socket)
     if call_automation is not None:
         from parley.acs.routes import acs_router, redact_uvicorn_request_logs
 

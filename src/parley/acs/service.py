@@ -73,6 +73,7 @@ class AcsCall:
     correlation_id: str = ""
     connection_id: str | None = None  # ACS's call connection id, once known
     media_call_id: str | None = None  # the media call's id in the CallRegistry, once it connected
+    disconnected: bool = False  # ACS said CallDisconnected: no media socket may open for it any more
     early_events: deque[tuple[float, dict[str, Any]]] = field(default_factory=lambda: deque(maxlen=EARLY_EVENTS_KEPT))
 
 
@@ -299,6 +300,8 @@ class CallAutomation:
             return False
         if event.call_connection_id and call.connection_id is None:
             self.calls.connected(call, event.call_connection_id)
+        if event.type == "CallDisconnected":
+            call.disconnected = True
         _log_callback(call, event)
         events = self._media_events(call)
         if events is None:
@@ -306,6 +309,20 @@ class CallAutomation:
         else:
             events.emit("acs_event", t=t, **event.record())
         return True
+
+    def media_refusal(self, key: str) -> str | None:
+        """Why a media socket whose URL has `?callId=<key>` may not open a call (None: it may).
+
+        With Call Automation on, every media stream parley asks ACS for carries the key of a call
+        parley answered or placed (`media_streaming`); any other socket is not one of ACS's."""
+        if not key:
+            return "no callId in the URL (parley puts one in the media URL of every call it answers or places)"
+        call = self.calls.by_key(key)
+        if call is None:
+            return f"callId {key[:40]!r} is not a call parley answered or placed"
+        if call.disconnected:
+            return f"call {key} is over (ACS sent CallDisconnected)"
+        return None
 
     def media_connected(self, call_id: str, key: str, events: EventLog) -> None:
         """A media stream connected (`key`: its `?callId=`): tie it to its call, write held events."""

@@ -332,9 +332,14 @@ class Toolbox:
         try:
             parsed = json.loads(arguments) if arguments.strip() else {}
         except json.JSONDecodeError:
+            # The arguments may carry what the caller said or keyed (a PIN): their text only at DEBUG.
             log.warning(
-                "call %s: tool %s got arguments that are not JSON: %r", context.call.call_id, name, arguments[:200]
+                "call %s: tool %s got arguments that are not JSON (%d chars)",
+                context.call.call_id,
+                name,
+                len(arguments),
             )
+            log.debug("call %s: tool %s arguments: %r", context.call.call_id, name, arguments[:200])
             return ToolResult(_error("the arguments were not valid JSON"))
         if not isinstance(parsed, dict):
             return ToolResult(_error("the arguments must be a JSON object"))

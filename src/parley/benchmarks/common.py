@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -146,13 +146,16 @@ def free_port() -> int:
 class ServerUnderTest:
     url: str  # ws://.../ws/acs
     pid: int | None  # None for a server we did not start and cannot inspect
+    # /api/stats needs the server's PARLEY_API_TOKEN when it has one (off loopback it must).
+    api_token: str | None = field(default_factory=lambda: os.environ.get("PARLEY_API_TOKEN") or None, repr=False)
 
     @property
     def http_url(self) -> str:
         return self.url.replace("ws://", "http://").replace("wss://", "https://").split("/ws")[0]
 
     def stats(self, reset: bool = False) -> dict[str, Any]:
-        response = httpx.get(f"{self.http_url}/api/stats", params={"reset": reset}, timeout=10)
+        headers = {"Authorization": f"Bearer {self.api_token}"} if self.api_token else None
+        response = httpx.get(f"{self.http_url}/api/stats", params={"reset": reset}, headers=headers, timeout=10)
         response.raise_for_status()
         return response.json()
 
@@ -180,7 +183,15 @@ def server_under_test(url: str | None, mode: str = "subprocess", **settings: obj
         from parley.settings import load_settings
 
         server = BackgroundServer(
-            load_settings(host="127.0.0.1", port=0, event_log=False, log_level="warning", **settings)
+            # The token of this process's environment, not a .env file's: the clients send that one.
+            load_settings(
+                host="127.0.0.1",
+                port=0,
+                event_log=False,
+                log_level="warning",
+                api_token=os.environ.get("PARLEY_API_TOKEN", ""),
+                **settings,
+            )
         ).start()
         try:
             yield ServerUnderTest(server.url, os.getpid())
@@ -202,6 +213,8 @@ def _subprocess_server(**settings: object) -> Iterator[ServerUnderTest]:
             "PARLEY_PORT": str(port),
             "PARLEY_EVENT_LOG": "false",
             "PARLEY_LOG_LEVEL": "warning",
+            # The token the clients send (blank: none), whatever a .env file in this directory says.
+            "PARLEY_API_TOKEN": os.environ.get("PARLEY_API_TOKEN", ""),
         }
     )
     process = subprocess.Popen([sys.executable, "-m", "parley", "serve"], env=env)

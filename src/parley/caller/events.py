@@ -23,8 +23,11 @@ def events_url(ws_url: str, call_id: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, "", ""))
 
 
-async def fetch_events(ws_url: str, call_id: str, settle_s: float = 2.0) -> list[dict[str, Any]]:
+async def fetch_events(
+    ws_url: str, call_id: str, settle_s: float = 2.0, api_token: str | None = None
+) -> list[dict[str, Any]]:
     """The server's event log for the call; raises on any failure (the caller records it).
+    `api_token`: the server's PARLEY_API_TOKEN, sent as a bearer token (needed off loopback).
 
     The server finishes a call (and logs `call_ended`) just after the socket closes, so poll
     briefly until that last event is there: a report should hold the whole call.
@@ -33,7 +36,8 @@ async def fetch_events(ws_url: str, call_id: str, settle_s: float = 2.0) -> list
     # Plain http needs no TLS context; building one loads the CA bundle (~50 ms of CPU per call).
     verify = url.startswith("https:")
     deadline = time.monotonic() + settle_s
-    async with httpx.AsyncClient(timeout=EVENTS_TIMEOUT_S, verify=verify) as client:
+    headers = {"Authorization": f"Bearer {api_token}"} if api_token else None
+    async with httpx.AsyncClient(timeout=EVENTS_TIMEOUT_S, verify=verify, headers=headers) as client:
         while True:
             response = await client.get(url)
             response.raise_for_status()

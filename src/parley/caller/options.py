@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -34,6 +35,8 @@ class CallOptions:
     progress: bool = False
     dtmf: list[tuple[float, str]] = field(default_factory=list)
     fetch_events: bool = True
+    # The server's events API token (PARLEY_API_TOKEN, read from this process's environment by default).
+    api_token: str | None = field(default_factory=lambda: os.environ.get("PARLEY_API_TOKEN") or None, repr=False)
     end_after_stop_s: float | None = None  # hang up this long after a StopAudio (barge-in trials)
     end_after_answer_s: float | None = None  # hang up this long after the answer starts (latency trials)
     # A speakerphone: every uplink frame also carries the agent audio that played echo_delay_ms

@@ -188,6 +188,6 @@ async def _events(options: CallOptions, call_id: str) -> tuple[list[dict[str, An
     if not options.fetch_events:
         return [], None
     try:
-        return await fetch_events(options.url, call_id), None
+        return await fetch_events(options.url, call_id, api_token=options.api_token), None
     except Exception as exc:  # noqa: BLE001 -- any failure (refused, 404, bad JSON) must not lose the report
         return [], f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -71,6 +71,47 @@ def cap_field(value: Any, limit: int = MAX_FIELD_CHARS) -> Any:
     return value
 
 
+# --- privacy: what callers said and keyed ----------------------------------------------------------
+# Fields that carry what the caller or the agent said, or what a tool got or gave back, per event. The
+# record keeps them (the events API, for authorised readers); a log line at INFO carries only their
+# length (`[23 chars]`), a DEBUG line the text. DTMF fields are shown masked at INFO (see mask_digits).
+PRIVATE_FIELDS: dict[str, frozenset[str]] = {
+    "partial": frozenset({"text"}),
+    "final": frozenset({"text"}),
+    "turn_started": frozenset({"input"}),
+    "turn_completed": frozenset({"text"}),
+    "turn_cancelled": frozenset({"heard_text"}),
+    "agent_text": frozenset({"text"}),
+    "tool_called": frozenset({"arguments", "result", "results"}),
+    "transfer_requested": frozenset({"reason"}),
+}
+DTMF_FIELDS: dict[str, frozenset[str]] = {"dtmf": frozenset({"digits"}), "dtmf_input": frozenset({"digits"})}
+MASK = "•"
+_KEPT_KEYS = frozenset("*#")  # not secrets (a menu's star, the terminator): they stay readable
+_REMEMBERED_DIGITS = 4  # inputs this long are masked again where they reappear (a PIN in a tool's arguments)
+_REMEMBERED_INPUTS = 16  # how many such inputs of a call are remembered (the latest)
+
+
+def mask_digits(digits: str) -> str:
+    """`4321#` -> `••••#`: every key but * and # masked, the length kept (how many keys, not which)."""
+    return "".join(key if key in _KEPT_KEYS else MASK for key in digits)
+
+
+def redacted(value: Any) -> Any:
+    """What a log line at INFO shows of a private field: its length, never its text."""
+    if isinstance(value, str):
+        return f"[{len(value)} chars]"
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return f"[{type(value).__name__}]"
+
+
+def _is_dtmf_field(event: str, key: str, record: dict[str, Any]) -> bool:
+    return key in DTMF_FIELDS.get(event, ()) or (
+        event == "turn_started" and key == "input" and record.get("kind") == "dtmf"
+    )
+
+
 class _AsJson:
     def __init__(self, record: dict[str, Any]) -> None:
         self.record = record
@@ -82,23 +123,50 @@ class _AsJson:
 class EventLog:
     """Append-only, bounded list of one call's events. Safe to append from any thread."""
 
-    def __init__(self, call_id: str, *, max_events: int = 20000, to_log: bool = True) -> None:
+    def __init__(self, call_id: str, *, max_events: int = 20000, to_log: bool = True, mask_dtmf: bool = False) -> None:
+        """`mask_dtmf`: DTMF digits are masked in the records themselves (the server sets it unless
+        PARLEY_LOG_DTMF=true); the agent still gets the real keys."""
         self.call_id = call_id
         self._events: deque[dict[str, Any]] = deque(maxlen=max_events)
         self._lock = threading.Lock()
         self._to_log = to_log
+        self.mask_dtmf = mask_dtmf
+        self._keyed: dict[str, None] = {}  # the last long DTMF inputs, masked where they reappear
 
     def emit(self, event: str, t: float | None = None, **fields: Any) -> dict[str, Any]:
         assert event in EVENT_NAMES, f"unknown event name {event!r}"
         record = {"event": event, "t": time.monotonic() if t is None else t, "call_id": self.call_id}
+        if self.mask_dtmf:  # before the size cap, which would be masked too
+            with self._lock:  # (the remembered inputs)
+                fields = self._masked(event, fields)
         record.update((key, cap_field(value)) for key, value in fields.items())
         with self._lock:
             self._events.append(record)
         if self._to_log and log.isEnabledFor(logging.INFO):
             # The message is the record's JSON, made only if a handler asks for it: parley.logs'
-            # formatters use the dict itself.
-            log.info("%s", _AsJson(record), extra={EVENT_ATTR: record})
+            # formatters use the dict itself. What callers said or keyed goes only to DEBUG.
+            if not _has_private(event, record):
+                log.info("%s", _AsJson(record), extra={EVENT_ATTR: record})
+            elif log.isEnabledFor(logging.DEBUG):
+                log.debug("%s", _AsJson(record), extra={EVENT_ATTR: record})
+            else:
+                shown = _redacted_copy(event, record)
+                log.info("%s", _AsJson(shown), extra={EVENT_ATTR: shown})
         return record
+
+    def _masked(self, event: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """The fields with DTMF digits masked (and a long keyed input where a tool call repeats it)."""
+        masked = dict(fields)
+        for key, value in fields.items():
+            if isinstance(value, str) and _is_dtmf_field(event, key, fields):
+                if event == "dtmf_input" and _REMEMBERED_DIGITS <= len(value) <= MAX_FIELD_CHARS:
+                    self._keyed[value] = None
+                    while len(self._keyed) > _REMEMBERED_INPUTS:
+                        del self._keyed[next(iter(self._keyed))]
+                masked[key] = mask_digits(value)
+            elif event == "tool_called" and key in PRIVATE_FIELDS[event] and self._keyed:
+                masked[key] = _masked_inside(value, self._keyed)
+        return masked
 
     def snapshot(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -106,6 +174,35 @@ class EventLog:
 
     def of(self, event: str) -> list[dict[str, Any]]:
         return [record for record in self.snapshot() if record["event"] == event]
+
+
+def _has_private(event: str, record: dict[str, Any]) -> bool:
+    private = PRIVATE_FIELDS.get(event, frozenset()) | DTMF_FIELDS.get(event, frozenset())
+    return any(key in record for key in private)
+
+
+def _redacted_copy(event: str, record: dict[str, Any]) -> dict[str, Any]:
+    """The record as a log line at INFO shows it: private text as its length, DTMF masked."""
+    shown = dict(record)
+    for key, value in record.items():
+        if _is_dtmf_field(event, key, record) and isinstance(value, str):
+            shown[key] = mask_digits(value)
+        elif key in PRIVATE_FIELDS.get(event, ()):
+            shown[key] = redacted(value)
+    return shown
+
+
+def _masked_inside(value: Any, keyed: dict[str, None]) -> Any:
+    """`value` with every occurrence of a keyed input masked (in strings, lists and dicts)."""
+    if isinstance(value, str):
+        for digits in sorted(keyed, key=len, reverse=True):
+            value = value.replace(digits, mask_digits(digits))
+        return value
+    if isinstance(value, dict):
+        return {key: _masked_inside(item, keyed) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_masked_inside(item, keyed) for item in value]
+    return value
 
 
 class LiveCall(Protocol):

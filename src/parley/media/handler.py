@@ -89,7 +89,7 @@ class MediaHandler:
         self.settings = settings
         self.engines = engines
         self.registry = registry
-        self.events = EventLog(call_id, to_log=settings.event_log)
+        self.events = EventLog(call_id, to_log=settings.event_log, mask_dtmf=not settings.log_dtmf)
         self.agent = engines.agent_factory(CallContext(call_id, correlation_id, caller_id))
         if isinstance(self.agent, ReportsEvents):  # handoffs and tool calls go into the call's events
             self.agent.listen(self._agent_event)

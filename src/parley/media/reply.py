@@ -181,7 +181,8 @@ class ReplyProducer:
                 if isinstance(output, Say) and not output.text.strip():
                     continue
                 if not isinstance(output, Say | Hangup | Transfer):  # a Handoff outside a scenario
-                    log.warning("call %s: ignoring agent output %r", self.call_id, output)
+                    # Its type only: an agent's output may hold what it was about to say.
+                    log.warning("call %s: ignoring agent output of type %s", self.call_id, type(output).__name__)
                     continue
                 yield output
 

@@ -265,7 +265,9 @@ class _RecognitionSession:
                 if owner is self._open:
                     self._hypothesis = ""
             elif text:
-                log.warning("azure recognized %r after its utterance was finalized; dropped", text)
+                # What the caller said: its text only at DEBUG.
+                log.warning("azure recognized %d chars after their utterance was finalized; dropped", len(text))
+                log.debug("azure: dropped late text %r", text)
             done = [u for u in self._utterances if u.future is not None and self._completes(u, offset)]
         for utterance in done:
             self._resolve(utterance)
@@ -323,7 +325,11 @@ class _RecognitionSession:
         if future is None or future.done():
             return
         if timed_out:
-            log.warning("azure speech: no final within %.1f s; using %r", self._final_timeout_s, text)
+            log.warning(
+                "azure speech: no final within %.1f s; using the %d chars recognized so far",
+                self._final_timeout_s,
+                len(text),
+            )
         try:
             future.set_result(text)
         except InvalidStateError:  # another thread (SDK callback, timer) resolved it meanwhile
