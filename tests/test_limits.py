@@ -298,7 +298,7 @@ async def test_a_backlog_within_the_burst_then_real_time_is_not_closed() -> None
 
 
 async def test_a_dtmf_message_with_too_many_keys_is_an_input_error_not_processed(caplog) -> None:
-    async with CallHarness(max_dtmf_message_digits=32) as call:
+    async with CallHarness(max_dtmf_message_digits=32, log_dtmf=True) as call:
         call.dtmf("1" * 33)
         call.dtmf("9" * 5000)
         call.dtmf("1" * 32 + "#")  # one too many as well (the terminator is a key)
