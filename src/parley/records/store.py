@@ -246,12 +246,25 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def record_size(value: Any) -> int:
-    """A cheap estimate of a record's size in bytes (strings by length, anything else ~16)."""
+def record_size(record: Mapping[str, Any]) -> int:
+    """A cheap estimate of an event record's size in bytes: string values by length, nested values
+    walked, anything else 16 (it runs on the event loop for every event)."""
+    size = 64
+    for value in record.values():
+        if value.__class__ is str:
+            size += len(value)
+        elif isinstance(value, (dict, list, tuple)):
+            size += _nested_size(value)
+        else:
+            size += 16
+    return size
+
+
+def _nested_size(value: Any) -> int:
     if isinstance(value, str):
         return len(value) + 8
     if isinstance(value, dict):
-        return 16 + sum(len(key) + record_size(item) for key, item in value.items())
+        return 16 + sum(len(str(key)) + _nested_size(item) for key, item in value.items())
     if isinstance(value, (list, tuple)):
-        return 16 + sum(record_size(item) for item in value)
+        return 16 + sum(_nested_size(item) for item in value)
     return 16
