@@ -233,6 +233,9 @@ class FailingConnection:
     def commit(self) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
+    def executemany(self, *_args: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
     def rollback(self) -> None:
         self.real.rollback()
 

@@ -67,6 +67,8 @@ _TURN_COLUMNS = (
 
 _EVENT, _CALL, _SYNC, _STOP = range(4)
 
+_encode = json.JSONEncoder(default=str, ensure_ascii=False).encode
+
 _OPEN_OWNERS: set[str] = set()  # stores of this process still open (their live calls are not lost)
 
 
@@ -175,6 +177,7 @@ class SqliteStore(SqliteReader):
         self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=queue_size)
         self._derive = Derivation()
         self._call_bytes: dict[str, int] = {}
+        self._rows: list[tuple[str, int, float, str, str]] = []  # event rows not inserted yet
         self._written = 0
         self._dropped = 0
         self._last_drop_log = 0.0
@@ -350,6 +353,7 @@ class SqliteStore(SqliteReader):
 
     def _commit(self, pending: int) -> None:
         try:
+            pending -= self._insert_events()
             self._db.commit()
             self._written += pending
         except sqlite3.Error as exc:
@@ -357,7 +361,23 @@ class SqliteStore(SqliteReader):
                 self._db.rollback()
             self._drop(pending, f"a commit failed ({exc})")
 
+    def _insert_events(self) -> int:
+        """Insert the event rows collected (one executemany: less work holding the GIL); how many
+        were lost to an error."""
+        rows, self._rows = self._rows, []
+        if not rows:
+            return 0
+        try:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO events (call_id, seq, at, event, data) VALUES (?, ?, ?, ?, ?)", rows
+            )
+        except sqlite3.Error as exc:
+            self._drop(len(rows), f"writing failed ({exc})")
+            return len(rows)
+        return 0
+
     def _write_call(self, call: CallRecord) -> tuple[int, bool]:
+        self._insert_events()  # an old call of the same id is deleted below, with its events
         if self._db.execute("SELECT 1 FROM calls WHERE call_id = ?", (call.call_id,)).fetchone():
             log.info("call records: call id %s was used before; its old record is replaced", call.call_id)
             self._delete_call(self._db, call.call_id)
@@ -372,16 +392,13 @@ class SqliteStore(SqliteReader):
 
     def _write_event(self, call_id: str, seq: int, record: Mapping[str, Any]) -> tuple[int, bool]:
         name = str(record.get("event", ""))
-        data = json.dumps({**record, "seq": seq}, default=str, ensure_ascii=False)
-        size = self._call_bytes.get(call_id, 0) + len(data)
-        if size > self.max_call_bytes and name != "call_ended":
+        used = self._call_bytes.get(call_id, 0)
+        if used >= self.max_call_bytes and name != "call_ended":
             self._drop(1, f"call {call_id} passed {self.max_call_bytes} bytes of events")
             return 0, False
-        self._call_bytes[call_id] = size
-        self._db.execute(
-            "INSERT OR REPLACE INTO events (call_id, seq, at, event, data) VALUES (?, ?, ?, ?, ?)",
-            (call_id, seq, self._derive.wall(record), name, data),
-        )
+        data = _encode(record)
+        data = f'{data[:-1]}, "seq": {seq}}}' if len(data) > 2 else f'{{"seq": {seq}}}'
+        row = (call_id, seq, self._derive.wall(record), name, data)
         call, turns = self._derive.apply(call_id, record)
         if call is not None:
             self._db.execute(
@@ -420,6 +437,8 @@ class SqliteStore(SqliteReader):
                     json.dumps(turn.barge_ins, default=str),
                 ),
             )
+        self._rows.append(row)  # inserted with the others of the batch (after the derived rows: fine)
+        self._call_bytes[call_id] = used + len(data)
         if name == "call_ended":
             self._call_bytes.pop(call_id, None)
         return 1, name in COMMIT_NOW
