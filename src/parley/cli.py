@@ -235,7 +235,9 @@ def _in_process_server(agent: str | None) -> BackgroundServer:
     """Start a server on a free port for this call; loading its models takes a few seconds."""
     from parley.server import BackgroundServer
 
-    settings = _settings(host="127.0.0.1", port=0, agent=agent, log_level="warning", event_log=False)
+    settings = _settings(
+        host="127.0.0.1", port=0, agent=agent, log_level="warning", event_log=False, store="memory"
+    )  # a one-off call: nothing to keep
     loading = "starting an in-process parley server (loading models)..."
     if not console.is_terminal:
         console.print(loading, markup=False)

@@ -14,6 +14,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -163,6 +164,13 @@ def server_under_test(url: str | None, mode: str = "subprocess", **settings: obj
     machine_busy()  # warn before the run, not only in the summary
     if url:
         yield ServerUnderTest(url, None)
+        return
+    if "data_dir" not in settings and "PARLEY_DATA_DIR" not in os.environ:  # records: never ./parley-data
+        with (
+            tempfile.TemporaryDirectory(prefix="parley-bench-records-") as data_dir,
+            server_under_test(url, mode, data_dir=data_dir, **settings) as started,
+        ):
+            yield started
         return
     if mode == "inprocess":
         from parley.server import BackgroundServer
