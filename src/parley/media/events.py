@@ -114,7 +114,8 @@ class EventLog:
         assert event in EVENT_NAMES, f"unknown event name {event!r}"
         record = {"event": event, "t": time.monotonic() if t is None else t, "call_id": self.call_id}
         record.update((key, cap_field(value)) for key, value in fields.items())
-        self._keep(record)
+        with self._lock:
+            self._keep(record)
         if self._to_log and log.isEnabledFor(logging.INFO):
             # The message is the record's JSON, made only if a handler asks for it: parley.logs'
             # formatters use the dict itself.
@@ -122,20 +123,20 @@ class EventLog:
         return record
 
     def _keep(self, record: dict[str, Any]) -> None:
-        size = record_size(record)
-        with self._lock:
-            self._seq += 1
-            if self._reader is None:  # once released, the store holds the call's events
-                self._events.append(record)
-                self._sizes.append(size)
-                self._bytes += size
-                while len(self._events) > self._max_events or (self._bytes > self._max_bytes and len(self._events) > 1):
-                    self._events.popleft()
-                    self._bytes -= self._sizes.popleft()
-                    self.trimmed += 1
-                    EventLog.trimmed_total += 1
-            if self._sink is not None:  # under the lock: the store gets them in seq order
-                self._sink(self.call_id, self._seq, record)
+        """Keep `record` (the lock held: the store gets the events in seq order)."""
+        self._seq += 1
+        if self._reader is None:  # once released, the store holds the call's events
+            size = record_size(record)
+            self._events.append(record)
+            self._sizes.append(size)
+            self._bytes += size
+            while len(self._events) > self._max_events or (self._bytes > self._max_bytes and len(self._events) > 1):
+                self._events.popleft()
+                self._bytes -= self._sizes.popleft()
+                self.trimmed += 1
+                EventLog.trimmed_total += 1
+        if self._sink is not None:
+            self._sink(self.call_id, self._seq, record)
 
     def attach(self, sink: EventSink) -> None:
         """Send every event from now on to `sink`, and those kept so far at once."""
