@@ -42,7 +42,8 @@ def create_app(
     """The app. `acs_client_options` go to the ACS SDK client (azure-core transport options, e.g.
     `connection_verify` to trust a private CA); unused without ACS."""
     store = build_store(settings)  # call records; sqlite: opened now (a bad data_dir stops startup)
-    registry = CallRegistry(settings.recent_calls_kept, store=store, agent=settings.agent)
+    agent = "plumbing" if settings.engines == "plumbing" else settings.agent  # as the records name it
+    registry = CallRegistry(settings.recent_calls_kept, store=store, agent=agent)
     # ACS first: a configuration problem there stops startup before any model is loaded.
     validator = _acs_validator(settings)
     call_automation = _call_automation(settings, registry, acs_client_options or {})
