@@ -1,4 +1,4 @@
-"""The `parley` command: serve, call."""
+"""The `parley` command: serve, call, calls."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from rich.markup import escape
 from parley.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
+    from parley.records.sqlite import SqliteReader
+    from parley.records.store import CallRecord, TurnRecord
     from parley.server import BackgroundServer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="parley: a real-time voice agent server.")
@@ -235,7 +237,9 @@ def _in_process_server(agent: str | None) -> BackgroundServer:
     """Start a server on a free port for this call; loading its models takes a few seconds."""
     from parley.server import BackgroundServer
 
-    settings = _settings(host="127.0.0.1", port=0, agent=agent, log_level="warning", event_log=False)
+    settings = _settings(
+        host="127.0.0.1", port=0, agent=agent, log_level="warning", event_log=False, store="memory"
+    )  # a one-off call: nothing to keep
     loading = "starting an in-process parley server (loading models)..."
     if not console.is_terminal:
         console.print(loading, markup=False)
@@ -265,6 +269,136 @@ def _key_presses(values: list[str]) -> list[tuple[float, str]]:
             _call_error(f"--dtmf {value!r}: {digits.strip()!r} are not DTMF keys (0-9 * # A-D)")
         presses.append((seconds, digits.strip()))
     return presses
+
+
+# ------------------------------------------------------------------ parley calls
+calls = typer.Typer(
+    no_args_is_help=True,
+    help="Call records: read from the database in the data directory (PARLEY_DATA_DIR); no server needed.",
+)
+app.add_typer(calls, name="calls")
+
+_DATA_DIR_HELP = "Data directory of the records database (default: PARLEY_DATA_DIR or ./parley-data)."
+
+
+def _records_reader(data_dir: Path | None) -> SqliteReader:
+    from parley.records.sqlite import SqliteReader, db_path
+
+    settings = _settings(data_dir=data_dir)
+    path = db_path(settings.data_dir)
+    if not path.exists():
+        _call_error(
+            f"no call records database at {path}: `parley serve` creates it (with PARLEY_STORE=sqlite, the"
+            " default); point --data-dir or PARLEY_DATA_DIR at the server's data directory"
+        )
+    return SqliteReader(path)
+
+
+def _duration(call: CallRecord) -> str:
+    if call.started_at is None or call.ended_at is None:
+        return "-"
+    return f"{call.ended_at - call.started_at:.1f}s"
+
+
+@calls.command("list")
+def calls_list(
+    limit: int = typer.Option(20, min=1, help="How many calls (the most recent first)."),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines, one call per line."),
+    data_dir: Path | None = typer.Option(None, help=_DATA_DIR_HELP),
+) -> None:
+    """The most recent calls: id, start, duration, events, how each ended (live: still going, or lost)."""
+    from parley.records.store import iso
+
+    reader = _records_reader(data_dir)
+    found = reader.calls(limit)
+    if as_json:
+        for record in found:
+            typer.echo(json.dumps(record.to_dict(), ensure_ascii=False))
+        return
+    if not found:
+        console.print("no calls recorded yet", markup=False)
+        return
+    for record in found:
+        reason = record.end_reason if not record.live else "live"
+        typer.echo(
+            f"{record.call_id}  {iso(record.started_at) or '-'}  {_duration(record):>8}  "
+            f"{record.events:>6} events  {reason}  {record.agent}"
+        )
+
+
+@calls.command("show")
+def calls_show(
+    call_id: str = typer.Argument(..., help="The call's id (see `parley calls list`)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object: the call, its turns and its events."),
+    data_dir: Path | None = typer.Option(None, help=_DATA_DIR_HELP),
+) -> None:
+    """One call: its turns (what the caller said, what the agent said, what the caller heard, barge-ins,
+    latencies), finals, keys and tool calls."""
+    from parley.records.store import iso
+
+    reader = _records_reader(data_dir)
+    record = reader.call(call_id)
+    if record is None:
+        _call_error(f"no call {call_id!r} in {reader.path} (`parley calls list` shows the recorded calls)")
+    turns = reader.turns(call_id)
+    events = reader.events(call_id)
+    if as_json:
+        typer.echo(json.dumps(_call_json(record, turns, events), ensure_ascii=False, default=str))
+        return
+    out = Console(soft_wrap=True, highlight=False)
+    ended = "live (or lost)" if record.live else f"ended {iso(record.ended_at)}: {record.end_reason}"
+    out.print(
+        f"call {record.call_id}  agent {record.agent or '-'}  started {iso(record.started_at)}  {ended}", markup=False
+    )
+    if record.correlation_id:
+        out.print(f"correlation {record.correlation_id}", markup=False)
+    for turn in turns:
+        latency = ", ".join(
+            f"{name} {value:.0f} ms"
+            for name, value in (("first audio", turn.first_audio_ms), ("voice-to-voice", turn.voice_to_voice_ms))
+            if value is not None
+        )
+        out.print(f"turn {turn.turn_id} ({turn.kind}, {turn.outcome}{'; ' + latency if latency else ''})", markup=False)
+        if turn.input:
+            out.print(f"  input: {turn.input}", markup=False)
+        out.print(f"  said:  {turn.said}", markup=False)
+        if turn.heard is not None:
+            out.print(f"  heard: {turn.heard}", markup=False)
+        for barge_in in turn.barge_ins:
+            details = " ".join(f"{key}={value}" for key, value in barge_in.items() if key != "event")
+            out.print(f"  {barge_in['event']} {details}", markup=False)
+        if turn.error:
+            out.print(f"  error: {turn.error}", markup=False)
+    for event in events:
+        if event.get("event") == "final":
+            out.print(f"final #{event.get('utterance_id')}: {event.get('text', '')}", markup=False)
+        elif event.get("event") in ("dtmf_input", "tool_called", "agent_handoff", "transfer_requested"):
+            fields = {k: v for k, v in event.items() if k not in ("event", "t", "call_id", "seq")}
+            out.print(f"{event['event']}: {json.dumps(fields, ensure_ascii=False, default=str)}", markup=False)
+    out.print(f"{record.events} events (`parley calls show {call_id} --json` lists them)", markup=False)
+
+
+def _call_json(record: CallRecord, turns: list[TurnRecord], events: list[dict[str, object]]) -> dict[str, object]:
+    return {**record.to_dict(), "turns": [turn.to_dict() for turn in turns], "events": events}
+
+
+@calls.command("export")
+def calls_export(
+    since: str = typer.Option(..., help="Calls started at or after this: a date (2026-12-01) or an ISO time."),
+    data_dir: Path | None = typer.Option(None, help=_DATA_DIR_HELP),
+) -> None:
+    """Print one JSON object per call (its turns and events), oldest first: `> calls.jsonl`."""
+    from datetime import datetime
+
+    try:
+        start = datetime.fromisoformat(since).timestamp()  # no zone given: local time
+    except ValueError:
+        _call_error(f"--since {since!r}: give a date (2026-12-01) or an ISO time (2026-12-01T09:30:00Z)")
+    reader = _records_reader(data_dir)
+    for record in reader.calls(limit=-1, since=start):
+        turns = reader.turns(record.call_id)
+        events = reader.events(record.call_id)
+        typer.echo(json.dumps(_call_json(record, turns, events), ensure_ascii=False, default=str))
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, WebSocket
+from fastapi import Depends, FastAPI, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from parley import __version__, logs
@@ -31,6 +31,8 @@ from parley.admission import (
 from parley.engines import Engines, build_engines
 from parley.media.events import CallRegistry
 from parley.media.handler import MediaHandler
+from parley.records import build_store
+from parley.records.api import records_router
 from parley.security import (
     AcsTokenValidator,
     JwksError,
@@ -53,7 +55,9 @@ def create_app(
 ) -> FastAPI:
     """The app. `acs_client_options` go to the ACS SDK client (azure-core transport options, e.g.
     `connection_verify` to trust a private CA); unused without ACS."""
-    registry = CallRegistry(settings.recent_calls_kept)
+    store = build_store(settings)  # call records; sqlite: opened now (a bad data_dir stops startup)
+    agent = "plumbing" if settings.engines == "plumbing" else settings.agent  # as the records name it
+    registry = CallRegistry(settings.recent_calls_kept, store=store, agent=agent)
     # ACS first: a configuration problem there stops startup before any model is loaded.
     validator = _acs_validator(settings)
     call_automation = _call_automation(settings, registry, acs_client_options or {})
@@ -96,6 +100,7 @@ def create_app(
         if call_automation is not None:
             await call_automation.close()
         engines.close()
+        await asyncio.to_thread(store.close)  # what is queued is written
 
     app = FastAPI(title="parley", version=__version__, lifespan=lifespan)
     app.state.settings = settings
@@ -135,6 +140,7 @@ def create_app(
         """Loop lag (since the last reset), CPU seconds, RSS, threads, call counters."""
         snapshot = registry.stats.snapshot(registry.live_count, reset=reset)
         snapshot["log_records_dropped"] = logs.dropped()  # the log output was not keeping up
+        snapshot.update(registry.record_stats())  # records_dropped: the store was not keeping up
         snapshot["pools"] = {
             pool.name: {"created": pool.created, "idle": pool.idle, "in_use": pool.in_use}
             for pool in (engines.vads, engines.recognizers)
@@ -142,14 +148,8 @@ def create_app(
         snapshot["admission"] = admission.describe()
         return snapshot
 
-    if settings.events_api:
-
-        @app.get("/api/calls/{call_id}/events", dependencies=api_guard)
-        async def call_events(call_id: str) -> dict[str, object]:
-            events = registry.find(call_id)
-            if events is None:
-                raise HTTPException(404, f"no call {call_id!r} (live or among the last ended)")
-            return {"call_id": call_id, "events": events.snapshot()}
+    if settings.events_api:  # GET /api/calls, /api/calls/{call_id}/events
+        app.include_router(records_router(store, dependencies=api_guard))
 
     async def media_socket(websocket: WebSocket) -> None:
         # Before accept(): who may connect first (a refused ACS token or Origin, a call that is not

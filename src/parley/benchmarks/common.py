@@ -14,6 +14,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -178,6 +179,13 @@ def server_under_test(url: str | None, mode: str = "subprocess", **settings: obj
         yield ServerUnderTest(url, None)
         return
     settings = {**UNLIMITED_ADMISSION, **settings}
+    if "data_dir" not in settings and "PARLEY_DATA_DIR" not in os.environ:  # records: never ./parley-data
+        with (
+            tempfile.TemporaryDirectory(prefix="parley-bench-records-") as data_dir,
+            server_under_test(url, mode, data_dir=data_dir, **settings) as started,
+        ):
+            yield started
+        return
     if mode == "inprocess":
         from parley.server import BackgroundServer
         from parley.settings import load_settings

@@ -39,16 +39,29 @@ async def fetch_events(
     headers = {"Authorization": f"Bearer {api_token}"} if api_token else None
     async with httpx.AsyncClient(timeout=EVENTS_TIMEOUT_S, verify=verify, headers=headers) as client:
         while True:
-            response = await client.get(url)
-            response.raise_for_status()
-            body = response.json()
-            events = body.get("events") if isinstance(body, dict) else None
-            if not isinstance(events, list):
-                raise ValueError("events response has no 'events' list")
+            events = await _all_pages(client, url)
             ended = any(isinstance(e, dict) and e.get("event") == "call_ended" for e in events)
             if ended or time.monotonic() >= deadline:
                 return [e for e in events if isinstance(e, dict)]
             await asyncio.sleep(0.05)
+
+
+async def _all_pages(client: httpx.AsyncClient, url: str) -> list[Any]:
+    """Every event of the call: the API gives them a page at a time (`next_after`: there are more)."""
+    events: list[Any] = []
+    params: dict[str, int] = {}
+    while True:
+        response = await client.get(url, params=params)
+        response.raise_for_status()
+        body = response.json()
+        page = body.get("events") if isinstance(body, dict) else None
+        if not isinstance(page, list):
+            raise ValueError("events response has no 'events' list")
+        events.extend(page)
+        next_after = body.get("next_after")
+        if not isinstance(next_after, int) or not page:
+            return events
+        params = {"after": next_after}
 
 
 def _valid_events(raw: list[dict[str, Any]], t0: float, errors: list[str]) -> list[dict[str, Any]]:

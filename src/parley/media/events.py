@@ -12,9 +12,12 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 from parley.logs import EVENT_ATTR
+from parley.records.store import CallRecord, CallStore, record_size
 from parley.stats import ServerStats
 
 log = logging.getLogger("parley.events")
@@ -120,14 +123,39 @@ class _AsJson:
         return json.dumps(self.record, default=str)
 
 
-class EventLog:
-    """Append-only, bounded list of one call's events. Safe to append from any thread."""
+MAX_LOG_BYTES = 4 * 2**20  # a call's events kept in memory (estimated size); the store keeps them all
 
-    def __init__(self, call_id: str, *, max_events: int = 20000, to_log: bool = True, mask_dtmf: bool = False) -> None:
+EventSink = Callable[[str, int, dict[str, Any]], None]  # (call id, seq, record): a CallStore's append
+
+
+class EventLog:
+    """Append-only list of one call's events, bounded by count and by (estimated) bytes: the oldest
+    go first, counted in `trimmed`. Safe to append from any thread. Each event gets a per-call `seq`
+    (1, 2, ...) and goes to the sink (the call records store) once one is attached."""
+
+    trimmed_total = 0  # events trimmed from all logs (for /api/stats)
+
+    def __init__(
+        self,
+        call_id: str,
+        *,
+        max_events: int = 20000,
+        max_bytes: int = MAX_LOG_BYTES,
+        to_log: bool = True,
+        mask_dtmf: bool = False,
+    ) -> None:
         """`mask_dtmf`: DTMF digits are masked in the records themselves (the server sets it unless
         PARLEY_LOG_DTMF=true); the agent still gets the real keys."""
         self.call_id = call_id
-        self._events: deque[dict[str, Any]] = deque(maxlen=max_events)
+        self._events: deque[dict[str, Any]] = deque()
+        self._sizes: deque[int] = deque()
+        self._bytes = 0
+        self._max_events = max_events
+        self._max_bytes = max_bytes
+        self._seq = 0
+        self.trimmed = 0
+        self._sink: EventSink | None = None
+        self._reader: Callable[[], list[dict[str, Any]]] | None = None
         self._lock = threading.Lock()
         self._to_log = to_log
         self.mask_dtmf = mask_dtmf
@@ -141,7 +169,7 @@ class EventLog:
                 fields = self._masked(event, fields)
         record.update((key, cap_field(value)) for key, value in fields.items())
         with self._lock:
-            self._events.append(record)
+            self._keep(record)
         if self._to_log and log.isEnabledFor(logging.INFO):
             # The message is the record's JSON, made only if a handler asks for it: parley.logs'
             # formatters use the dict itself. What callers said or keyed goes only to DEBUG.
@@ -168,7 +196,48 @@ class EventLog:
                 masked[key] = _masked_inside(value, self._keyed)
         return masked
 
+    def _keep(self, record: dict[str, Any]) -> None:
+        """Keep `record` (the lock held: the store gets the events in seq order)."""
+        self._seq += 1
+        if self._reader is None:  # once released, the store holds the call's events
+            size = record_size(record)
+            self._events.append(record)
+            self._sizes.append(size)
+            self._bytes += size
+            while len(self._events) > self._max_events or (self._bytes > self._max_bytes and len(self._events) > 1):
+                self._events.popleft()
+                self._bytes -= self._sizes.popleft()
+                self.trimmed += 1
+                EventLog.trimmed_total += 1
+        if self._sink is not None:
+            self._sink(self.call_id, self._seq, record)
+
+    def attach(self, sink: EventSink) -> None:
+        """Send every event from now on to `sink`, and those kept so far at once."""
+        with self._lock:
+            first = self._seq - len(self._events) + 1
+            for seq, record in enumerate(self._events, start=first):
+                sink(self.call_id, seq, record)
+            self._sink = sink
+
+    def release(self, reader: Callable[[], list[dict[str, Any]]]) -> None:
+        """Free the events kept in memory: the store has them; `reader` reads them back from there
+        (it may block on disk: not on the event loop). Later events still go to the sink."""
+        with self._lock:
+            self._events.clear()
+            self._sizes.clear()
+            self._bytes = 0
+            self._reader = reader
+
+    @property
+    def nbytes(self) -> int:
+        """Estimated size of the events kept in memory."""
+        return self._bytes
+
     def snapshot(self) -> list[dict[str, Any]]:
+        reader = self._reader
+        if reader is not None:
+            return reader()
         with self._lock:
             return list(self._events)
 
@@ -222,10 +291,21 @@ class LiveCall(Protocol):
 
 
 class CallRegistry:
-    """Live calls (their sessions, by call id) plus the event logs of recently ended calls (bounded)."""
+    """Live calls (their sessions, by call id) plus the event logs of recently ended calls (bounded).
+    With a `store`, every call's events go to it, and ended calls keep no events in memory: their
+    logs read them back from the store."""
 
-    def __init__(self, keep_ended: int = 100, stats: ServerStats | None = None) -> None:
+    def __init__(
+        self,
+        keep_ended: int = 100,
+        stats: ServerStats | None = None,
+        *,
+        store: CallStore | None = None,
+        agent: str = "",
+    ) -> None:
         self.stats = stats if stats is not None else ServerStats()
+        self.store = store
+        self.agent = agent
         self._live: dict[str, Any] = {}
         self._ended: OrderedDict[str, EventLog] = OrderedDict()
         self._keep_ended = keep_ended
@@ -234,11 +314,17 @@ class CallRegistry:
         self._ended.pop(session.call_id, None)
         self._live[session.call_id] = session
         self.stats.calls_started += 1
+        if self.store is not None:
+            correlation_id = str(getattr(session, "correlation_id", "") or "")
+            self.store.begin_call(CallRecord(session.call_id, correlation_id, self.agent, started_at=time.time()))
+            session.events.attach(self.store.append)
 
     def ended(self, session: LiveCall) -> None:
         if self._live.get(session.call_id) is session:
             del self._live[session.call_id]
         self.stats.call_ended(session.dropped_frames, session.input_errors)
+        if self.store is not None:
+            session.events.release(partial(_stored_events, self.store, session.call_id))
         if self._keep_ended:
             self._ended[session.call_id] = session.events
             while len(self._ended) > self._keep_ended:
@@ -258,3 +344,16 @@ class CallRegistry:
     def live_sessions(self) -> list[Any]:
         """The calls in progress (their media handlers)."""
         return list(self._live.values())
+
+    def record_stats(self) -> dict[str, int]:
+        """For /api/stats: call records written, dropped (queue full, disk error), queued; events
+        trimmed from in-memory logs (their byte or count cap)."""
+        counters = self.store.stats() if self.store is not None else {}
+        return {f"records_{name}": value for name, value in counters.items()} | {
+            "event_log_trimmed": EventLog.trimmed_total
+        }
+
+
+def _stored_events(store: CallStore, call_id: str) -> list[dict[str, Any]]:
+    store.sync()
+    return store.events(call_id)

@@ -1,0 +1,465 @@
+"""The durable store: one SQLite database (WAL) in the data directory, written by one thread.
+
+The event loop only puts records on a bounded queue; the writer thread writes them, deriving the
+call and turn rows as it goes. Finals, turn ends and the call's start and end are committed at once
+(a group commit when several are queued), everything else in batches of at most `batch_s`. With
+`synchronous=NORMAL` in WAL mode a commit survives the process being killed (`kill -9`); a power cut
+may lose the last few. A full queue or a failing disk drops records (logged, counted), never a call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from parley.records.store import COMMIT_NOW, CallRecord, Derivation, TurnRecord
+
+log = logging.getLogger("parley.records")
+
+DB_NAME = "calls.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    call_id TEXT PRIMARY KEY,
+    correlation_id TEXT NOT NULL DEFAULT '',
+    agent TEXT NOT NULL DEFAULT '',
+    started_at REAL,
+    ended_at REAL,
+    end_reason TEXT,
+    owner TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS calls_by_start ON calls (started_at);
+CREATE TABLE IF NOT EXISTS events (
+    call_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    at REAL NOT NULL,
+    event TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (call_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS turns (
+    call_id TEXT NOT NULL,
+    turn_id INTEGER NOT NULL,
+    kind TEXT, input TEXT, said TEXT, heard TEXT, outcome TEXT,
+    started_at REAL, ended_at REAL,
+    first_audio_ms REAL, voice_to_voice_ms REAL, audio_ms REAL, heard_ms REAL,
+    error TEXT, barge_ins TEXT,
+    PRIMARY KEY (call_id, turn_id)
+) WITHOUT ROWID;
+PRAGMA user_version = 1;
+"""
+
+_TURN_COLUMNS = (
+    "call_id, turn_id, kind, input, said, heard, outcome, started_at, ended_at,"
+    " first_audio_ms, voice_to_voice_ms, audio_ms, heard_ms, error, barge_ins"
+)
+
+_EVENT, _CALL, _SYNC, _STOP = range(4)
+
+_encode = json.JSONEncoder(default=str, ensure_ascii=False).encode
+
+_OPEN_OWNERS: set[str] = set()  # stores of this process still open (their live calls are not lost)
+
+
+class NoDatabase(LookupError):
+    """There is no call records database at that path yet."""
+
+
+def db_path(data_dir: Path) -> Path:
+    return Path(data_dir) / DB_NAME
+
+
+def _connect(path: Path, *, write: bool) -> sqlite3.Connection:
+    connection = sqlite3.connect(path, timeout=5.0, check_same_thread=False)
+    if write:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+    else:
+        connection.execute("PRAGMA query_only=1")
+    return connection
+
+
+class SqliteReader:
+    """Reads a records database (the server's read paths and `parley calls`): one connection per read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        if not self.path.exists():
+            raise NoDatabase(f"no call records database at {self.path} (no call was recorded there yet)")
+        connection = _connect(self.path, write=False)
+        try:
+            yield connection
+        finally:
+            connection.close()
+
+    def calls(self, limit: int = 50, since: float | None = None) -> list[CallRecord]:
+        select = (
+            "SELECT call_id, correlation_id, agent, started_at, ended_at, end_reason,"
+            " (SELECT count(*) FROM events e WHERE e.call_id = c.call_id) FROM calls c"
+        )
+        with self._reading() as db:
+            if since is None:
+                rows = db.execute(f"{select} ORDER BY started_at DESC LIMIT ?", (limit,)).fetchall()
+            else:
+                rows = db.execute(
+                    f"{select} WHERE started_at >= ? ORDER BY started_at LIMIT ?", (since, limit)
+                ).fetchall()
+        return [CallRecord(*row) for row in rows]
+
+    def call(self, call_id: str) -> CallRecord | None:
+        with self._reading() as db:
+            row = db.execute(
+                "SELECT call_id, correlation_id, agent, started_at, ended_at, end_reason,"
+                " (SELECT count(*) FROM events e WHERE e.call_id = c.call_id) FROM calls c WHERE call_id = ?",
+                (call_id,),
+            ).fetchone()
+        return None if row is None else CallRecord(*row)
+
+    def turns(self, call_id: str) -> list[TurnRecord]:
+        with self._reading() as db:
+            rows = db.execute(
+                f"SELECT {_TURN_COLUMNS} FROM turns WHERE call_id = ? ORDER BY turn_id", (call_id,)
+            ).fetchall()
+        turns = []
+        for row in rows:
+            turn = TurnRecord(*row[:-1])
+            turn.barge_ins = json.loads(row[-1] or "[]")
+            turns.append(turn)
+        return turns
+
+    def events(self, call_id: str, after: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT data FROM events WHERE call_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (call_id, after, -1 if limit is None else limit),
+            ).fetchall()
+        return [json.loads(data) for (data,) in rows]
+
+
+class SqliteStore(SqliteReader):
+    """The `sqlite` CallStore. Opening it creates the database, marks the calls a dead server left
+    live as ended (`server_lost`) and deletes calls past retention; then its writer thread starts."""
+
+    kind = "sqlite"
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        retention_days: float = 30.0,
+        queue_size: int = 20_000,
+        batch_s: float = 0.2,
+        batch_max: int = 1000,
+        max_call_bytes: int = 32 * 2**20,
+        purge_every_s: float = 3600.0,
+    ) -> None:
+        super().__init__(db_path(data_dir))
+        self.retention_s = retention_days * 86400
+        self.batch_s = batch_s
+        self.batch_max = batch_max
+        self.max_call_bytes = max_call_bytes
+        self.purge_every_s = purge_every_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=queue_size)
+        self._derive = Derivation()
+        self._call_bytes: dict[str, int] = {}
+        self._rows: list[tuple[str, int, float, str, str]] = []  # event rows not inserted yet
+        self._written = 0
+        self._dropped = 0
+        self._last_drop_log = 0.0
+        self._closed = False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = _connect(self.path, write=True)
+        self._db.executescript(_SCHEMA)
+        lost = self._recover()
+        purged = self.purge(time.time() - self.retention_s)
+        if lost or purged:
+            log.info("call records: %d call(s) marked server_lost, %d past retention deleted", lost, purged)
+        _OPEN_OWNERS.add(self.owner)
+        self._thread = threading.Thread(target=self._run, name="parley-records", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ writing (any thread)
+    def begin_call(self, call: CallRecord) -> None:
+        self._put((_CALL, call))
+
+    def append(self, call_id: str, seq: int, record: Mapping[str, Any]) -> None:
+        self._put((_EVENT, call_id, seq, record))
+
+    def _put(self, item: tuple[Any, ...]) -> None:
+        if self._closed:
+            self._drop(1, "the store is closed")
+            return
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self._drop(1, "the writer queue is full")
+
+    def _drop(self, count: int, why: str) -> None:
+        self._dropped += count
+        now = time.monotonic()
+        if now - self._last_drop_log >= 10.0:  # one line per 10 s, whatever the rate
+            self._last_drop_log = now
+            log.warning("call records: %s; %d record(s) dropped so far", why, self._dropped)
+
+    def sync(self, timeout: float = 2.0) -> bool:
+        if self._closed or not self._thread.is_alive():
+            return True  # nothing more will be written
+        done = threading.Event()
+        try:
+            self._queue.put((_SYNC, done), timeout=timeout)
+        except queue.Full:
+            return False
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._closed:
+            return
+        try:
+            self._queue.put((_STOP,), timeout=timeout)
+        except queue.Full:
+            log.warning("call records: the writer queue stayed full; %d queued record(s) lost", self._queue.qsize())
+        self._closed = True
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("call records: the writer did not finish within %.0f s", timeout)
+            return
+        _OPEN_OWNERS.discard(self.owner)
+        self._db.close()
+
+    def stats(self) -> dict[str, int]:
+        return {"written": self._written, "dropped": self._dropped, "queued": self._queue.qsize()}
+
+    # ------------------------------------------------------------------ maintenance
+    def purge(self, before: float) -> int:
+        connection = _connect(self.path, write=True)
+        try:
+            with connection:
+                gone = [
+                    call_id
+                    for (call_id,) in connection.execute(
+                        "SELECT call_id FROM calls WHERE started_at < ? AND ended_at IS NOT NULL", (before,)
+                    )
+                ]
+                for call_id in gone:
+                    self._delete_call(connection, call_id)
+            return len(gone)
+        finally:
+            connection.close()
+
+    @staticmethod
+    def _delete_call(db: sqlite3.Connection, call_id: str) -> None:
+        db.execute("DELETE FROM events WHERE call_id = ?", (call_id,))
+        db.execute("DELETE FROM turns WHERE call_id = ?", (call_id,))
+        db.execute("DELETE FROM calls WHERE call_id = ?", (call_id,))
+
+    def _recover(self) -> int:
+        """Calls whose server is gone (killed, crashed) are marked ended, as are their open turns."""
+        lost = 0
+        with self._db:
+            for call_id, owner in self._db.execute(
+                "SELECT call_id, owner FROM calls WHERE ended_at IS NULL"
+            ).fetchall():
+                if _owner_alive(owner):
+                    continue
+                lost += 1
+                self._db.execute(
+                    "UPDATE calls SET end_reason = 'server_lost', ended_at = coalesce("
+                    " (SELECT max(at) FROM events WHERE call_id = ?), started_at) WHERE call_id = ?",
+                    (call_id, call_id),
+                )
+                self._db.execute(
+                    "UPDATE turns SET outcome = 'unfinished' WHERE call_id = ? AND outcome = 'open'", (call_id,)
+                )
+        return lost
+
+    # ------------------------------------------------------------------ the writer thread
+    def _run(self) -> None:
+        pending = 0  # records written since the last commit
+        since = 0.0  # when the first of them was written
+        next_purge = time.monotonic() + self.purge_every_s
+        waiters: list[threading.Event] = []
+        stopping = False
+        while not stopping:
+            now = time.monotonic()
+            timeout = next_purge - now
+            if pending:
+                timeout = min(timeout, since + self.batch_s - now)
+            try:
+                items = [self._queue.get(timeout=max(0.0, timeout))]
+            except queue.Empty:
+                items = []
+            while len(items) < self.batch_max:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            urgent = False
+            for item in items:
+                kind = item[0]
+                if kind == _EVENT:
+                    written, commit_now = self._write(self._write_event, item)
+                    urgent |= commit_now
+                elif kind == _CALL:
+                    written, _ = self._write(self._write_call, item)
+                    urgent = True
+                elif kind == _SYNC:
+                    waiters.append(item[1])
+                    written, urgent = 0, True
+                else:
+                    written, urgent, stopping = 0, True, True
+                if written and not pending:
+                    since = time.monotonic()
+                pending += written
+            if pending and (urgent or pending >= self.batch_max or time.monotonic() - since >= self.batch_s):
+                self._commit(pending)
+                pending = 0
+            for waiter in waiters:
+                waiter.set()
+            waiters.clear()
+            if time.monotonic() >= next_purge:
+                next_purge = time.monotonic() + self.purge_every_s
+                if pending:  # the purge writes on its own connection: no open transaction here
+                    self._commit(pending)
+                    pending = 0
+                try:
+                    purged = self.purge(time.time() - self.retention_s)
+                except sqlite3.Error as exc:
+                    log.warning("call records: retention purge failed: %s", exc)
+                else:
+                    if purged:
+                        log.info("call records: %d call(s) past retention deleted", purged)
+
+    def _write(self, write: Any, item: tuple[Any, ...]) -> tuple[int, bool]:
+        try:
+            return write(*item[1:])
+        except (sqlite3.Error, ValueError, TypeError) as exc:  # a failing disk, a record JSON cannot hold
+            self._drop(1, f"writing failed ({exc})")
+            return 0, False
+
+    def _commit(self, pending: int) -> None:
+        try:
+            pending -= self._insert_events()
+            self._db.commit()
+            self._written += pending
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.rollback()
+            self._drop(pending, f"a commit failed ({exc})")
+
+    def _insert_events(self) -> int:
+        """Insert the event rows collected (one executemany: less work holding the GIL); how many
+        were lost to an error."""
+        rows, self._rows = self._rows, []
+        if not rows:
+            return 0
+        try:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO events (call_id, seq, at, event, data) VALUES (?, ?, ?, ?, ?)", rows
+            )
+        except sqlite3.Error as exc:
+            self._drop(len(rows), f"writing failed ({exc})")
+            return len(rows)
+        return 0
+
+    def _write_call(self, call: CallRecord) -> tuple[int, bool]:
+        self._insert_events()  # an old call of the same id is deleted below, with its events
+        if self._db.execute("SELECT 1 FROM calls WHERE call_id = ?", (call.call_id,)).fetchone():
+            log.info("call records: call id %s was used before; its old record is replaced", call.call_id)
+            self._delete_call(self._db, call.call_id)
+        self._db.execute(
+            "INSERT INTO calls (call_id, correlation_id, agent, started_at, ended_at, end_reason, owner)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (call.call_id, call.correlation_id, call.agent, call.started_at, None, None, self.owner),
+        )
+        self._derive.begin(call)
+        self._call_bytes[call.call_id] = 0
+        return 1, True
+
+    def _write_event(self, call_id: str, seq: int, record: Mapping[str, Any]) -> tuple[int, bool]:
+        name = str(record.get("event", ""))
+        used = self._call_bytes.get(call_id, 0)
+        if used >= self.max_call_bytes and name != "call_ended":
+            self._drop(1, f"call {call_id} passed {self.max_call_bytes} bytes of events")
+            return 0, False
+        data = _encode(record)
+        data = f'{data[:-1]}, "seq": {seq}}}' if len(data) > 2 else f'{{"seq": {seq}}}'
+        row = (call_id, seq, self._derive.wall(record), name, data)
+        call, turns = self._derive.apply(call_id, record)
+        if call is not None:
+            self._db.execute(
+                "INSERT INTO calls (call_id, correlation_id, agent, started_at, ended_at, end_reason, owner)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (call_id) DO UPDATE SET"
+                " correlation_id = excluded.correlation_id, ended_at = excluded.ended_at,"
+                " end_reason = excluded.end_reason",
+                (
+                    call.call_id,
+                    call.correlation_id,
+                    call.agent,
+                    call.started_at,
+                    call.ended_at,
+                    call.end_reason,
+                    self.owner,
+                ),
+            )
+        for turn in turns:
+            self._db.execute(
+                f"INSERT OR REPLACE INTO turns ({_TURN_COLUMNS}) VALUES ({', '.join('?' * 15)})",
+                (
+                    turn.call_id,
+                    turn.turn_id,
+                    turn.kind,
+                    turn.input,
+                    turn.said,
+                    turn.heard,
+                    turn.outcome,
+                    turn.started_at,
+                    turn.ended_at,
+                    turn.first_audio_ms,
+                    turn.voice_to_voice_ms,
+                    turn.audio_ms,
+                    turn.heard_ms,
+                    turn.error,
+                    json.dumps(turn.barge_ins, default=str),
+                ),
+            )
+        self._rows.append(row)  # inserted with the others of the batch (after the derived rows: fine)
+        self._call_bytes[call_id] = used + len(data)
+        if name == "call_ended":
+            self._call_bytes.pop(call_id, None)
+        return 1, name in COMMIT_NOW
+
+
+def _owner_alive(owner: str) -> bool:
+    """Whether the server recording a call still runs (on this host: its process; elsewhere: unknown,
+    taken as gone: one server per data directory)."""
+    if owner in _OPEN_OWNERS:
+        return True
+    host, _, rest = owner.partition(":")
+    pid_text, _, _ = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False  # a store of this process that was closed (or never closed cleanly)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
