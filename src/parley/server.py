@@ -76,10 +76,7 @@ def create_app(
         """Loop lag (since the last reset), CPU seconds, RSS, threads, call counters."""
         snapshot = registry.stats.snapshot(registry.live_count, reset=reset)
         snapshot["log_records_dropped"] = logs.dropped()  # the log output was not keeping up
-        snapshot["pools"] = {
-            pool.name: {"created": pool.created, "idle": pool.idle, "in_use": pool.in_use}
-            for pool in (engines.vads, engines.recognizers)
-        }
+        snapshot["pools"] = {pool.name: pool.figures() for pool in (engines.vads, engines.recognizers)}
         return snapshot
 
     if settings.events_api:
