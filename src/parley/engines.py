@@ -13,6 +13,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from parley import native_memory
 from parley.media.recognition import FinalPass
 from parley.pool import EnginePool, PoolReaper
 from parley.protocols import AgentFactory, CallControl, MultiVoiceSynthesizer, Recognizer, Synthesizer, Vad
@@ -301,4 +302,5 @@ def plumbing_engines(settings: Settings) -> Engines:
 
 
 def build_engines(settings: Settings) -> Engines:
+    native_memory.limit_arenas()  # before the engines' threads allocate (see parley.native_memory)
     return plumbing_engines(settings) if settings.engines == "plumbing" else embedded_engines(settings)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 import time
 
@@ -33,6 +34,9 @@ class _MallInfo2(ctypes.Structure):
             "keepcost",
         )
     ]
+
+
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number
 
 
 def _load() -> tuple[object | None, object | None]:
@@ -59,6 +63,26 @@ trims = 0  # how many times trim() ran (reported in /api/stats)
 
 def available() -> bool:
     return _trim is not None
+
+
+def limit_arenas(count: int | None = None) -> int | None:
+    """Cap glibc's malloc arenas at `count` (default: one per core) unless the operator set
+    MALLOC_ARENA_MAX; the cap applied, or None. Call it before the engines' threads start.
+
+    glibc gives threads up to 8 arenas per core. An engine loaded on a call's thread lands in an
+    arena; disposed later, the pages its neighbours still pin stay resident even after a trim.
+    Measured with 12 pocketsphinx+Silero pairs loaded on 12 threads then closed and trimmed:
+    132 MB left above the start with the default arenas, 49 MB with 2."""
+    if _trim is None or "MALLOC_ARENA_MAX" in os.environ:
+        return None
+    count = count if count is not None else max(2, os.cpu_count() or 2)
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return None
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return count if mallopt(_M_ARENA_MAX, count) == 1 else None
 
 
 def malloc_figures() -> dict[str, object]:
