@@ -65,9 +65,11 @@ with none kept, the Python heap flat; with 100 kept and a 32-call warm-up the he
 cache filled)."""
 
 
-async def _warm_up(server: ServerUnderTest, one: Callable[[int], Awaitable[None]], parallel: int) -> int:
+async def _warm_up(
+    server: ServerUnderTest, one: Callable[[int], Awaitable[None]], parallel: int, min_calls: int
+) -> int:
     """Run overlapping calls, as in the soak, until the recognizer pool stops growing (and at
-    least MIN_WARMUP_CALLS).
+    least `min_calls`).
 
     Server-side sessions outlive the callers' by a little, so more than `parallel` overlap and the
     pools (one ~90 MB recognizer each) grow for a while: that is working size, not a leak, and the
@@ -79,7 +81,7 @@ async def _warm_up(server: ServerUnderTest, one: Callable[[int], Awaitable[None]
         await asyncio.gather(*(one(done + i) for i in range(2 * parallel)))
         done += 2 * parallel
         now_created = server.stats().get("pools", {}).get("recognizer", {}).get("created", 0)
-        if now_created == created and done >= MIN_WARMUP_CALLS:
+        if now_created == created and done >= min_calls:
             return done
         created = now_created
     return done
@@ -122,7 +124,7 @@ async def _soak(
         except Exception as exc:  # noqa: BLE001 - a failed call is a finding, not the end of the soak
             errors.append(f"call {index}: {type(exc).__name__}: {exc}")
 
-    warmup = await _warm_up(server, one, parallel)
+    warmup = await _warm_up(server, one, parallel, min(MIN_WARMUP_CALLS, calls))  # short smoke runs stay short
     await asyncio.sleep(settle_s)
     start = server.stats()
     samples.append(_sample(0, start))
