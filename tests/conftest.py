@@ -157,6 +157,7 @@ TIERS: dict[str, str | frozenset[str]] = {
     ),
     "test_media_units.py": FAST,
     "test_piper.py": SLOW,  # the Piper voice model
+    "test_pool.py": FAST,  # engine pools with stand-in engines, the pool reaper thread
     "test_properties.py": SLOW,  # hypothesis: thousands of codec and harness examples (~35 s)
     "test_protocols.py": SLOW,  # builds the shipped agents and synthesizers
     "test_recognition.py": SLOW,  # Whisper, pocketsphinx, Silero

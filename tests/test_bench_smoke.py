@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import psutil
 import pytest
 from typer.testing import CliRunner
 
@@ -60,10 +61,30 @@ def test_load_smoke(tmp_path: Path, profile: str) -> None:
 
 
 def test_soak_smoke(tmp_path: Path) -> None:
-    data = bench(tmp_path, "soak", "--calls", "4", "--parallel", "2")
+    data = bench(tmp_path, "soak", "--calls", "4", "--parallel", "2", "--settle", "1")
     for key in ("rss_mb_start", "rss_mb_end", "rss_growth_mb", "threads_start", "threads_end"):
         assert key in data
     assert data["errors"] == 0 and data["live_calls_end"] == 0
+    assert data["busy_burners"] == 0
+    assert {"created", "disposed", "idle", "in_use"} <= set(data["pools_end"]["recognizer"])
+    assert "python_blocks" in data["memory_end"]
+    assert all("pools" in sample and "memory" in sample for sample in data["samples"])
+
+
+def test_soak_cpu_burners_run_only_inside_the_block() -> None:
+    from parley.benchmarks.soak import cpu_burners
+
+    with cpu_burners(1):
+        children = psutil.Process().children()
+        assert len(children) == 1 and children[0].cpu_times().user >= 0
+    assert not children[0].is_running()
+
+
+def test_soak_idle_sockets_smoke(tmp_path: Path) -> None:
+    data = bench(tmp_path, "soak", "--idle-sockets", "3", "--hold", "1", "--settle", "1")
+    assert data["connected"] == 3 and data["refused"] == 0 and data["live_calls_held"] == 3
+    for key in ("rss_mb_idle", "rss_mb_held", "rss_mb_after", "rss_held_above_idle_mb"):
+        assert key in data
 
 
 def test_llm_smoke(tmp_path: Path) -> None:

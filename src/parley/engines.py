@@ -7,13 +7,15 @@ file, an unknown voice) and shares what can be shared (the synthesis executor, t
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from parley import native_memory
 from parley.media.recognition import FinalPass
-from parley.pool import EnginePool
+from parley.pool import EnginePool, PoolReaper
 from parley.protocols import AgentFactory, CallControl, MultiVoiceSynthesizer, Recognizer, Synthesizer, Vad
 from parley.settings import Settings
 from parley.voice.guarded import GuardedSynthesizer, SynthesisLimits
@@ -36,6 +38,7 @@ class Engines:
     closers: list[Callable[[], None]] = field(default_factory=list)  # e.g. cloud synthesizer pools
     warm_count: int = 2
     warm_agents: Callable[[], None] | None = None  # e.g. rehearse the LLM agents' first request
+    reaper: PoolReaper | None = None  # shrinks the pools after bursts; started by `warm`
 
     def warm(self) -> None:
         """Pre-load per-call engines so the first calls do not pay for model loads."""
@@ -46,8 +49,13 @@ class Engines:
         if self.final_pass is not None:
             # CTranslate2 allocates its buffers on the first pass: ~100 ms the first caller would pay.
             self.final_pass.transcriber.transcribe(bytes(2 * 16000))
+        if self.reaper is None:
+            self.reaper = PoolReaper([self.vads, self.recognizers])
+            self.reaper.start()
 
     def close(self) -> None:
+        if self.reaper is not None:
+            self.reaper.stop()
         self.vads.close()
         self.recognizers.close()
         for executor in self.executors:
@@ -56,18 +64,32 @@ class Engines:
             close()
 
 
-def vad_pool(create: Callable[[], Vad], max_idle: int) -> EnginePool[Vad]:
-    return EnginePool("vad", create, recycle=lambda vad: vad.reset(), max_idle=max_idle)
+def vad_pool(create: Callable[[], Vad], max_idle: int, warm: int = 0, idle_s: float = 60.0) -> EnginePool[Vad]:
+    return EnginePool("vad", create, recycle=lambda vad: vad.reset(), max_idle=max_idle, warm=warm, idle_s=idle_s)
 
 
-def recognizer_pool(create: Callable[[], Recognizer], max_idle: int) -> EnginePool[Recognizer]:
+def recognizer_pool(
+    create: Callable[[], Recognizer], max_idle: int, warm: int = 0, idle_s: float = 60.0
+) -> EnginePool[Recognizer]:
     return EnginePool(
         "recognizer",
         create,
         recycle=_close_open_utterance,
         dispose=lambda rec: rec.close(),
         max_idle=max_idle,
+        warm=warm,
+        idle_s=idle_s,
     )
+
+
+def _pool_sizes(settings: Settings) -> dict[str, Any]:
+    """The pools' bounds from Settings: at most `engine_pool_idle` idle, shrinking back to
+    `engine_pool_warm` after `engine_pool_idle_s` without use."""
+    return {
+        "max_idle": settings.engine_pool_idle,
+        "warm": settings.engine_pool_warm,
+        "idle_s": settings.engine_pool_idle_s,
+    }
 
 
 def _close_open_utterance(recognizer: Recognizer) -> None:
@@ -91,6 +113,10 @@ def embedded_engines(settings: Settings) -> Engines:
     executors: list[Executor] = [synth_executor]
     final_pass = None
     if settings.stt in ("two-pass", "whisper"):
+        # oneDNN (CTranslate2's CPU backend here) caches a compiled primitive per input shape, up
+        # to 1024 of them: every new utterance length kept ~0.5 MB for good, RSS creeping call
+        # after call. A few cover the repeated shapes; the others cost ~nothing to recompile.
+        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
         from parley.speech.whisper import WhisperTranscriber
 
         transcriber = WhisperTranscriber(
@@ -108,7 +134,7 @@ def embedded_engines(settings: Settings) -> Engines:
     for voice in sorted(scenario.voices):  # loaded now: loading one mid-call would stall the loop
         synthesizer_for(voice)
     return Engines(
-        vads=vad_pool(SileroVad, settings.engine_pool_idle),
+        vads=vad_pool(SileroVad, **_pool_sizes(settings)),
         recognizers=_recognizers(settings),
         synthesizer_for=synthesizer_for,
         agent_factory=scenario.agent,
@@ -129,7 +155,7 @@ def _recognizers(settings: Settings) -> EnginePool[Recognizer]:
         return per_call_recognizer_pool(
             lambda: AzureRecognizer(options, trailing_silence_ms=settings.endpoint_silence_ms)
         )
-    return recognizer_pool(_streaming_recognizer(settings), settings.engine_pool_idle)
+    return recognizer_pool(_streaming_recognizer(settings), **_pool_sizes(settings))
 
 
 def azure_speech_options(settings: Settings) -> AzureSpeechOptions:
@@ -267,8 +293,8 @@ def plumbing_engines(settings: Settings) -> Engines:
         return AgentDouble(context, greeting, reply)
 
     return Engines(
-        vads=vad_pool(SileroVad, settings.engine_pool_idle),
-        recognizers=recognizer_pool(RecognizerDouble, settings.engine_pool_idle),
+        vads=vad_pool(SileroVad, **_pool_sizes(settings)),
+        recognizers=recognizer_pool(RecognizerDouble, **_pool_sizes(settings)),
         synthesizer_for=lambda voice: synthesizer,
         agent_factory=agent_factory,
         warm_count=settings.engine_pool_warm,
@@ -276,4 +302,5 @@ def plumbing_engines(settings: Settings) -> Engines:
 
 
 def build_engines(settings: Settings) -> Engines:
+    native_memory.limit_arenas()  # before the engines' threads allocate (see parley.native_memory)
     return plumbing_engines(settings) if settings.engines == "plumbing" else embedded_engines(settings)

@@ -141,10 +141,7 @@ def create_app(
         snapshot = registry.stats.snapshot(registry.live_count, reset=reset)
         snapshot["log_records_dropped"] = logs.dropped()  # the log output was not keeping up
         snapshot.update(registry.record_stats())  # records_dropped: the store was not keeping up
-        snapshot["pools"] = {
-            pool.name: {"created": pool.created, "idle": pool.idle, "in_use": pool.in_use}
-            for pool in (engines.vads, engines.recognizers)
-        }
+        snapshot["pools"] = {pool.name: pool.figures() for pool in (engines.vads, engines.recognizers)}
         snapshot["admission"] = admission.describe()
         return snapshot
 

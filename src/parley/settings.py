@@ -385,6 +385,12 @@ class Settings(BaseSettings):
     engine_pool_idle: int = Field(
         16, ge=0, le=1024, description="Idle VAD/recognizers kept for reuse (~90 MB per recognizer)."
     )
+    engine_pool_idle_s: float = Field(
+        60.0,
+        ge=0.0,
+        le=86_400.0,
+        description="Idle VAD/recognizers beyond the warm count are released after this long (pools shrink after bursts).",
+    )
 
     # --- queues -------------------------------------------------------------------------------------
     inbound_queue_frames: int = Field(

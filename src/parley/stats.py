@@ -7,13 +7,17 @@ the one number that says whether the event loop (and so every call's audio) is k
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
+import tracemalloc
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 import psutil
+
+from parley import native_memory
 
 
 def percentiles(values: list[float] | np.ndarray) -> dict[str, float | None]:
@@ -112,4 +116,15 @@ class ServerStats:
             "cpu_seconds": round(cpu.user + cpu.system, 3),
             "rss_mb": round(memory.rss / 2**20, 1),
             "threads": threads,
+            "memory": memory_figures(),
         }
+
+
+def memory_figures() -> dict[str, object]:
+    """Where the RSS is: the Python heap (pymalloc blocks, tracemalloc when tracing) and the C heap
+    (glibc malloc: bytes in use vs held free in its arenas, the fragmentation `malloc_trim` returns)."""
+    figures: dict[str, object] = {"python_blocks": sys.getallocatedblocks()}
+    if tracemalloc.is_tracing():
+        figures["tracemalloc_mb"] = round(tracemalloc.get_traced_memory()[0] / 2**20, 1)
+    figures.update(native_memory.malloc_figures())
+    return figures

@@ -111,13 +111,29 @@ def soak(
     calls: int = typer.Option(1000, min=1),
     parallel: int = typer.Option(8, min=1, help="Calls in flight at a time."),
     clip: list[Path] = typer.Option(None, "--clip"),
+    busy: int = typer.Option(0, min=0, help="CPU burner processes running during the soak (a busy machine)."),
+    settle: float = typer.Option(
+        20.0, min=0.0, help="Seconds to wait after the warm-up and the last call (pools shrink back meanwhile)."
+    ),
+    idle_sockets: int = typer.Option(
+        0, min=0, help="Instead of calls: hold this many media sockets that connect and never send; RSS above idle."
+    ),
+    hold: float = typer.Option(10.0, min=0.0, help="With --idle-sockets: seconds to hold them open."),
+    metadata: bool = typer.Option(False, "--metadata", help="With --idle-sockets: each sends one AudioMetadata."),
     url: str | None = UrlOption,
     server: str = ServerOption,
     json_path: Path | None = JsonOption,
 ) -> None:
-    """Many short calls through one server: RSS growth and thread count."""
+    """Many short calls through one server: RSS growth, threads, and what holds the memory."""
     from parley.benchmarks import soak as module
 
-    with common.server_under_test(url, server, greeting="Hello, how can I help?") as sut:
-        result = asyncio.run(module.run(sut, calls, parallel, clip))
+    settings: dict[str, object] = {"greeting": "Hello, how can I help?", "engine_pool_idle_s": module.POOL_IDLE_S}
+    if idle_sockets:
+        settings["max_calls"] = max(100, 2 * idle_sockets)  # admission control must not refuse them
+        with common.server_under_test(url, server, **settings) as sut:
+            idle = asyncio.run(module.idle_sockets(sut, idle_sockets, hold, busy, metadata, settle))
+        _finish("parley bench soak --idle-sockets", idle, module.idle_summary_rows(idle), json_path)
+        return
+    with common.server_under_test(url, server, **settings) as sut:
+        result = asyncio.run(module.run(sut, calls, parallel, clip, busy, settle))
     _finish("parley bench soak", result, module.summary_rows(result), json_path)
