@@ -1075,3 +1075,28 @@ def test_call_book_is_bounded_and_maps_both_ids() -> None:
     book.new("inbound", CALLER_NUMBER)
     book.new("outbound", CALLER_NUMBER)
     assert len(book) == 2 and book.find("conn-1") is None and book.find(first.key) is None
+
+
+def test_calls_a_killed_server_left_live_are_hung_up_at_startup(
+    fake_acs: FakeAcs, jwks_file: Path, tls: TlsFiles, tmp_path: Path
+) -> None:
+    """A crash leaves phone calls up at ACS with nobody on the media: the next server hangs them up."""
+    from parley.records.sqlite import SqliteStore
+    from parley.records.store import CallRecord
+
+    previous = SqliteStore(tmp_path)  # the records of a server that died mid-call
+    for call_id in ("conn-orphan", "local-made-up"):
+        previous.begin_call(CallRecord(call_id, started_at=time.time()))
+    assert previous.sync()
+    previous.close()
+    fake_acs.failures[":terminate"] = (404, {"error": {"code": "8522", "message": "Call not found"}})
+    server = start_parley(acs_settings(fake_acs, jwks_file, data_dir=tmp_path), tls)
+    try:
+        (request,) = fake_acs.wait_for(":terminate")
+        assert request.path == "/calling/callConnections/conn-orphan:terminate"  # not the local- one
+        with httpx.Client(base_url=server.http_url, timeout=30) as http:
+            calls = {call["call_id"]: call for call in http.get("/api/calls").json()["calls"]}
+        assert calls["conn-orphan"]["end_reason"] == "server_lost"
+    finally:
+        server.stop()
+    assert len(fake_acs.named(":terminate")) == 1

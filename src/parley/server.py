@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -92,15 +92,19 @@ def create_app(
         )
         monitor = asyncio.create_task(registry.stats.monitor.run(), name="loop-lag-monitor")
         watcher = asyncio.create_task(admission.watch(load_reading), name="overload-watch")
+        orphans = None
+        if call_automation is not None and store.lost_calls:
+            orphans = asyncio.create_task(_hang_up_orphans(call_automation, store.lost_calls), name="orphan-hangups")
         yield
-        # Every call has ended here (drained, or closed by uvicorn's shutdown).
+        if orphans is not None:
+            orphans.cancel()
+        # Every call has ended here (drained, or closed by uvicorn's shutdown): what is queued is written.
         await _close_call_records(app_)
         watcher.cancel()
         monitor.cancel()
         if call_automation is not None:
             await call_automation.close()
         engines.close()
-        await asyncio.to_thread(store.close)  # what is queued is written
 
     app = FastAPI(title="parley", version=__version__, lifespan=lifespan)
     app.state.settings = settings
@@ -108,6 +112,7 @@ def create_app(
     app.state.registry = registry
     app.state.call_automation = call_automation
     app.state.admission = admission
+    app.state.call_records = store
 
     async def drain() -> dict[str, float]:
         """Graceful drain (ParleyServer runs it on the first SIGTERM/SIGINT)."""
@@ -224,10 +229,24 @@ async def _deny(websocket: WebSocket, status: int, message: str) -> None:
         log.debug("refusal not delivered (HTTP %d): %s", status, exc)
 
 
+async def _hang_up_orphans(control: CallAutomation, call_ids: Sequence[str]) -> None:
+    """Hang up the phone calls a dead server (killed, crashed) left live: ACS keeps a call up after
+    its media stream is gone, so its caller would wait on a silent line. The call records name them;
+    a media call id is ACS's call connection id (ids parley made up, `local-...`, are no ACS calls)."""
+    for call_id in call_ids:
+        if call_id.startswith("local-"):
+            continue
+        try:
+            await control.hang_up(call_id)
+        except Exception as exc:  # noqa: BLE001 - one failed request must not stop the others
+            log.warning("call %s: could not hang up the call a previous server left live: %s", call_id, exc)
+        else:
+            log.info("call %s: hung up; a previous server left it live (records: server_lost)", call_id)
+
+
 async def _close_call_records(app: FastAPI) -> None:
-    """HOOK for the call-records store (issue 12, durable call records): flush and close it here, in
-    the lifespan shutdown, after the drain (every call has ended) and before the process exits.
-    `app.state.call_records` is the store when one is configured; nothing to do until then."""
+    """Flush and close the call-records store, in the lifespan shutdown: after the drain (every call
+    has ended) and before the process exits."""
     store = getattr(app.state, "call_records", None)
     if store is not None:
         await asyncio.to_thread(store.close)

@@ -28,6 +28,7 @@ class MemoryStore:
     kind = "memory"
 
     def __init__(self, max_calls: int = 200, max_bytes: int = 64 * 2**20, max_call_bytes: int = 8 * 2**20) -> None:
+        self.lost_calls: list[str] = []  # nothing outlives the process that kept it
         self.max_calls = max(1, max_calls)
         self.max_bytes = max_bytes
         self.max_call_bytes = max_call_bytes

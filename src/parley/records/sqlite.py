@@ -185,10 +185,12 @@ class SqliteStore(SqliteReader):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = _connect(self.path, write=True)
         self._db.executescript(_SCHEMA)
-        lost = self._recover()
+        self.lost_calls = self._recover()
         purged = self.purge(time.time() - self.retention_s)
-        if lost or purged:
-            log.info("call records: %d call(s) marked server_lost, %d past retention deleted", lost, purged)
+        if self.lost_calls or purged:
+            log.info(
+                "call records: %d call(s) marked server_lost, %d past retention deleted", len(self.lost_calls), purged
+            )
         _OPEN_OWNERS.add(self.owner)
         self._thread = threading.Thread(target=self._run, name="parley-records", daemon=True)
         self._thread.start()
@@ -267,16 +269,16 @@ class SqliteStore(SqliteReader):
         db.execute("DELETE FROM turns WHERE call_id = ?", (call_id,))
         db.execute("DELETE FROM calls WHERE call_id = ?", (call_id,))
 
-    def _recover(self) -> int:
+    def _recover(self) -> list[str]:
         """Calls whose server is gone (killed, crashed) are marked ended, as are their open turns."""
-        lost = 0
+        lost: list[str] = []
         with self._db:
             for call_id, owner in self._db.execute(
                 "SELECT call_id, owner FROM calls WHERE ended_at IS NULL"
             ).fetchall():
                 if _owner_alive(owner):
                     continue
-                lost += 1
+                lost.append(call_id)
                 self._db.execute(
                     "UPDATE calls SET end_reason = 'server_lost', ended_at = coalesce("
                     " (SELECT max(at) FROM events WHERE call_id = ?), started_at) WHERE call_id = ?",

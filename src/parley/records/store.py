@@ -94,6 +94,9 @@ class CallStore(Protocol):
     store only has to implement these methods."""
 
     kind: str
+    lost_calls: list[str]
+    """Calls a dead server left live, found (and marked `server_lost`) when the store opened: with
+    Call Automation the phone calls may still be up at ACS, so the server hangs them up."""
 
     # --- writing: any thread, never blocks, never raises ---------------------------------------
     def begin_call(self, call: CallRecord) -> None:
