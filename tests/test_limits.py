@@ -406,3 +406,15 @@ async def test_a_long_dtmf_message_over_a_real_socket_is_refused_and_the_call_go
     assert errors == ["DtmfData with 60000 keys (max_dtmf_message_digits is 8); ignored"]
     assert not [e for e in events if e["event"] == "dtmf"]
     assert next(e for e in events if e["event"] == "call_ended")["frames_in"] == 10
+
+
+async def test_keys_still_being_collected_when_the_call_ends_are_dropped_with_it() -> None:
+    """The inter-digit timer dies with the call: no `dtmf_input` (and no turn) after `call_ended`."""
+    async with CallHarness(dtmf_interdigit_ms=150, log_dtmf=True) as call:
+        call.frames(0.1, loud=False)
+        call.dtmf("12")
+        await call.wait_for("dtmf")
+        await call.hang_up()
+        await asyncio.sleep(0.4)  # well past the inter-digit time
+    names = [event["event"] for event in call.events]
+    assert names[-1] == "call_ended" and "dtmf_input" not in names

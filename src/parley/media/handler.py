@@ -226,6 +226,9 @@ class MediaHandler:
 
     async def _shutdown(self) -> None:
         """End every thread and task of this call, awaiting each one (nothing outlives the call)."""
+        if self._digit_timer is not None:  # keys still being collected: nobody is left to answer them
+            self._digit_timer.cancel()
+            self._digit_timer = None
         if self.bridge:
             self.bridge.close()
         if self.recognition:
