@@ -167,9 +167,12 @@ def test_a_blank_token_is_no_token() -> None:
         assert client.get("/api/stats", headers=bearer("  ")).status_code == 403
 
 
-def test_a_non_loopback_bind_needs_a_token() -> None:
+def test_a_non_loopback_bind_needs_a_token(caplog: pytest.LogCaptureFixture) -> None:
     """Bound to every interface (here an ASGI client: no socket is opened on 0.0.0.0)."""
-    with TestClient(create_app(plumbing(host="0.0.0.0"))) as client:
+    with caplog.at_level(logging.WARNING, logger="parley.server"):
+        app = create_app(plumbing(host="0.0.0.0"))
+    assert "PARLEY_API_TOKEN is not set while listening on 0.0.0.0" in caplog.text  # said at startup
+    with TestClient(app) as client:
         for path in ("/api/stats", "/api/stats?reset=true", "/api/calls/x/events"):
             response = client.get(path)
             assert response.status_code == 403

@@ -39,7 +39,7 @@ from parley.security import (
     build_acs_validator,
     check_websocket,
 )
-from parley.security.access import api_access, check_media_access
+from parley.security.access import api_access, check_media_access, configured_token
 from parley.settings import Settings
 
 if TYPE_CHECKING:
@@ -60,6 +60,12 @@ def create_app(
     registry = CallRegistry(settings.recent_calls_kept, store=store, agent=agent)
     # ACS first: a configuration problem there stops startup before any model is loaded.
     validator = _acs_validator(settings)
+    if configured_token(settings) is None and not is_loopback(settings.host):
+        log.warning(
+            "PARLEY_API_TOKEN is not set while listening on %s: the calls, events and stats APIs answer"
+            " 403 to everyone until it is (docs/operations.md, Access and privacy)",
+            settings.host,
+        )
     call_automation = _call_automation(settings, registry, acs_client_options or {})
     engines = engines if engines is not None else build_engines(settings)
     if call_automation is not None and engines.call_control is None:
