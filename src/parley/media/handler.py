@@ -296,15 +296,13 @@ class MediaHandler:
             self._hang_up(Hangup(reason))
             return
         self._deferred_control = None  # whatever the agent wanted, the call ends now
-        self.inbox.clear()
         turn = self.route.current
         if turn is not None and not turn.cancelled:
             self._stop_turn(turn, time.monotonic())
         closing = Pending(
             "closing", None, self._latest_utterance_id, interruptible=False, say=self.settings.closing_text
         )
-        self.inbox.put(closing)
-        self.inbox.release()  # not held for a caller mid-utterance: nothing they say is answered now
+        self.inbox.close_with(closing)  # nothing the caller says or keys from now on is answered
         self._spawn(self._hang_up_after_closing(reason), "closing")
 
     async def _hang_up_after_closing(self, reason: str) -> None:
@@ -432,8 +430,7 @@ class MediaHandler:
     def on_speech_started(self, event: SpeechStarted) -> None:
         self._latest_utterance_id = max(self._latest_utterance_id, event.utterance_id)
         self.events.emit("speech_started", t=event.detected_t, utterance_id=event.utterance_id, onset_t=event.onset_t)
-        if not self._finishing:
-            self.inbox.hold()  # answer once the caller has finished, everything they said at once
+        self.inbox.hold()  # answer once the caller has finished, everything they said at once
         self._consider_barge_in(Signal("vad", event.utterance_id))
 
     def on_speech_continues(self, event: SpeechContinues) -> None:
@@ -464,7 +461,7 @@ class MediaHandler:
         decision = self._consider_barge_in(Signal("final", event.utterance_id, event.text, evidence))
         if self._deferred_control is not None and is_farewell(event.text):
             self._carry_out(self._take_deferred_control(), "farewell")  # "thanks, bye" over the goodbye
-        elif event.text.strip() and not decision.said_over_agent and not self._finishing:
+        elif event.text.strip() and not decision.said_over_agent:
             self.inbox.put(Pending("speech", UserInput("speech", text=event.text), event.utterance_id))
         self._last_final_utterance_id = max(self._last_final_utterance_id, event.utterance_id)
         if event.utterance_id >= self._latest_utterance_id:
@@ -504,8 +501,6 @@ class MediaHandler:
 
     def _queue_digits(self, digits: str) -> None:
         self.events.emit("dtmf_input", digits=digits)
-        if self._finishing:
-            return
         self.inbox.put(Pending("dtmf", UserInput("dtmf", digits=digits), self._latest_utterance_id))
 
     def _digits_expected(self) -> int | None:

@@ -67,8 +67,11 @@ class TurnInbox:
         self._capacity = capacity
         self._changed = asyncio.Event()
         self._held = False
+        self._closed = False  # close_with(): the last input is queued, nothing more is taken
 
     def put(self, item: Pending) -> None:
+        if self._closed:
+            return
         last = self._items[-1] if self._items else None
         if len(self._items) >= self._capacity and last is not None and last.kind == item.kind == "speech":
             self._items[-1] = _merge(self._items[-1], item)
@@ -83,19 +86,25 @@ class TurnInbox:
 
     def put_back(self, item: Pending) -> None:
         """Requeue an input whose answer was cancelled before the caller heard any of it."""
+        if self._closed:
+            return
         self._items.appendleft(item)
         self._changed.set()
 
     def hold(self) -> None:
-        self._held = True
+        self._held = not self._closed
 
     def release(self) -> None:
         self._held = False
         self._changed.set()
 
-    def clear(self) -> None:
-        """Drop every waiting input (the call is closing)."""
+    def close_with(self, last: Pending) -> None:
+        """The call is closing: drop every waiting input, queue `last` (not held for a caller
+        mid-utterance), and take nothing more: what the caller says or keys now is not answered."""
         self._items.clear()
+        self._items.append(last)
+        self._closed = True
+        self.release()
 
     def drop_greetings(self) -> None:
         self._items = deque(item for item in self._items if item.kind != "greeting")
