@@ -61,6 +61,26 @@ def hours_pcm(voice: EspeakSynthesizer) -> np.ndarray:
     return np.frombuffer(voice.synthesize_blocking(HOURS_PHRASE, 16000), dtype=np.int16)
 
 
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """For tests that configure logging (parley.logs): the root logger as it was, afterwards."""
+    import logging
+
+    from parley import logs
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    events_level = logging.getLogger("parley.events").level
+    yield
+    logs.shutdown()
+    for handler in root.handlers[:]:
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("parley.events").setLevel(events_level)
+
+
 def make_server(**overrides: object) -> BackgroundServer:
     settings = load_settings(host="127.0.0.1", port=0, event_log=False, **overrides)
     return BackgroundServer(settings).start()

@@ -48,19 +48,8 @@ def plumbing(**overrides: Any) -> Settings:
     return load_settings(**(values | overrides))
 
 
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    events_level = logging.getLogger("parley.events").level
-    yield
-    logs.shutdown()
-    for handler in root.handlers[:]:
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
-    logging.getLogger("parley.events").setLevel(events_level)
+# Each test configures logging its own way: conftest's fixture puts it back afterwards.
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @pytest.fixture(scope="module")

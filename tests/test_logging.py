@@ -29,21 +29,8 @@ from parley.media.events import MAX_FIELD_CHARS, EventLog, cap_field
 from parley.settings import load_settings
 from parley.transports import acs
 
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """Each test configures logging its own way; put the root logger back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    events_level = logging.getLogger("parley.events").level
-    yield
-    logs.shutdown()
-    for handler in root.handlers[:]:
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
-    logging.getLogger("parley.events").setLevel(events_level)
+# Each test configures logging its own way: conftest's fixture puts it back afterwards.
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 # --- the format ------------------------------------------------------------------------------------
