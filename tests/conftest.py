@@ -81,6 +81,18 @@ def restore_logging() -> Iterator[None]:
     logging.getLogger("parley.events").setLevel(events_level)
 
 
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis-server for the whole session (tests that use it skip, saying why, without one)."""
+    from parley.testing.redis_server import RedisUnavailable, redis_server
+
+    try:
+        with redis_server() as url:
+            yield url
+    except RedisUnavailable as exc:
+        pytest.skip(f"needs a real Redis: {exc}")
+
+
 def make_server(**overrides: object) -> BackgroundServer:
     settings = load_settings(host="127.0.0.1", port=0, event_log=False, **overrides)
     return BackgroundServer(settings).start()

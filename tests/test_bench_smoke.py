@@ -52,6 +52,7 @@ def test_load_smoke(tmp_path: Path, profile: str) -> None:
         "pacing_jitter_ms",
         "onset_to_stop_ms",
         "cpu_percent",
+        "cpu_ms_per_call_s",
         "rss_mb",
         "errors",
         "dropped_frames",

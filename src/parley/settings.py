@@ -158,11 +158,37 @@ class Settings(BaseSettings):
     )
 
     # --- call records ----------------------------------------------------------------------------
-    store: Literal["sqlite", "memory"] = Field(
-        "sqlite", description="Where call records go: sqlite (durable, in data_dir) or memory (tests, benchmarks)."
+    store: Literal["sqlite", "memory", "redis"] | None = Field(
+        None,
+        description="Where call records go: sqlite (durable, in data_dir), redis (shared by every instance;"
+        " default when PARLEY_REDIS_URL is set, else sqlite) or memory (tests, benchmarks).",
     )
     data_dir: Path = Field(Path("parley-data"), description="Directory of the call records database.")
     retention_days: float = Field(30.0, gt=0, description="Call records older than this are deleted.")
+
+    # --- scale: worker processes, Redis cluster, metrics and traces (docs/scaling.md) -----------
+    workers: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Worker processes sharing the port (default: one per core with cloud or plumbing engines,"
+        " 1 with the embedded models, which every worker loads for itself).",
+    )
+    redis_url: SecretStr | None = Field(
+        None,
+        description="redis://[:password@]host:port/db shared by every instance: call registry and ownership,"
+        " ACS call book, routed hang-ups, call records, cluster-wide admission (unset: one process).",
+    )
+    instance_id: str | None = Field(
+        None,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9._:-]+$",
+        description="This instance's name in the cluster (default: hostname and process id).",
+    )
+    cluster_max_calls: int | None = Field(
+        None, ge=1, description="Live calls across every instance sharing PARLEY_REDIS_URL (default: no cluster cap)."
+    )
+    metrics: bool = Field(True, description="Serve Prometheus metrics on GET /metrics (guarded like /api/stats).")
 
     # --- graceful drain --------------------------------------------------------------------------
     drain_timeout_s: float = Field(
@@ -475,6 +501,13 @@ class Settings(BaseSettings):
             refresh_min_interval_s=self.acs_auth_refresh_min_interval_s,
             jwks_max_age_s=self.acs_auth_jwks_max_age_s,
         )
+
+    @model_validator(mode="after")
+    def _default_store(self) -> Settings:
+        """Records go where every instance can read them: Redis when the cluster has one."""
+        if self.store is None:
+            self.store = "redis" if self.redis_url is not None else "sqlite"
+        return self
 
     @model_validator(mode="after")
     def _check_acs(self) -> Settings:

@@ -35,6 +35,7 @@ async def run_point(server: ServerUnderTest, calls: int, seconds: float, clip: C
     wall = time.monotonic() - started
     after = server.stats()
     errors = result.errors()
+    server_cpu_s = after["cpu_seconds"] - before["cpu_seconds"]
     return {
         "calls": calls,
         "seconds": seconds,
@@ -43,7 +44,9 @@ async def run_point(server: ServerUnderTest, calls: int, seconds: float, clip: C
         "onset_to_stop_ms": percentiles(result.onset_to_stop_ms()),
         "barge_ins": len(result.onset_to_stop_ms()),
         "missed": result.missed(),
-        "cpu_percent": round(100 * (after["cpu_seconds"] - before["cpu_seconds"]) / wall, 1),
+        "cpu_percent": round(100 * server_cpu_s / wall, 1),
+        # Server CPU over the whole run (connects and hang-ups included) per second of call audio.
+        "cpu_ms_per_call_s": round(1000 * server_cpu_s / (calls * seconds), 2),
         "client_cpu_percent": round(100 * (time.process_time() - client_cpu) / wall, 1),
         "rss_mb": after["rss_mb"],
         "errors": len(errors),
@@ -97,6 +100,7 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, object]]:
         for point in result["points"]:
             rows.append((f"{point['calls']} calls: loop lag", point["loop_lag_ms"]))
             rows.append((f"{point['calls']} calls: barge-in", point["onset_to_stop_ms"]))
+            rows.append((f"{point['calls']} calls: CPU ms per call-second", point["cpu_ms_per_call_s"]))
         return rows
     return [
         ("profile", result["profile"]),
@@ -106,6 +110,7 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, object]]:
         ("onset -> StopAudio", result["onset_to_stop_ms"]),
         ("barge-ins / missed", f"{result['barge_ins']} / {result['missed']}"),
         ("server CPU %", result["cpu_percent"]),
+        ("server CPU ms per call-second", result["cpu_ms_per_call_s"]),
         ("client CPU %", result["client_cpu_percent"]),
         ("server RSS MB", result["rss_mb"]),
         ("errors", result["errors"]),
