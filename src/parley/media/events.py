@@ -126,6 +126,7 @@ class _AsJson:
 MAX_LOG_BYTES = 4 * 2**20  # a call's events kept in memory (estimated size); the store keeps them all
 
 EventSink = Callable[[str, int, dict[str, Any]], None]  # (call id, seq, record): a CallStore's append
+EventObserver = Callable[[dict[str, Any]], None]  # sees every record once (metrics, traces); must not raise
 
 
 class EventLog:
@@ -160,6 +161,7 @@ class EventLog:
         self._to_log = to_log
         self.mask_dtmf = mask_dtmf
         self._keyed: dict[str, None] = {}  # the last long DTMF inputs, masked where they reappear
+        self._observers: tuple[EventObserver, ...] = ()
 
     def emit(self, event: str, t: float | None = None, **fields: Any) -> dict[str, Any]:
         assert event in EVENT_NAMES, f"unknown event name {event!r}"
@@ -211,6 +213,8 @@ class EventLog:
                 EventLog.trimmed_total += 1
         if self._sink is not None:
             self._sink(self.call_id, self._seq, record)
+        for observer in self._observers:
+            observer(record)
 
     def attach(self, sink: EventSink) -> None:
         """Send every event from now on to `sink`, and those kept so far at once."""
@@ -219,6 +223,13 @@ class EventLog:
             for seq, record in enumerate(self._events, start=first):
                 sink(self.call_id, seq, record)
             self._sink = sink
+
+    def observe(self, observer: EventObserver) -> None:
+        """Show `observer` every event from now on, and those kept so far at once (in order)."""
+        with self._lock:
+            for record in self._events:
+                observer(record)
+            self._observers = (*self._observers, observer)
 
     def release(self, reader: Callable[[], list[dict[str, Any]]]) -> None:
         """Free the events kept in memory: the store has them; `reader` reads them back from there
@@ -307,6 +318,8 @@ class CallRegistry:
         self.store = store
         self.agent = agent
         self._live: dict[str, Any] = {}
+        # Each sees every event of every call from its start (parley.metrics, parley.tracing).
+        self.observers: list[EventObserver] = []
         self._ended: OrderedDict[str, EventLog] = OrderedDict()
         self._keep_ended = keep_ended
 
@@ -318,6 +331,8 @@ class CallRegistry:
             correlation_id = str(getattr(session, "correlation_id", "") or "")
             self.store.begin_call(CallRecord(session.call_id, correlation_id, self.agent, started_at=time.time()))
             session.events.attach(self.store.append)
+        for observer in self.observers:
+            session.events.observe(observer)
 
     def ended(self, session: LiveCall) -> None:
         if self._live.get(session.call_id) is session:
