@@ -12,6 +12,7 @@ import threading
 import time
 import tracemalloc
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,20 +45,21 @@ class LoopLagMonitor:
         # (monotonic time, lag) of the last seconds, never reset by /api/stats?reset=true: the
         # overload check reads it. Bounded by count too (2x the window at the nominal interval).
         self._recent: deque[tuple[float, float]] = deque(maxlen=int(2 * RECENT_WINDOW_S / interval_s) + 1)
+        self.on_lag: Callable[[float], None] | None = None  # sees each lag in ms (parley.metrics' histogram)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             expected = loop.time() + self.interval_s
             await asyncio.sleep(self.interval_s)
-            lag_ms = max(0.0, (loop.time() - expected) * 1000)
-            self._lags_ms.append(lag_ms)
-            self._recent.append((time.monotonic(), lag_ms))
+            self.record(max(0.0, (loop.time() - expected) * 1000))
 
     def record(self, lag_ms: float, t: float | None = None) -> None:
         """One measurement (what `run` does every interval; tests feed it directly)."""
         self._lags_ms.append(lag_ms)
         self._recent.append((time.monotonic() if t is None else t, lag_ms))
+        if self.on_lag is not None:
+            self.on_lag(lag_ms)
 
     def recent_p99(self, window_s: float = RECENT_WINDOW_S, now: float | None = None) -> float | None:
         """p99 of the lags measured in the last `window_s` (None: no measurement in it). A loop that
