@@ -31,6 +31,7 @@ from parley.admission import (
 from parley.engines import Engines, build_engines
 from parley.media.events import CallRegistry
 from parley.media.handler import MediaHandler
+from parley.metrics import Metrics, metrics_router
 from parley.records import build_store
 from parley.records.api import records_router
 from parley.security import (
@@ -41,6 +42,7 @@ from parley.security import (
 )
 from parley.security.access import api_access, check_media_access, configured_token
 from parley.settings import Settings
+from parley.tracing import tracer_from_env
 
 if TYPE_CHECKING:
     from parley.acs.service import CallAutomation
@@ -70,17 +72,27 @@ def create_app(
     engines = engines if engines is not None else build_engines(settings)
     if call_automation is not None and engines.call_control is None:
         engines.call_control = call_automation  # the agents' Hangup / Transfer reach the phone call
+    # Metrics and traces observe the calls' event records (parley.metrics, parley.tracing).
+    metrics = Metrics() if settings.metrics else None
+    if metrics is not None:
+        metrics.attach(registry)
+    tracer = tracer_from_env(agent)
+    if tracer is not None:
+        registry.observers.append(tracer.observe)
     max_calls, max_calls_origin = effective_max_calls(settings)
-    admission = AdmissionController(
-        max_calls, OverloadLimits.from_settings(settings), on_refused=registry.stats.call_refused
-    )
+
+    def call_refused(reason: str) -> None:
+        registry.stats.call_refused(reason)
+        if metrics is not None:
+            metrics.call_refused(reason)
+
+    admission = AdmissionController(max_calls, OverloadLimits.from_settings(settings), on_refused=call_refused)
 
     def load_reading() -> LoadReading:
-        return LoadReading(
-            registry.stats.monitor.recent_p99(),
-            worst_backlog(registry.live_sessions()),
-            executor_queues(engines.executors),
-        )
+        backlog = worst_backlog(registry.live_sessions())
+        if metrics is not None:
+            metrics.backlog(backlog)
+        return LoadReading(registry.stats.monitor.recent_p99(), backlog, executor_queues(engines.executors))
 
     @asynccontextmanager
     async def lifespan(app_: FastAPI) -> AsyncIterator[None]:
@@ -111,6 +123,10 @@ def create_app(
         if call_automation is not None:
             await call_automation.close()
         engines.close()
+        if metrics is not None:
+            metrics.close()
+        if tracer is not None:
+            await asyncio.to_thread(tracer.shutdown)
 
     app = FastAPI(title="parley", version=__version__, lifespan=lifespan)
     app.state.settings = settings
@@ -119,6 +135,7 @@ def create_app(
     app.state.call_automation = call_automation
     app.state.admission = admission
     app.state.call_records = store
+    app.state.metrics = metrics
 
     async def drain() -> dict[str, float]:
         """Graceful drain (ParleyServer runs it on the first SIGTERM/SIGINT)."""
@@ -155,6 +172,9 @@ def create_app(
         snapshot["pools"] = {pool.name: pool.figures() for pool in (engines.vads, engines.recognizers)}
         snapshot["admission"] = admission.describe()
         return snapshot
+
+    if metrics is not None:  # GET /metrics
+        app.include_router(metrics_router(metrics, api_guard))
 
     if settings.events_api:  # GET /api/calls, /api/calls/{call_id}/events
         app.include_router(records_router(store, dependencies=api_guard))
