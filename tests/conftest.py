@@ -188,6 +188,8 @@ TIERS: dict[str, str | frozenset[str]] = {
         }
     ),
     "test_media_units.py": FAST,
+    "test_metrics.py": FAST,  # metrics from event records; the endpoint through an ASGI client
+    "test_metrics_e2e.py": SLOW,  # a plumbing server and a barge-in call; `parley serve` processes
     "test_piper.py": SLOW,  # the Piper voice model
     "test_pool.py": FAST,  # engine pools with stand-in engines, the pool reaper thread
     "test_properties.py": SLOW,  # hypothesis: thousands of codec and harness examples (~35 s)
