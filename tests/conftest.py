@@ -200,6 +200,9 @@ TIERS: dict[str, str | frozenset[str]] = {
         {"test_a_killed_server_keeps_the_finished_turns_of_a_call"}
     ),
     "test_robustness.py": SLOW,
+    "test_tracing.py": frozenset(  # a plumbing server and a barge-in call; a process that imports the server
+        {"test_a_real_call_makes_a_call_span_with_its_turns", "test_off_means_nothing_of_opentelemetry_is_imported"}
+    ),
     "test_scenario.py": FAST,
     "test_scripted_agent.py": FAST,
     "test_settings.py": FAST,
