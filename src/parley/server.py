@@ -135,7 +135,6 @@ def create_app(
     app.state.call_automation = call_automation
     app.state.admission = admission
     app.state.call_records = store
-    app.state.metrics = metrics
 
     async def drain() -> dict[str, float]:
         """Graceful drain (ParleyServer runs it on the first SIGTERM/SIGINT)."""
