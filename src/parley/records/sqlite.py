@@ -246,6 +246,10 @@ class SqliteStore(SqliteReader):
     def stats(self) -> dict[str, int]:
         return {"written": self._written, "dropped": self._dropped, "queued": self._queue.qsize()}
 
+    def mark_lost(self, instance_id: str) -> list[str]:
+        """Nothing to do: one server per database, whose lost calls are found when it opens (`lost_calls`)."""
+        return []
+
     # ------------------------------------------------------------------ maintenance
     def purge(self, before: float) -> int:
         connection = _connect(self.path, write=True)

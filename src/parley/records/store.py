@@ -35,6 +35,10 @@ COMMIT_NOW = frozenset(
 MAX_BARGE_INS_PER_TURN = 50  # a turn row lists at most this many barge-in events (all stay in the events)
 
 
+class RecordsUnavailable(RuntimeError):
+    """The store cannot be read now (its server is unreachable): the API answers 503."""
+
+
 def iso(wall: float | None) -> str | None:
     return None if wall is None else datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds")
 
@@ -50,6 +54,7 @@ class CallRecord:
     ended_at: float | None = None
     end_reason: str | None = None
     events: int = 0  # how many event records the store holds for it
+    instance: str = ""  # the instance serving it (the redis store; "" with one server per store)
 
     @property
     def live(self) -> bool:
@@ -90,8 +95,8 @@ class TurnRecord:
 
 @runtime_checkable
 class CallStore(Protocol):
-    """Where call records go. `sqlite` (durable) and `memory` implement it; a Redis or Postgres
-    store only has to implement these methods."""
+    """Where call records go. `sqlite` (durable, one server), `redis` (shared by every instance) and
+    `memory` implement it; another store (Postgres, ...) only has to implement these methods."""
 
     kind: str
     lost_calls: list[str]
@@ -117,6 +122,11 @@ class CallStore(Protocol):
 
     def stats(self) -> dict[str, int]:
         """Counters: records written, dropped (queue full, disk error), queued."""
+
+    def mark_lost(self, instance_id: str) -> list[str]:
+        """End every live call the (dead) instance `instance_id` served: `server_lost`, open turns
+        `unfinished`; the ids of the calls it ended. Two instances doing it at once end each call
+        once. Only a store shared by instances (redis) has calls of another instance: others return []."""
 
     # --- reading: may block ---------------------------------------------------------------------
     def calls(self, limit: int = 50, since: float | None = None) -> list[CallRecord]:
