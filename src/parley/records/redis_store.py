@@ -106,6 +106,11 @@ def scrub(text: str, url: str) -> str:
     return text.replace(password, "***") if password else text
 
 
+def _reason(exc: redis.RedisError) -> str:
+    """The error without the command redis-py quotes for a pipeline (an event: the caller's words)."""
+    return str(exc).rsplit("caused error: ", 1)[-1]
+
+
 def _members(reply: Any) -> list[bytes]:
     """A sorted-set range reply without scores (the client is typed for every form of reply)."""
     return cast(list[bytes], reply)
@@ -433,7 +438,7 @@ class RedisStore:
             self._drop(pending, f"Redis is unreachable ({exc})")
             return
         except redis.RedisError as exc:  # Redis answered with an error (out of memory, a key of another type)
-            self._drop(pending, f"writing to Redis failed ({exc})")
+            self._drop(pending, f"writing to Redis failed ({_reason(exc)})")
             return
         if self._backoff != _BACKOFF_FIRST_S:
             log.info("call records: Redis at %s answers again", redact_url(self.url))
