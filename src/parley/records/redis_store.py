@@ -12,7 +12,7 @@ Keys (`prefix` defaults to `parley:`; docs/records.md has the layout and the red
 
     {prefix}call:<id>      hash: call_id, correlation_id, agent, started_at, ended_at, end_reason,
                            instance (its owner), last_at (wall time of its last event, while live)
-    {prefix}events:<id>    sorted set: each event's JSON (with its seq), scored by seq
+    {prefix}events:<id>    stream: each event's JSON (with its seq) in field `d`, entry id `<seq>-0`
     {prefix}turns:<id>     hash: turn id -> the turn row's JSON
     {prefix}calls          sorted set: call ids scored by start time (`calls()`)
     {prefix}live:<inst>    set: the live calls instance <inst> serves (`mark_lost` reads it)
@@ -165,6 +165,7 @@ class RedisStore:
         self._pending = 0  # records in the pipeline, not sent yet
         self._last_at: dict[str, float] = {}  # live calls' latest event (wall), sent with the pipeline
         self._call_bytes: dict[str, int] = {}
+        self._last_seq: dict[str, int] = {}  # the latest seq sent per live call
         self._written = 0
         self._dropped = 0
         self._last_drop_log = 0.0
@@ -250,6 +251,7 @@ class RedisStore:
             log.warning("call records: the writer did not finish within %.0f s", timeout)
             return
         self._w.close()
+        self._r.close()  # its connections; a later read connects again (reads after close work, as SQLite's)
 
     def stats(self) -> dict[str, int]:
         return {"written": self._written, "dropped": self._dropped, "queued": self._queue.qsize()}
@@ -295,7 +297,7 @@ class RedisStore:
         for raw in ids:
             call_id = raw.decode()
             pipe.hgetall(self._call_key(call_id))
-            pipe.zcard(self._events_key(call_id))
+            pipe.xlen(self._events_key(call_id))
         replies = pipe.execute()
         calls = []
         for raw, row, count in zip(ids, replies[::2], replies[1::2], strict=True):
@@ -345,11 +347,8 @@ class RedisStore:
 
     def events(self, call_id: str, after: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
         with self._talking():
-            if limit is None:
-                rows = self._r.zrangebyscore(self._events_key(call_id), f"({after}", "+inf")
-            else:
-                rows = self._r.zrangebyscore(self._events_key(call_id), f"({after}", "+inf", start=0, num=limit)
-        return [orjson.loads(data) for data in _members(rows)]
+            entries = self._r.xrange(self._events_key(call_id), f"{after + 1}-0", "+", count=limit)
+        return [orjson.loads(fields[b"d"]) for _, fields in cast(list[tuple[bytes, dict[bytes, bytes]]], entries)]
 
     # ------------------------------------------------------------------ the writer thread
     def _run(self) -> None:
@@ -471,6 +470,7 @@ class RedisStore:
         # being earlier in the same pipeline, as SQLite deletes them).
         self._pipe.delete(self._call_key(call.call_id), self._events_key(call.call_id), self._turns_key(call.call_id))
         self._last_at.pop(call.call_id, None)
+        self._last_seq.pop(call.call_id, None)
         self._write_row(call)
         self._derive.begin(call)
         self._call_bytes[call.call_id] = 0
@@ -478,6 +478,9 @@ class RedisStore:
 
     def _write_event(self, call_id: str, seq: int, record: Mapping[str, Any]) -> tuple[int, bool]:
         name = str(record.get("event", ""))
+        if seq <= self._last_seq.get(call_id, 0):  # a stream's ids only grow: Redis would refuse the batch
+            self._drop(1, f"call {call_id}: event seq {seq} after seq {self._last_seq[call_id]}")
+            return 0, False
         used = self._call_bytes.get(call_id, 0)
         if used >= self.max_call_bytes and name != "call_ended":
             self._drop(1, f"call {call_id} passed {self.max_call_bytes} bytes of events")
@@ -490,10 +493,12 @@ class RedisStore:
             self._write_row(call)
         for turn in turns:
             self._pipe.hset(self._turns_key(call_id), str(turn.turn_id), orjson.dumps(asdict(turn), default=str))
-        self._pipe.zadd(self._events_key(call_id), {data: seq})
+        self._pipe.xadd(self._events_key(call_id), {"d": data}, id=f"{seq}-0")
+        self._last_seq[call_id] = seq
         self._call_bytes[call_id] = used + len(data)
         if name == "call_ended":
             self._call_bytes.pop(call_id, None)
+            self._last_seq.pop(call_id, None)  # later events (a late callback) come with larger seqs still
             self._last_at.pop(call_id, None)
             ttl = max(1, int(self.retention_s))
             for key in (self._call_key(call_id), self._events_key(call_id), self._turns_key(call_id)):
