@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -296,15 +297,16 @@ def test_a_restart_with_the_same_instance_id_finds_its_lost_calls(redis_url: str
 # ------------------------------------------------------------------ Redis going away
 
 
-def start_redis_on(port: int, workdir: Path) -> subprocess.Popen[bytes]:
+def start_redis_on(port: int, workdir: Path, password: str | None = None) -> subprocess.Popen[bytes]:
     binary = shutil.which("redis-server")
     assert binary is not None
+    options = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)]
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+        [binary, *options, *(["--requirepass", password] if password else [])],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    client = redis.Redis(port=port)
+    client = redis.Redis(port=port, password=password)
     deadline = time.monotonic() + 10
     while True:
         with contextlib.suppress(redis.ConnectionError):
@@ -376,6 +378,23 @@ def test_an_unreachable_redis_stops_startup_with_a_clear_error(caplog: pytest.Lo
     assert (
         redact_url("redis://user:pw@h:1/0") == "redis://user:***@h:1/0" and redact_url("redis://h/0") == "redis://h/0"
     )
+
+
+def test_a_wrong_password_stops_startup_without_showing_it(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = start_redis_on(port, tmp_path, password="the-right-one")
+    try:
+        with pytest.raises(RuntimeError, match=r"\(PARLEY_REDIS_URL\): .*(password|WRONGPASS)") as raised:
+            build_store(load_settings(redis_url=f"redis://:hunter2-secret@127.0.0.1:{port}/0"))
+        assert "hunter2" not in str(raised.value)
+        store = build_store(load_settings(redis_url=f"redis://:the-right-one@127.0.0.1:{port}/0"))
+        assert isinstance(store, RedisStore) and "the-right-one" not in redact_url(store.url)
+        store.close()
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def test_build_store_opens_redis_with_the_settings_instance_id(redis_url: str) -> None:
