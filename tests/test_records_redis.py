@@ -26,7 +26,7 @@ import websockets
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from parley.records import CallRecord, CallStore, RecordsUnavailable, build_store
+from parley.records import CallRecord, CallStore, MemoryStore, RecordsUnavailable, build_store
 from parley.records.api import records_router
 from parley.records.redis_store import RedisStore, redact_url
 from parley.records.sqlite import SqliteStore
@@ -169,6 +169,27 @@ def test_a_call_past_its_byte_cap_keeps_its_end(redis_url: str, prefix: str) -> 
     assert store.stats()["dropped"] == 1001 - len(kept)
     assert store.call("c").end_reason == "x"  # type: ignore[union-attr]
     store.close()
+
+
+@pytest.mark.parametrize("kind", ["redis", "sqlite", "memory"])
+def test_a_late_event_after_the_end_keeps_no_state(kind: str, redis_url: str, prefix: str, tmp_path: Path) -> None:
+    made: RedisStore | SqliteStore | MemoryStore = (
+        open_store(redis_url, prefix=prefix)
+        if kind == "redis"
+        else SqliteStore(tmp_path)
+        if kind == "sqlite"
+        else MemoryStore()
+    )
+    record_call(made)
+    made.append("call-1", 23, {"event": "acs_event", "t": time.monotonic(), "type": "CallDisconnected"})
+    assert made.sync()
+    assert made._derive.live == {} and made.call("call-1").end_reason == "caller_hangup"  # type: ignore[union-attr]
+    assert made.events("call-1")[-1]["event"] == "acs_event"
+    if not isinstance(made, MemoryStore):
+        assert made._call_bytes == {}
+    if isinstance(made, RedisStore):
+        assert made._last_seq == {} and made._last_at == {}
+    made.close()
 
 
 def test_a_record_json_cannot_hold_is_dropped_and_counted(store: RedisStore) -> None:

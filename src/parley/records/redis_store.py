@@ -494,15 +494,14 @@ class RedisStore:
         for turn in turns:
             self._pipe.hset(self._turns_key(call_id), str(turn.turn_id), orjson.dumps(asdict(turn), default=str))
         self._pipe.xadd(self._events_key(call_id), {"d": data}, id=f"{seq}-0")
-        self._last_seq[call_id] = seq
-        self._call_bytes[call_id] = used + len(data)
-        if name == "call_ended":
-            self._call_bytes.pop(call_id, None)
-            self._last_seq.pop(call_id, None)  # later events (a late callback) come with larger seqs still
-            self._last_at.pop(call_id, None)
+        if call_id in self._derive.live:  # tracked while live only: a late event of an ended call adds nothing
+            self._last_seq[call_id] = seq
+            self._call_bytes[call_id] = used + len(data)
+            self._last_at[call_id] = wall
+        elif name == "call_ended":
+            for tracked in (self._call_bytes, self._last_seq, self._last_at):
+                tracked.pop(call_id, None)
             ttl = max(1, int(self.retention_s))
             for key in (self._call_key(call_id), self._events_key(call_id), self._turns_key(call_id)):
                 self._pipe.expire(key, ttl)
-        else:
-            self._last_at[call_id] = wall
         return 1, name in COMMIT_NOW

@@ -32,6 +32,7 @@ COMMIT_NOW = frozenset(
     }
 )
 
+ENDED_REMEMBERED = 10_000  # calls whose late events are not taken for a new call
 MAX_BARGE_INS_PER_TURN = 50  # a turn row lists at most this many barge-in events (all stay in the events)
 
 
@@ -155,6 +156,9 @@ class Derivation:
 
     def __init__(self) -> None:
         self.live: dict[str, _LiveCall] = {}
+        # Calls ended lately: a late event (an ACS callback after the hang-up) must not start them
+        # again as live, which would keep their state here for good.
+        self.ended: dict[str, None] = {}
         self.wall_offset = time.time() - time.monotonic()  # event times are time.monotonic()
 
     def wall(self, record: Mapping[str, Any]) -> float:
@@ -162,6 +166,7 @@ class Derivation:
         return t + self.wall_offset if isinstance(t, (int, float)) else time.time()
 
     def begin(self, call: CallRecord) -> None:
+        self.ended.pop(call.call_id, None)
         self.live[call.call_id] = _LiveCall(call)
 
     def apply(self, call_id: str, record: Mapping[str, Any]) -> tuple[CallRecord | None, list[TurnRecord]]:
@@ -169,7 +174,7 @@ class Derivation:
         name = record.get("event")
         state = self.live.get(call_id)
         if state is None:
-            if name == "call_ended":
+            if name == "call_ended" or call_id in self.ended:
                 return None, []
             state = self.live[call_id] = _LiveCall(CallRecord(call_id, started_at=self.wall(record)))
         raw_t = record.get("t")
@@ -183,6 +188,9 @@ class Derivation:
             return None, []
         if name == "call_ended":
             del self.live[call_id]
+            self.ended[call_id] = None
+            if len(self.ended) > ENDED_REMEMBERED:
+                del self.ended[next(iter(self.ended))]
             state.call.ended_at = self.wall(record)
             state.call.end_reason = str(record.get("reason", ""))
             unfinished = list(state.turns.values())
