@@ -411,7 +411,7 @@ def test_a_wrong_password_stops_startup_without_showing_it(tmp_path: Path) -> No
             build_store(load_settings(redis_url=f"redis://:hunter2-secret@127.0.0.1:{port}/0"))
         assert "hunter2" not in str(raised.value)
         store = build_store(load_settings(redis_url=f"redis://:the-right-one@127.0.0.1:{port}/0"))
-        assert isinstance(store, RedisStore) and "the-right-one" not in redact_url(store.url)
+        assert isinstance(store, RedisStore) and "the-right-one" not in redact_url(store._url)
         store.close()
     finally:
         server.terminate()

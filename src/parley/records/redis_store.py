@@ -146,7 +146,7 @@ class RedisStore:
         connect_timeout_s: float = 2.0,
         io_timeout_s: float = 5.0,
     ) -> None:
-        self.url = url
+        self._url = url  # with its password: never logged (redact_url, scrub)
         self.instance_id = instance_id
         self.prefix = prefix
         self.retention_s = retention_days * 86400
@@ -226,7 +226,7 @@ class RedisStore:
         now = time.monotonic()
         if now - self._last_drop_log >= 10.0:  # one line per 10 s, whatever the rate
             self._last_drop_log = now
-            log.warning("call records: %s; %d record(s) dropped so far", scrub(why, self.url), self._dropped)
+            log.warning("call records: %s; %d record(s) dropped so far", scrub(why, self._url), self._dropped)
 
     def sync(self, timeout: float = 2.0) -> bool:
         if self._closed or not self._thread.is_alive():
@@ -263,7 +263,7 @@ class RedisStore:
         try:
             yield
         except redis.RedisError as exc:
-            raise RecordsUnavailable(f"call records: Redis failed: {scrub(str(exc), self.url)}") from exc
+            raise RecordsUnavailable(f"call records: Redis failed: {scrub(str(exc), self._url)}") from exc
 
     def mark_lost(self, instance_id: str) -> list[str]:
         ttl = max(1, int(self.retention_s))
@@ -431,7 +431,7 @@ class RedisStore:
             self._down_until = time.monotonic() + self._backoff
             if self._backoff == _BACKOFF_FIRST_S:
                 log.warning(
-                    "call records: Redis at %s is unreachable (%s)", redact_url(self.url), scrub(str(exc), self.url)
+                    "call records: Redis at %s is unreachable (%s)", redact_url(self._url), scrub(str(exc), self._url)
                 )
             self._backoff = min(self._backoff * 2, _BACKOFF_MAX_S)
             self._drop(pending, f"Redis is unreachable ({exc})")
@@ -440,7 +440,7 @@ class RedisStore:
             self._drop(pending, f"writing to Redis failed ({_reason(exc)})")
             return
         if self._backoff != _BACKOFF_FIRST_S:
-            log.info("call records: Redis at %s answers again", redact_url(self.url))
+            log.info("call records: Redis at %s answers again", redact_url(self._url))
             self._backoff = _BACKOFF_FIRST_S
         self._written += pending
 
