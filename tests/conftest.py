@@ -199,6 +199,7 @@ TIERS: dict[str, str | frozenset[str]] = {
     "test_records.py": frozenset(  # a plumbing server; `parley serve` killed and restarted
         {"test_a_killed_server_keeps_the_finished_turns_of_a_call"}
     ),
+    "test_records_redis.py": frozenset({"test_a_call_served_by_one_instance_is_read_from_another"}),  # 2 servers
     "test_robustness.py": SLOW,
     "test_tracing.py": frozenset(  # a plumbing server and a barge-in call; a process that imports the server
         {"test_a_real_call_makes_a_call_span_with_its_turns", "test_off_means_nothing_of_opentelemetry_is_imported"}

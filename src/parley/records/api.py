@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.params import Depends
 from fastapi.responses import Response
 
-from parley.records.store import CallStore
+from parley.records.store import CallStore, RecordsUnavailable
 
 DEFAULT_EVENTS_PAGE = 1000
 MAX_EVENTS_PAGE = 10_000
+T = TypeVar("T")
+
 SYNC_TIMEOUT_S = 1.0  # wait at most this long for queued records before reading
 
 
@@ -34,7 +36,7 @@ def records_router(store: CallStore, *, dependencies: Sequence[Depends] = ()) ->
             store.sync(SYNC_TIMEOUT_S)
             return _json({"calls": [call.to_dict() for call in store.calls(limit)]})
 
-        return _response(await asyncio.to_thread(read))
+        return _response(await _reading(read))
 
     @router.get("/api/calls/{call_id}/events")
     async def call_events(
@@ -64,12 +66,20 @@ def records_router(store: CallStore, *, dependencies: Sequence[Depends] = ()) ->
             }
             return _json(body)
 
-        body = await asyncio.to_thread(read)
+        body = await _reading(read)
         if body is None:
             raise HTTPException(404, f"no call {call_id!r} in the call records")
         return _response(body)
 
     return router
+
+
+async def _reading(read: Callable[[], T]) -> T:
+    """`read` on a worker thread; a store that cannot be read now (Redis down) answers 503."""
+    try:
+        return await asyncio.to_thread(read)
+    except RecordsUnavailable as exc:
+        raise HTTPException(503, str(exc)) from exc
 
 
 def _json(body: dict[str, Any]) -> bytes:

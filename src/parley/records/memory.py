@@ -80,6 +80,10 @@ class MemoryStore:
     def close(self, timeout: float = 5.0) -> None:
         pass
 
+    def mark_lost(self, instance_id: str) -> list[str]:
+        """Nothing to do: no other instance's calls are here, and none outlives its process."""
+        return []
+
     def purge(self, before: float) -> int:
         with self._lock:
             old = [

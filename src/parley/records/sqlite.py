@@ -246,6 +246,10 @@ class SqliteStore(SqliteReader):
     def stats(self) -> dict[str, int]:
         return {"written": self._written, "dropped": self._dropped, "queued": self._queue.qsize()}
 
+    def mark_lost(self, instance_id: str) -> list[str]:
+        """Nothing to do: one server per database, whose lost calls are found when it opens (`lost_calls`)."""
+        return []
+
     # ------------------------------------------------------------------ maintenance
     def purge(self, before: float) -> int:
         connection = _connect(self.path, write=True)
@@ -440,7 +444,8 @@ class SqliteStore(SqliteReader):
                 ),
             )
         self._rows.append(row)  # inserted with the others of the batch (after the derived rows: fine)
-        self._call_bytes[call_id] = used + len(data)
+        if call_id in self._derive.live:  # a late event of an ended call is not counted: nothing kept for it
+            self._call_bytes[call_id] = used + len(data)
         if name == "call_ended":
             self._call_bytes.pop(call_id, None)
         return 1, name in COMMIT_NOW

@@ -32,7 +32,12 @@ COMMIT_NOW = frozenset(
     }
 )
 
+ENDED_REMEMBERED = 10_000  # calls whose late events are not taken for a new call
 MAX_BARGE_INS_PER_TURN = 50  # a turn row lists at most this many barge-in events (all stay in the events)
+
+
+class RecordsUnavailable(RuntimeError):
+    """The store cannot be read now (its server is unreachable): the API answers 503."""
 
 
 def iso(wall: float | None) -> str | None:
@@ -50,6 +55,7 @@ class CallRecord:
     ended_at: float | None = None
     end_reason: str | None = None
     events: int = 0  # how many event records the store holds for it
+    instance: str = ""  # the instance serving it (the redis store; "" with one server per store)
 
     @property
     def live(self) -> bool:
@@ -90,8 +96,8 @@ class TurnRecord:
 
 @runtime_checkable
 class CallStore(Protocol):
-    """Where call records go. `sqlite` (durable) and `memory` implement it; a Redis or Postgres
-    store only has to implement these methods."""
+    """Where call records go. `sqlite` (durable, one server), `redis` (shared by every instance) and
+    `memory` implement it; another store (Postgres, ...) only has to implement these methods."""
 
     kind: str
     lost_calls: list[str]
@@ -117,6 +123,11 @@ class CallStore(Protocol):
 
     def stats(self) -> dict[str, int]:
         """Counters: records written, dropped (queue full, disk error), queued."""
+
+    def mark_lost(self, instance_id: str) -> list[str]:
+        """End every live call the (dead) instance `instance_id` served: `server_lost`, open turns
+        `unfinished`; the ids of the calls it ended. Two instances doing it at once end each call
+        once. Only a store shared by instances (redis) has calls of another instance: others return []."""
 
     # --- reading: may block ---------------------------------------------------------------------
     def calls(self, limit: int = 50, since: float | None = None) -> list[CallRecord]:
@@ -145,6 +156,9 @@ class Derivation:
 
     def __init__(self) -> None:
         self.live: dict[str, _LiveCall] = {}
+        # Calls ended lately: a late event (an ACS callback after the hang-up) must not start them
+        # again as live, which would keep their state here for good.
+        self.ended: dict[str, None] = {}
         self.wall_offset = time.time() - time.monotonic()  # event times are time.monotonic()
 
     def wall(self, record: Mapping[str, Any]) -> float:
@@ -152,6 +166,7 @@ class Derivation:
         return t + self.wall_offset if isinstance(t, (int, float)) else time.time()
 
     def begin(self, call: CallRecord) -> None:
+        self.ended.pop(call.call_id, None)
         self.live[call.call_id] = _LiveCall(call)
 
     def apply(self, call_id: str, record: Mapping[str, Any]) -> tuple[CallRecord | None, list[TurnRecord]]:
@@ -159,7 +174,7 @@ class Derivation:
         name = record.get("event")
         state = self.live.get(call_id)
         if state is None:
-            if name == "call_ended":
+            if name == "call_ended" or call_id in self.ended:
                 return None, []
             state = self.live[call_id] = _LiveCall(CallRecord(call_id, started_at=self.wall(record)))
         raw_t = record.get("t")
@@ -173,6 +188,9 @@ class Derivation:
             return None, []
         if name == "call_ended":
             del self.live[call_id]
+            self.ended[call_id] = None
+            if len(self.ended) > ENDED_REMEMBERED:
+                del self.ended[next(iter(self.ended))]
             state.call.ended_at = self.wall(record)
             state.call.end_reason = str(record.get("reason", ""))
             unfinished = list(state.turns.values())
