@@ -138,6 +138,9 @@ TIERS: dict[str, str | frozenset[str]] = {
     ),
     "test_acs_call_automation.py": SLOW,  # parley with fake ACS over TLS, the real SDK
     "test_acs_codec.py": FAST,
+    "test_cluster.py": frozenset(  # a `parley serve` subprocess, killed, and the wait for its TTL
+        {"test_a_killed_instance_is_cleaned_up_by_a_survivor"}
+    ),
     "test_azure_speech.py": SLOW,  # the real Speech SDK against a fake service, calls
     "test_bargein_e2e.py": SLOW,
     "test_bench_smoke.py": SLOW,
