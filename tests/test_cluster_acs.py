@@ -5,6 +5,7 @@ hang-ups cross between them."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,12 +15,14 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import redis
 import websockets
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 # The fake ACS, its TLS and ACS's tokens come from the ACS tests (the fixtures too, named here so
 # pytest finds them; `_fresh_fake` is autouse: a clean fake for every test).
 import test_acs_call_automation as acs_tests
+import test_cluster as cluster_tests  # `parley serve` in a subprocess
 from parley.server import BackgroundServer
 from parley.transports import acs
 
@@ -199,3 +202,51 @@ async def test_a_callback_for_an_unknown_call_is_not_recorded(
     answers, _streams = acs_pair
     result = await post_callback(answers, uuid.uuid4().hex, "CallConnected", "conn-unknown", signing_key)
     assert result == {"received": 1, "recorded": 0}
+
+
+async def test_held_callbacks_that_are_not_callbacks_are_skipped(
+    acs_pair: list[BackgroundServer], fake_acs: FakeAcs, signing_key: rsa.RSAPrivateKey, redis_url: str, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    answers, streams = acs_pair
+    key, connection_id, media_path = await answer_on(answers, fake_acs)
+    await post_callback(answers, key, "CallConnected", connection_id, signing_key)
+    db = redis.Redis.from_url(redis_url, decode_responses=True)
+    db.rpush(f"parley:early:{key}", "not json", '{"event": "not an object"}')
+    db.close()
+    headers = {"x-ms-call-connection-id": connection_id} | bearer(signing_key, lifetime_s=3600)
+    stream = await MediaStream.open(f"ws://127.0.0.1:{streams.port}{media_path}", headers)
+    await stream.close()
+    assert acs_events(streams, connection_id) == ["CallConnected"]
+    assert sum("a held callback that is not one" in record.getMessage() for record in caplog.records) == 2
+
+
+async def test_a_killed_instance_leaves_no_call_up_at_acs(
+    acs_pair: list[BackgroundServer],
+    fake_acs: FakeAcs,
+    signing_key: rsa.RSAPrivateKey,
+    jwks_file: Path,
+    redis_url: str,
+) -> None:
+    """The instance holding an ACS call's media dies: a survivor hangs the phone call up (the caller
+    would wait on a silent line) and the call is over for every instance."""
+    answers, _streams = acs_pair
+    _key, connection_id, media_path = await answer_on(answers, fake_acs)
+    env = {
+        "PARLEY_ACS_CONNECTION_STRING": f"endpoint=https://{fake_acs.host}/;accesskey={acs_tests.ACCESS_KEY}",
+        "PARLEY_ACS_CALLBACK_URL": acs_tests.PUBLIC_BASE,
+        "PARLEY_ACS_RESOURCE_ID": acs_tests.AUDIENCE,
+        "PARLEY_ACS_AUTH_JWKS_FILE": str(jwks_file),
+    }
+    headers = {"x-ms-call-connection-id": connection_id} | bearer(signing_key, lifetime_s=3600)
+    victim = f"acs-victim-{uuid.uuid4().hex[:6]}"
+    with cluster_tests.parley_process(redis_url, victim, **env) as (process, port):
+        stream = await MediaStream.open(f"ws://127.0.0.1:{port}{media_path}", headers)
+        process.send_signal(signal.SIGKILL)
+        (terminate,) = await asyncio.to_thread(fake_acs.wait_for, ":terminate", 1, 15)
+    await stream.close()
+    assert terminate.path == f"/calling/callConnections/{connection_id}:terminate" and terminate.signature_ok
+    for server in acs_pair:  # released: no instance opens a media socket for it any more
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await websockets.connect(f"ws://127.0.0.1:{server.port}{media_path}", additional_headers=headers)
+        assert refused.value.response.status_code == 403
+    assert len(fake_acs.named(":terminate")) == 1

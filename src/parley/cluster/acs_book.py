@@ -15,6 +15,7 @@ from parley.cluster.link import ClusterUnavailable, RedisLink
 log = logging.getLogger(__name__)
 
 BOOK_TTL_S = 6 * 3600  # longer than any call; refreshed whenever the call changes
+RELEASED_TTL_S = 600  # a call over is remembered as over a while (late media sockets refused), then forgotten
 HELD_KEPT = 32  # callbacks held per call until its media socket connects (as CallBook does locally)
 HELD_TTL_MS = 120_000  # a media socket comes within seconds of the answer, or never
 
@@ -25,13 +26,13 @@ class RedisCallBook:
         self.instance = instance
         self._deliver = link.client.register_script(scripts.DELIVER)
 
-    async def save(self, fields: dict[str, str]) -> None:
+    async def save(self, fields: dict[str, str], ttl_s: int = BOOK_TTL_S) -> None:
         key, connection_id = fields["key"], fields.get("connection_id", "")
         pipe = self.link.client.pipeline(transaction=True)
         pipe.hset(keys.acs_call(key), mapping=dict(fields.items()))
-        pipe.expire(keys.acs_call(key), BOOK_TTL_S)
+        pipe.expire(keys.acs_call(key), ttl_s)
         if connection_id:
-            pipe.set(keys.acs_connection(connection_id), key, ex=BOOK_TTL_S)
+            pipe.set(keys.acs_connection(connection_id), key, ex=ttl_s)
         try:
             await self.link.run("share an ACS call", pipe.execute())
         except ClusterUnavailable:
@@ -45,6 +46,10 @@ class RedisCallBook:
         except ClusterUnavailable:
             return None
         return {str(name): str(value) for name, value in fields.items()} if fields else None
+
+    async def release(self, fields: dict[str, str]) -> None:
+        """The call is over for every instance (its instance died): no media socket may open it."""
+        await self.save(fields | {"disconnected": "1"}, RELEASED_TTL_S)
 
     async def drop(self, key: str, connection_id: str | None) -> None:
         names = [keys.acs_call(key)] + ([keys.acs_connection(connection_id)] if connection_id else [])

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import WebSocket
 
-from parley.acs.shared import event_from_fields
+from parley.acs.shared import call_fields, event_from_fields
 from parley.admission import Refusal
 from parley.cluster import keys, scripts
 from parley.cluster.acs_book import RedisCallBook
@@ -272,7 +272,7 @@ class Cluster:
                 except Exception as exc:  # noqa: BLE001 - one failed request must not stop the others
                     log.warning("call %s: could not hang up the call a dead instance left: %s", call.key, exc)
             self.call_automation.calls.forget(call)
-            await self.book.drop(call.key, call.connection_id)
+            await self.book.release(call_fields(call))
 
     # ------------------------------------------------------------------ figures
 
