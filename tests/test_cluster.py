@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -302,3 +304,54 @@ async def test_a_killed_instance_is_cleaned_up_by_a_survivor(pair: list[Backgrou
     await lost.close()
     reapers = [server for server in pair if victim in (await api(server, "GET", "/api/cluster")).json()["reaped"]]
     assert len(reapers) == 1  # one survivor cleaned up (the lock), not both
+
+
+@contextmanager
+def redis_on(port: int) -> Iterator[str]:
+    """A redis-server on a given port (to stop one and start another where it was)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("needs redis-server")
+    with tempfile.TemporaryDirectory(prefix="parley-redis-") as workdir:
+        options = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir]
+        process = subprocess.Popen([binary, *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"redis://127.0.0.1:{port}/0"
+        try:
+            client = redis.Redis.from_url(url)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    assert time.monotonic() < deadline, "redis-server did not start"
+                    time.sleep(0.05)
+            client.close()
+            yield url
+        finally:
+            process.terminate()
+            process.wait(10)
+
+
+async def test_after_redis_comes_back_the_instance_holds_its_calls_again() -> None:
+    port = _free_port()
+    with redis_on(port) as url:
+        server = cluster_server(url, "phoenix")
+        before = await start_call(server.url, f"before-{uuid.uuid4()}")
+    try:
+        during = await start_call(server.url, f"during-{uuid.uuid4()}")  # Redis is gone: admitted locally
+        with redis_on(port):  # an empty Redis where the old one was
+            db = redis.Redis.from_url(url, decode_responses=True)
+            try:
+                await until(lambda: db.scard("parley:live") == 2, within_s=10, what="the calls held again")
+                assert {db.get(f"parley:owner:{call}") for call in db.smembers("parley:live")} == {"phoenix"}
+                assert "phoenix" in db.smembers("parley:instances")
+                await until(lambda: db.publish("parley:commands:phoenix", "{}") == 1, within_s=10, what="resubscribed")
+                body = (await api(server, "GET", "/api/cluster")).json()
+                assert body["redis_down"] is False and body["admitted_unchecked"] == 1
+            finally:
+                db.close()
+            await before.close()
+            await during.close()
+    finally:
+        server.stop()
