@@ -203,6 +203,26 @@ async def test_cluster_figures(pair: list[BackgroundServer]) -> None:
     assert body["redis_down"] is False
 
 
+async def test_a_command_for_an_instance_that_is_gone_or_silent_is_a_defined_error(
+    pair: list[BackgroundServer], db
+) -> None:  # type: ignore[no-untyped-def]
+    a, _b = pair
+    gone, silent = f"gone-{uuid.uuid4()}", f"silent-{uuid.uuid4()}"
+    db.set(f"parley:owner:{gone}", "nobody-listens", px=10_000)  # an owner whose channel nobody reads
+    response = await api(a, "POST", f"/api/calls/{gone}/hangup")
+    assert response.status_code == 404 and "not listening" in response.json()["detail"]
+    db.set(f"parley:owner:{silent}", "deaf-instance", px=10_000)
+    listener = db.pubsub()
+    listener.subscribe("parley:commands:deaf-instance")  # reads its commands, never answers
+    try:
+        started = time.monotonic()
+        response = await api(a, "POST", f"/api/calls/{silent}/transfer", json={"target": "+15550199999"})
+        assert response.status_code == 502 and "did not answer" in response.json()["detail"]
+        assert 4.5 < time.monotonic() - started < 8
+    finally:
+        listener.close()
+
+
 # ------------------------------------------------------------------ Redis unreachable
 
 
