@@ -143,6 +143,7 @@ TIERS: dict[str, str | frozenset[str]] = {
         {
             "test_a_killed_instance_is_cleaned_up_by_a_survivor",
             "test_a_command_for_an_instance_that_is_gone_or_silent_is_a_defined_error",
+            "test_a_restart_under_the_same_id_releases_what_the_previous_process_left",
         }
     ),
     "test_azure_speech.py": SLOW,  # the real Speech SDK against a fake service, calls

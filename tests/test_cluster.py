@@ -375,3 +375,16 @@ async def test_after_redis_comes_back_the_instance_holds_its_calls_again() -> No
             await during.close()
     finally:
         server.stop()
+
+
+async def test_a_restart_under_the_same_id_releases_what_the_previous_process_left(redis_url: str, db) -> None:  # type: ignore[no-untyped-def]
+    name, call_id = f"fixed-{uuid.uuid4().hex[:6]}", f"left-{uuid.uuid4()}"
+    with parley_process(redis_url, name) as (process, port):
+        ws = await start_call(f"ws://127.0.0.1:{port}/ws/acs", call_id)
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+    await ws.close()
+    assert db.sismember("parley:live", call_id)  # counted against the cap until someone cleans up
+    with servers(redis_url, name) as (restarted,):  # at once: its heartbeat hides the death from others
+        assert not db.sismember("parley:live", call_id) and db.get(f"parley:owner:{call_id}") is None
+        await (await start_call(restarted.url, call_id)).close()  # the id may come again

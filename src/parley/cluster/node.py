@@ -75,6 +75,7 @@ class Cluster:
             await asyncio.wait_for(self.commands.subscribed.wait(), 2.0)
         except TimeoutError:
             log.error("cluster: not subscribed to %s yet (Redis unreachable?); retrying", keys.channel(self.instance))
+        await self._clean_up_previous_run()
         await self._beat()
         self._spawn(self._keep_alive(), "cluster-heartbeat")
         log.info(
@@ -206,6 +207,17 @@ class Cluster:
 
     # ------------------------------------------------------------------ liveness
 
+    async def _clean_up_previous_run(self) -> None:
+        """A process that ran under this instance id before (a restarted container with a fixed
+        PARLEY_INSTANCE_ID) and died with live calls: nobody else will see it dead (this process
+        renews its heartbeat), so its calls are released here, before this one holds any."""
+        try:
+            client = self.link.client
+            if await self.link.run("look for a previous run", client.exists(keys.instance_calls(self.instance))):
+                await self.clean_up_after(self.instance, "a previous process under this id")
+        except ClusterUnavailable:
+            pass
+
     async def _keep_alive(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_s)
@@ -236,14 +248,14 @@ class Cluster:
             if await self.link.run("lock a dead instance", lock):
                 await self.clean_up_after(other)
 
-    async def clean_up_after(self, dead: str) -> list[str]:
+    async def clean_up_after(self, dead: str, why: str = "") -> list[str]:
         """Release what a dead instance held; returns the ids of the calls it left."""
         orphans: list[str] = await self.link.run("clean up after an instance", self._clean_up(args=[dead]))
         self.reaped.append(dead)
         log.warning(
-            "cluster: instance %s is gone (no heartbeat for %.0f s): %d call id(s) released",
+            "cluster: instance %s is gone (%s): %d call id(s) released",
             dead,
-            self.ttl_s,
+            why or f"no heartbeat for {self.ttl_s:.0f} s",
             len(orphans),
         )
         if self.call_automation is not None:
