@@ -388,3 +388,16 @@ async def test_a_restart_under_the_same_id_releases_what_the_previous_process_le
     with servers(redis_url, name) as (restarted,):  # at once: its heartbeat hides the death from others
         assert not db.sismember("parley:live", call_id) and db.get(f"parley:owner:{call_id}") is None
         await (await start_call(restarted.url, call_id)).close()  # the id may come again
+
+
+async def test_an_instance_starts_and_serves_without_redis(caplog) -> None:  # type: ignore[no-untyped-def]
+    started = time.monotonic()
+    server = cluster_server(f"redis://127.0.0.1:{_free_port()}/0", "no-redis-yet")  # nothing listens there
+    try:
+        assert time.monotonic() - started < 10
+        ws = await start_call(server.url, f"alone-{uuid.uuid4()}")
+        await ws.close()
+        assert (await api(server, "GET", "/readyz")).status_code == 200
+    finally:
+        server.stop()
+    assert any("Redis unreachable" in record.getMessage() for record in caplog.records)

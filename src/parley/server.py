@@ -180,8 +180,9 @@ def create_app(
             await cluster.before_media(websocket)
         if not await check_media_access(websocket, settings, call_automation):  # Origin; a call of ours
             return
-        # Then admission, with no await between it and accept(): a refusal is an HTTP status (400,
-        # 409, 503); an admitted socket holds its slot until its call has ended.
+        # Then admission, with no await between it and accept() but the cluster's claim (made while
+        # the slot is held): a refusal is an HTTP status (400, 409, 503); an admitted socket holds
+        # its slot until its call has ended.
         client = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else "-"
         admitted = admission.admit(
             websocket.headers.get("x-ms-call-connection-id") or websocket.query_params.get("callId") or None,

@@ -142,8 +142,8 @@ class CallAutomation:
         self.source_caller_id = source_caller_id
         self.registry = registry
         self.calls = CallBook()
-        # Many instances (parley.cluster): the book they share, and what ends a live media call here
-        # when ACS says the call is over. None: one process, this book is the only one.
+        # Many instances (parley.cluster): the book they all read and write, next to this one's.
+        # None: one process, this book is the only one.
         self.shared: SharedCalls | None = None
         self._on_close = on_close or []
 
