@@ -100,6 +100,11 @@ async def until(check: Callable[[], Any], within_s: float = 5.0, what: str = "")
     return result
 
 
+async def _until_closed(ws: Any) -> None:
+    async for _message in ws:  # what the server still sends (the closing line), then its close
+        pass
+
+
 def ended_reason(server: BackgroundServer, call_id: str) -> str | None:
     events = server.registry.find(call_id)
     if events is None:
@@ -309,6 +314,11 @@ async def test_a_killed_instance_is_cleaned_up_by_a_survivor(pair: list[Backgrou
         lost = await start_call(f"ws://127.0.0.1:{port}/ws/acs", lost_call)
         assert db.get(f"parley:owner:{lost_call}") == victim and db.sismember("parley:live", lost_call)
         assert victim in db.smembers("parley:instances")
+        # Across processes first: a hang-up asked of A ends a call that runs in the subprocess.
+        hung_up = await start_call(f"ws://127.0.0.1:{port}/ws/acs", f"hung-up-{uuid.uuid4()}")
+        response = await api(a, "POST", f"/api/calls/{hung_up.request.headers['x-ms-call-connection-id']}/hangup")
+        assert response.status_code == 200 and response.json()["instance"] == victim
+        await asyncio.wait_for(_until_closed(hung_up), 10)
         process.send_signal(signal.SIGKILL)
         killed = time.monotonic()
         await until(lambda: victim not in db.smembers("parley:instances"), within_s=15, what="the victim reaped")
