@@ -37,6 +37,7 @@ def cluster_server(redis_url: str, name: str, **overrides: Any) -> BackgroundSer
         "event_log": False,
         "engines": "plumbing",
         "greeting": "hi",
+        "closing_text": "Bye.",  # what a hang-up request says first: short, the tests wait for it
         "redis_url": redis_url,
         "instance_id": name,
         "store": "memory",  # until the Redis records store is merged
@@ -162,7 +163,7 @@ async def test_a_hang_up_sent_to_another_instance_ends_the_call_where_it_runs(pa
         response = await api(b, "POST", f"/api/calls/{call_id}/hangup")
         assert response.status_code == 200, response.text
         assert response.json()["instance"] == a.settings.instance_id
-        await until(lambda: ended_reason(a, call_id), what="the call ended on A")
+        await asyncio.wait_for(_until_closed(ws), 10)  # the closing line, then A closes the socket
         assert ended_reason(a, call_id) == "hangup_requested"
     finally:
         await ws.close()
@@ -194,6 +195,7 @@ async def test_garbage_on_a_command_channel_harms_nothing(pair: list[BackgroundS
     ws = await start_call(a.url, call_id)  # still serving, still taking commands
     try:
         assert (await api(b, "POST", f"/api/calls/{call_id}/hangup")).status_code == 200
+        await asyncio.wait_for(_until_closed(ws), 10)
     finally:
         await ws.close()
     messages = [record.getMessage() for record in caplog.records]
