@@ -138,6 +138,14 @@ TIERS: dict[str, str | frozenset[str]] = {
     ),
     "test_acs_call_automation.py": SLOW,  # parley with fake ACS over TLS, the real SDK
     "test_acs_codec.py": FAST,
+    "test_cluster_acs.py": SLOW,  # two parleys with the fake ACS over TLS, the real SDK, on one Redis
+    "test_cluster.py": frozenset(  # a `parley serve` subprocess killed, and waits for TTLs and timeouts
+        {
+            "test_a_killed_instance_is_cleaned_up_by_a_survivor",
+            "test_a_command_for_an_instance_that_is_gone_or_silent_is_a_defined_error",
+            "test_a_restart_under_the_same_id_releases_what_the_previous_process_left",
+        }
+    ),
     "test_azure_speech.py": SLOW,  # the real Speech SDK against a fake service, calls
     "test_bargein_e2e.py": SLOW,
     "test_bench_smoke.py": SLOW,

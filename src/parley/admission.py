@@ -337,6 +337,13 @@ class AdmissionController:
         if not self._slots and self._empty is not None:
             self._empty.set()
 
+    def withdraw(self, slot: Slot, refusal: Refusal, client: str = "-") -> None:
+        """An admitted socket refused after all by a check beyond this server (the cluster's: its
+        call id live on another instance, the cluster's cap): the slot is freed and the refusal
+        logged and counted like this server's own."""
+        self.release(slot)
+        self._refused(refusal, slot.call_id, client)
+
     def _refused(self, refusal: Refusal, call_id: str | None, client: str) -> None:
         if self._on_refused is not None:
             self._on_refused(refusal.reason)

@@ -28,6 +28,7 @@ from parley.admission import (
     executor_queues,
     worst_backlog,
 )
+from parley.cluster import build_cluster
 from parley.engines import Engines, build_engines
 from parley.media.events import CallRegistry
 from parley.media.handler import MediaHandler
@@ -79,6 +80,8 @@ def create_app(
     tracer = tracer_from_env(agent)
     if tracer is not None:
         registry.observers.append(tracer.observe)
+    # Many instances on one Redis (docs/scaling.md); None without PARLEY_REDIS_URL.
+    cluster = build_cluster(settings, registry, call_automation=call_automation, store=store)
     max_calls, max_calls_origin = effective_max_calls(settings)
 
     def call_refused(reason: str) -> None:
@@ -110,6 +113,8 @@ def create_app(
         )
         monitor = asyncio.create_task(registry.stats.monitor.run(), name="loop-lag-monitor")
         watcher = asyncio.create_task(admission.watch(load_reading), name="overload-watch")
+        if cluster is not None:
+            await cluster.start()
         orphans = None
         if call_automation is not None and store.lost_calls:
             orphans = asyncio.create_task(_hang_up_orphans(call_automation, store.lost_calls), name="orphan-hangups")
@@ -117,6 +122,8 @@ def create_app(
         if orphans is not None:
             orphans.cancel()
         # Every call has ended here (drained, or closed by uvicorn's shutdown): what is queued is written.
+        if cluster is not None:
+            await cluster.stop()
         await _close_call_records(app_)
         watcher.cancel()
         monitor.cancel()
@@ -135,6 +142,7 @@ def create_app(
     app.state.call_automation = call_automation
     app.state.admission = admission
     app.state.call_records = store
+    app.state.cluster = cluster
 
     async def drain() -> dict[str, float]:
         """Graceful drain (ParleyServer runs it on the first SIGTERM/SIGINT)."""
@@ -177,28 +185,44 @@ def create_app(
 
     if settings.events_api:  # GET /api/calls, /api/calls/{call_id}/events
         app.include_router(records_router(store, dependencies=api_guard))
+    if cluster is not None:  # hang up / transfer a call wherever it runs; GET /api/cluster
+        from parley.cluster.api import cluster_router
+
+        app.include_router(cluster_router(cluster, dependencies=api_guard))
 
     async def media_socket(websocket: WebSocket) -> None:
         # Before accept(): who may connect first (a refused ACS token or Origin, a call that is not
         # ours: HTTP 403), so an unauthenticated peer learns nothing about live calls or capacity.
         if not await check_websocket(websocket, validator):
             return
+        if cluster is not None:  # the ACS call may have been answered by another instance
+            await cluster.before_media(websocket)
         if not await check_media_access(websocket, settings, call_automation):  # Origin; a call of ours
             return
-        # Then admission, with no await between it and accept(): a refusal is an HTTP status (400,
-        # 409, 503); an admitted socket holds its slot until its call has ended.
+        # Then admission, with no await between it and accept() but the cluster's claim (made while
+        # the slot is held): a refusal is an HTTP status (400, 409, 503); an admitted socket holds
+        # its slot until its call has ended.
+        client = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else "-"
         admitted = admission.admit(
             websocket.headers.get("x-ms-call-connection-id") or websocket.query_params.get("callId") or None,
             also_check=[value for value in [websocket.query_params.get("callId")] if value],
-            client=f"{websocket.client.host}:{websocket.client.port}" if websocket.client else "-",
+            client=client,
         )
         if isinstance(admitted, Refusal):
             await _deny(websocket, admitted.status, f"{admitted.reason}: {admitted.message}\n")
             return
+        call_id = admitted.call_id or f"local-{uuid.uuid4()}"
+        # The cluster's checks (call id live elsewhere, cluster cap) after this server's: the slot is held.
+        if cluster is not None and (refusal := await cluster.claim(call_id, websocket)) is not None:
+            admission.withdraw(admitted, refusal, client)
+            await _deny(websocket, refusal.status, f"{refusal.reason}: {refusal.message}\n")
+            return
         try:
-            await serve_call(websocket, admitted.call_id or f"local-{uuid.uuid4()}")
+            await serve_call(websocket, call_id)
         finally:
             admission.release(admitted)
+            if cluster is not None:
+                cluster.release(call_id)
 
     async def serve_call(websocket: WebSocket, call_id: str) -> None:
         correlation_id = websocket.headers.get("x-ms-call-correlation-id", "")

@@ -40,6 +40,7 @@ from azure.core.exceptions import AzureError, HttpResponseError, ResourceNotFoun
 
 from parley.acs import config as acs_config
 from parley.acs.config import CallTarget
+from parley.acs.shared import SharedCalls, call_fields
 from parley.acs.webhooks import CallbackEvent, IncomingCall
 from parley.media.events import CallRegistry, EventLog
 from parley.settings import Settings
@@ -89,8 +90,13 @@ class CallBook:
         return len(self._by_key)
 
     def new(self, direction: Literal["inbound", "outbound"], party: str, correlation_id: str = "") -> AcsCall:
-        call = AcsCall(uuid.uuid4().hex, direction, party=party, correlation_id=correlation_id)
+        return self.add(AcsCall(uuid.uuid4().hex, direction, party=party, correlation_id=correlation_id))
+
+    def add(self, call: AcsCall) -> AcsCall:
+        """Keep `call` (a new one, or one another instance answered, read from the shared book)."""
         self._by_key[call.key] = call
+        if call.connection_id:
+            self._key_by_connection[call.connection_id] = call.key
         while len(self._by_key) > self._capacity:
             self.forget(next(iter(self._by_key.values())))
         return call
@@ -136,6 +142,9 @@ class CallAutomation:
         self.source_caller_id = source_caller_id
         self.registry = registry
         self.calls = CallBook()
+        # Many instances (parley.cluster): the book they all read and write, next to this one's.
+        # None: one process, this book is the only one.
+        self.shared: SharedCalls | None = None
         self._on_close = on_close or []
 
     @classmethod
@@ -202,6 +211,7 @@ class CallAutomation:
     async def answer(self, incoming: IncomingCall) -> AcsCall:
         """Answer an IncomingCall event, streaming its media to us. CallAutomationError on failure."""
         call = self.calls.new("inbound", incoming.caller, incoming.correlation_id)
+        await self._share(call)  # before ACS may dial the media URL, which any instance may receive
         try:
             answered = await self._ask(
                 "answer call",
@@ -212,9 +222,10 @@ class CallAutomation:
                 ),
             )
         except CallAutomationError:
-            self.calls.forget(call)
+            await self._forget(call)
             raise
         self.calls.connected(call, answered.call_connection_id or "")
+        await self._share(call)
         log.info(
             "answered a call from %s to %s: call %s, connection %s",
             mask_party(incoming.caller),
@@ -233,6 +244,7 @@ class CallAutomation:
                 " a number of the ACS resource (or pass source_caller_id)"
             )
         call = self.calls.new("outbound", target.value)
+        await self._share(call)
         try:
             created = await self._ask(
                 "create call",
@@ -246,9 +258,10 @@ class CallAutomation:
                 ),
             )
         except CallAutomationError:
-            self.calls.forget(call)
+            await self._forget(call)
             raise
         self.calls.connected(call, created.call_connection_id or "")
+        await self._share(call)
         log.info("placed a call to %s: call %s, connection %s", mask_party(target.value), call.key, call.connection_id)
         return call
 
@@ -309,6 +322,78 @@ class CallAutomation:
         else:
             events.emit("acs_event", t=t, **event.record())
         return True
+
+    # ------------------------------------------------------------------ many instances (a shared book)
+
+    async def recall(self, call_id: str) -> AcsCall | None:
+        """The call whose key or call connection id this is, as the shared book has it now (another
+        instance may have answered it, or learnt it is over); the local book alone without one."""
+        if self.shared is None or not call_id:
+            return self.calls.find(call_id)
+        fields = await self.shared.load(call_id)
+        if fields is None or not fields.get("key"):
+            return self.calls.find(call_id)
+        call = self.calls.by_key(fields["key"])
+        if call is None:
+            direction: Literal["inbound", "outbound"] = (
+                "outbound" if fields.get("direction") == "outbound" else "inbound"
+            )
+            call = self.calls.add(
+                AcsCall(
+                    fields["key"],
+                    direction,
+                    party=fields.get("party", ""),
+                    correlation_id=fields.get("correlation_id", ""),
+                )
+            )
+        if fields.get("connection_id") and call.connection_id is None:
+            self.calls.connected(call, fields["connection_id"])
+        call.disconnected = call.disconnected or bool(fields.get("disconnected"))
+        return call
+
+    async def deliver_callback(self, key: str, event: CallbackEvent, received_t: float | None = None) -> bool:
+        """A callback received by this instance: with a shared book, noted there and sent to the
+        instance holding the call's media socket; without one, `on_callback`."""
+        if self.shared is None:
+            return self.on_callback(key, event, received_t)
+        call = await self.recall(key)
+        if call is None:
+            return self.on_callback(key, event, received_t)  # logs the unknown call
+        if event.call_connection_id and call.connection_id is None:
+            self.calls.connected(call, event.call_connection_id)
+        if event.type == "CallDisconnected":
+            call.disconnected = True
+        await self._share(call)
+        delivery = await self.shared.deliver(call.key, event)
+        if delivery == "local":
+            return self.apply_callback(call.key, event, received_t)
+        log.info(
+            "call %s: ACS %s %s",
+            call.key,
+            event.type,
+            "sent to the instance of its media" if delivery == "forwarded" else "held for its media socket",
+        )
+        return True
+
+    def apply_callback(self, key: str, event: CallbackEvent, received_t: float | None = None) -> bool:
+        """A callback for a call whose media socket is here (many instances): recorded, and a
+        CallDisconnected ends the media call (the caller is gone; ACS closes the stream anyway)."""
+        recorded = self.on_callback(key, event, received_t)
+        call = self.calls.by_key(key)
+        if event.type == "CallDisconnected" and call is not None and call.media_call_id and self.registry:
+            session = self.registry.session(call.media_call_id)
+            if session is not None:
+                session.end_call("acs_disconnected")
+        return recorded
+
+    async def _share(self, call: AcsCall) -> None:
+        if self.shared is not None:
+            await self.shared.save(call_fields(call))
+
+    async def _forget(self, call: AcsCall) -> None:
+        self.calls.forget(call)
+        if self.shared is not None:
+            await self.shared.drop(call.key, call.connection_id)
 
     def media_refusal(self, key: str) -> str | None:
         """Why a media socket whose URL has `?callId=<key>` may not open a call (None: it may).
