@@ -40,7 +40,6 @@ def cluster_server(redis_url: str, name: str, **overrides: Any) -> BackgroundSer
         "closing_text": "Bye.",  # what a hang-up request says first: short, the tests wait for it
         "redis_url": redis_url,
         "instance_id": name,
-        "store": "memory",  # until the Redis records store is merged
     }
     return BackgroundServer(load_settings(**(values | overrides))).start()
 
@@ -279,7 +278,6 @@ def parley_process(redis_url: str, name: str, **env: str) -> Iterator[tuple[subp
         "PARLEY_ENGINES": "plumbing",
         "PARLEY_REDIS_URL": redis_url,
         "PARLEY_INSTANCE_ID": name,
-        "PARLEY_STORE": "memory",
         "PARLEY_EVENT_LOG": "false",
         "PARLEY_WORKERS": "1",
         "PYTHONPATH": os.pathsep.join(sys.path),
@@ -336,6 +334,14 @@ async def test_a_killed_instance_is_cleaned_up_by_a_survivor(pair: list[Backgrou
     await lost.close()
     reapers = [server for server in pair if victim in (await api(server, "GET", "/api/cluster")).json()["reaped"]]
     assert len(reapers) == 1  # one survivor cleaned up (the lock), not both
+    # The records (the Redis store every instance shares) say so: the victim's call ended as lost,
+    # and any instance answers for it; the survivor's call is untouched.
+    assert db.hget(f"parley:call:{lost_call}", "end_reason") == "server_lost"
+    for server in pair:
+        events = (await api(server, "GET", f"/api/calls/{lost_call}/events")).json()
+        assert events["live"] is False and events["events"][0]["event"] == "call_started"
+    assert (await api(a, "GET", f"/api/calls/{survivor_call}/events")).json()["live"] is False  # closed above
+    assert db.hget(f"parley:call:{survivor_call}", "end_reason") != "server_lost"
 
 
 @contextmanager
@@ -404,7 +410,9 @@ async def test_a_restart_under_the_same_id_releases_what_the_previous_process_le
 
 async def test_an_instance_starts_and_serves_without_redis(caplog) -> None:  # type: ignore[no-untyped-def]
     started = time.monotonic()
-    server = cluster_server(f"redis://127.0.0.1:{_free_port()}/0", "no-redis-yet")  # nothing listens there
+    # Nothing listens there. The records go to a local store: with PARLEY_STORE=redis (the default with a
+    # Redis URL) an unreachable Redis at startup stops the server instead (tests/test_records_redis.py).
+    server = cluster_server(f"redis://127.0.0.1:{_free_port()}/0", "no-redis-yet", store="memory")
     try:
         assert time.monotonic() - started < 10
         ws = await start_call(server.url, f"alone-{uuid.uuid4()}")
