@@ -198,6 +198,14 @@ TIERS: dict[str, str | frozenset[str]] = {
         {"test_a_killed_server_keeps_the_finished_turns_of_a_call"}
     ),
     "test_robustness.py": SLOW,
+    "test_workers.py": frozenset(  # real `parley serve --workers 2`; two processes writing records
+        {
+            "test_two_processes_writing_one_database_lose_nothing",
+            "test_two_workers_share_the_port_spread_calls_reset_together_and_drain_on_sigterm",
+            "test_a_killed_worker_is_restarted_and_only_its_calls_are_lost",
+            "test_a_worker_that_cannot_start_stops_the_server",
+        }
+    ),
     "test_scenario.py": FAST,
     "test_scripted_agent.py": FAST,
     "test_settings.py": FAST,

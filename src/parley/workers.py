@@ -67,7 +67,8 @@ def worker_count(settings: Settings) -> tuple[int, str]:
 
 def startup_problem(settings: Settings, workers: int) -> str | None:
     """Why this server cannot run with `workers` processes (None: it can)."""
-    if workers > 1 and settings.acs_configured and settings.redis_url is None:
+    redis_url = settings.redis_url.get_secret_value() if settings.redis_url is not None else ""
+    if workers > 1 and settings.acs_configured and not redis_url:
         return (
             f"workers > 1 with Call Automation needs PARLEY_REDIS_URL (workers {workers}): ACS's events"
             " for a call reach any worker, so the call book and hang-ups must be shared through Redis;"
