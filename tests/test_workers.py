@@ -405,3 +405,44 @@ def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
     messages = served.messages()
     assert any(re.match(r"worker \S+-w\d failed to start \(exit code 2\): stopping the server", m) for m in messages)
     assert any("cannot open the database" in m for m in messages)
+
+
+# ------------------------------------------------------------------ parley bench load --workers
+
+
+def _point(**changes: Any) -> dict[str, Any]:
+    fine = {"p50": 1.0, "p95": 5.0, "p99": 10.0, "max": 12.0}
+    point = {"loop_lag_ms": fine, "pacing_jitter_ms": fine, "onset_to_stop_ms": fine, "missed": 0, "errors": 0}
+    point.update(changes)
+    return point
+
+
+def test_the_sweep_limit_counts_jitter_and_errors_too() -> None:
+    from parley.benchmarks.load import within_limits
+
+    late = {"p50": 1.0, "p95": 15.0, "p99": 25.0, "max": 40.0}
+    assert within_limits(_point())
+    assert not within_limits(_point(loop_lag_ms=late))
+    assert not within_limits(_point(pacing_jitter_ms=late))
+    assert not within_limits(_point(errors=1))
+    assert not within_limits(_point(missed=1))
+    assert not within_limits(_point(pacing_jitter_ms={"p50": None, "p95": None, "p99": None, "max": None}))
+
+
+def test_bench_load_workers_needs_a_server_process_of_its_own() -> None:
+    result = CliRunner().invoke(app, ["bench", "load", "--workers", "2", "--server", "inprocess"])
+    assert result.exit_code == 2 and "--workers needs --server subprocess" in " ".join(result.output.split())
+
+
+def test_bench_load_with_two_workers_reports_each_worker(tmp_path: Path) -> None:
+    out = tmp_path / "load.json"
+    result = CliRunner().invoke(
+        app, ["bench", "load", "--workers", "2", "--calls", "6", "--seconds", "4", "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["workers"] == 2 and len(data["loop_lag_ms_by_worker"]) == 2
+    assert sum(data["calls_by_worker"].values()) == 6 and data["errors"] == 0
+    worst = max(lag["p99"] for lag in data["loop_lag_ms_by_worker"].values())
+    assert data["loop_lag_ms"]["p99"] == worst
+    assert data["cpu_ms_per_call_s"] > 0 and data["rss_mb"] > 100  # a supervisor and two workers, summed
