@@ -204,6 +204,8 @@ TIERS: dict[str, str | frozenset[str]] = {
             "test_two_workers_share_the_port_spread_calls_reset_together_and_drain_on_sigterm",
             "test_a_killed_worker_is_restarted_and_only_its_calls_are_lost",
             "test_a_worker_that_cannot_start_stops_the_server",
+            "test_workers_die_with_a_killed_supervisor",
+            "test_a_sigterm_while_the_workers_start_stops_them_all",
             "test_bench_load_with_two_workers_reports_each_worker",
         }
     ),

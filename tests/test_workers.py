@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import websockets
 from typer.testing import CliRunner
@@ -394,6 +395,37 @@ async def test_a_killed_worker_is_restarted_and_only_its_calls_are_lost(tmp_path
         assert served.process.returncode == 0
     died = [m for m in served.messages() if m.startswith(f"worker {victim} died (signal SIGKILL)")]
     assert died and f"{by_worker[victim]} live call(s) lost" in died[0]
+
+
+def test_a_sigterm_while_the_workers_start_stops_them_all(tmp_path: Path) -> None:
+    with two_workers(tmp_path) as served:
+        deadline = time.monotonic() + 30
+        while not any(m.startswith("media WebSocket: ") for m in served.messages()):
+            assert served.process.poll() is None and time.monotonic() < deadline, served.log_path.read_text()
+            time.sleep(0.01)
+        served.process.send_signal(signal.SIGTERM)  # the workers are being spawned, or starting
+        served.process.wait(20)
+        assert served.process.returncode == 0
+    assert sum(m.startswith("worker ") and " exited (" in m for m in served.messages()) == 2
+
+
+async def test_workers_die_with_a_killed_supervisor(tmp_path: Path) -> None:
+    with two_workers(tmp_path) as served:
+        wait_ready(served)
+        pids = [worker["pid"] for worker in served.stats()["workers"]]
+        served.process.kill()
+        served.process.wait(10)
+
+        def alive(pid: int) -> bool:
+            try:
+                return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return False
+
+        def gone() -> bool:
+            return not any(alive(pid) for pid in pids)
+
+        await until(gone, 10, "a worker outlived its supervisor")
 
 
 def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:

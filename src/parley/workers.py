@@ -10,7 +10,7 @@ whichever worker accepts it first, so a busy worker takes fewer.
 The supervisor
 - recovers the call records of a previous server once, before any worker starts, and marks a
   dead worker's live calls `server_lost` (each call's record names its worker's process id);
-- forwards SIGTERM/SIGINT to every worker: the first drains each one (parley.server.ParleyServer),
+- forwards SIGTERM/SIGINT (as SIGTERM) to every worker: the first drains each one (parley.server.ParleyServer),
   a second ends them at once; a terminal's Ctrl-C reaches the supervisor only (each worker runs in
   its own process group), so one Ctrl-C is one drain, not two;
 - restarts a worker that died while serving (logged, with a growing back-off); a worker that fails
@@ -25,6 +25,7 @@ restart), and it admits ceil(max_calls / N) calls: `max_calls` is the whole serv
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import multiprocessing
@@ -33,6 +34,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # after the 1st, 2nd, ... death in a row
 STABLE_AFTER_S = 60.0  # a worker that served this long before dying starts the back-off afresh
+PR_SET_PDEATHSIG = 1  # prctl(2)
 STOP_WAIT_S = 10.0  # after the workers' exit was asked for twice: how long until they are killed
 _INSTANCE_UNSAFE = re.compile(r"[^A-Za-z0-9._:-]")
 
@@ -111,8 +114,9 @@ def bind_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
 # ---------------------------------------------------------------------------------------------
 
 
-def _worker_main(settings: Settings, sock: socket.socket, run_dir: str, ready: Event) -> None:
+def _worker_main(settings: Settings, sock: socket.socket, run_dir: str, ready: Event, supervisor: int) -> None:
     """A worker: the normal app on the supervisor's socket (runs in the spawned process)."""
+    _die_with(supervisor)
     os.setpgid(0, 0)  # signals come from the supervisor only (a terminal's Ctrl-C reaches its group)
     assert settings.instance_id is not None
     os.environ["PARLEY_INSTANCE_ID"] = settings.instance_id  # for whatever reads the environment
@@ -142,6 +146,16 @@ def _worker_main(settings: Settings, sock: socket.socket, run_dir: str, ready: E
             raise SystemExit(3)
     finally:
         logs.shutdown()
+
+
+def _die_with(supervisor: int) -> None:
+    """End this worker when its supervisor dies (`kill -9`): nothing else would stop it, and it
+    would hold the port and keep its calls' records live. Linux: the kernel sends SIGKILL."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != supervisor:  # it died before the line above
+        os._exit(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,12 +236,20 @@ class Supervisor:
         ready = self._context.Event()
         process = self._context.Process(
             target=_worker_main,
-            args=(settings, self._socket, str(self.run_dir), ready),  # the worker gets a duplicate of the fd
+            args=(
+                settings,
+                self._socket,
+                str(self.run_dir),
+                ready,
+                os.getpid(),
+            ),  # the worker gets a duplicate of the fd
             name=f"parley-worker-{index}",
         )
         process.start()
-        self._workers[index] = _Worker(index, process, ready)
+        worker = self._workers[index] = _Worker(index, process, ready)
         log.info("worker %s started (pid %d)", settings.instance_id, process.pid)
+        if self._signals or self._stop_signals:  # a stop signal came while it started: not forwarded to it
+            _send(worker, signal.SIGTERM)
 
     def _supervise(self) -> None:
         while self._workers or (self._restart_at and not self._stop_signals):
@@ -245,17 +267,16 @@ class Supervisor:
                 self._kill_all()
 
     def _on_signal(self, sig: int, frame: FrameType | None) -> None:
-        """Forward at once (a handler: no logging here, a logging lock may be held where it interrupted)."""
+        """Forward at once (a handler: no logging here, a logging lock may be held where it interrupted).
+        As SIGTERM, whichever it was: a worker treats both alike once it serves, and before that a
+        SIGINT can be swallowed while the worker is still starting (it was seen to start and serve
+        on), where SIGTERM's default action ends it."""
         self._signals.append(sig)
-        self._forward(sig)
+        self._forward(signal.SIGTERM)
 
     def _forward(self, sig: int) -> None:
         for worker in list(self._workers.values()):
-            if worker.process.pid is not None:
-                try:
-                    os.kill(worker.process.pid, sig)
-                except ProcessLookupError:  # it has just ended: the loop collects it
-                    pass
+            _send(worker, sig)
 
     def _handle_signals(self) -> None:
         while self._signals:
@@ -276,7 +297,9 @@ class Supervisor:
         code = worker.process.exitcode if worker.process.exitcode is not None else 1
         instance = f"{self.base_id}-w{worker.index}"
         self._forget(worker, instance)
-        if self._stop_signals:
+        if self._stop_signals or self._signals:  # (a signal the loop has not handled yet counts)
+            if not worker.ready.is_set() and self._stop_signals <= 1 and code in (-signal.SIGTERM, -signal.SIGINT):
+                code = 0  # stopped while still starting: uvicorn's own handler ends it by the signal
             self._exit_codes.append(code)
             log.info("worker %s exited (%s)", instance, _describe_exit(code))
             return
@@ -349,6 +372,14 @@ class Supervisor:
             if code != 0:
                 return 128 - code if code < 0 else code  # died of a signal: the shell's convention
         return 0
+
+
+def _send(worker: _Worker, sig: int) -> None:
+    if worker.process.pid is not None:
+        try:
+            os.kill(worker.process.pid, sig)
+        except ProcessLookupError:  # it has just ended: the supervisor's loop collects it
+            pass
 
 
 def _describe_exit(code: int) -> str:
