@@ -192,26 +192,30 @@ def test_two_processes_writing_one_database_lose_nothing(tmp_path: Path) -> None
 def test_recovery_marks_only_the_calls_of_dead_processes(tmp_path: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # ended, not reaped: os.kill still finds it
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
+        while psutil.Process(zombie.pid).status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.01)
         assert recover_lost_calls(tmp_path) == []  # no database yet
         store = SqliteStore(tmp_path)
         store.close()
         host = os.uname().nodename
         with contextlib.closing(sqlite3.connect(db_path(tmp_path))) as db, db:
-            for call_id, pid in (("of-the-dead", dead.pid), ("of-the-living", alive.pid)):
+            for call_id, pid in (("of-the-dead", dead.pid), ("of-a-zombie", zombie.pid), ("of-the-living", alive.pid)):
                 db.execute(
                     "INSERT INTO calls (call_id, agent, started_at, owner) VALUES (?, 'test', ?, ?)",
                     (call_id, time.time(), f"{host}:{pid}:abc"),
                 )
-        assert recover_lost_calls(tmp_path) == ["of-the-dead"]
+        assert sorted(recover_lost_calls(tmp_path)) == ["of-a-zombie", "of-the-dead"]
         assert recover_lost_calls(tmp_path) == []  # once
         with contextlib.closing(sqlite3.connect(db_path(tmp_path))) as db:
             rows = dict(db.execute("SELECT call_id, end_reason FROM calls").fetchall())
-        assert rows == {"of-the-dead": "server_lost", "of-the-living": None}
+        assert rows == {"of-the-dead": "server_lost", "of-a-zombie": "server_lost", "of-the-living": None}
     finally:
         alive.kill()
         alive.wait()
+        zombie.wait()
 
 
 # ------------------------------------------------------------------ a real two-worker server
