@@ -206,6 +206,7 @@ TIERS: dict[str, str | frozenset[str]] = {
             "test_a_worker_that_cannot_start_stops_the_server",
             "test_workers_die_with_a_killed_supervisor",
             "test_a_sigterm_while_the_workers_start_stops_them_all",
+            "test_a_second_sigterm_ends_the_workers_without_waiting_for_the_calls",
             "test_bench_load_with_two_workers_reports_each_worker",
         }
     ),

@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from parley.records.store import CallRecord
 from parley.settings import load_settings
 from parley.stats import WorkerStatsBoard
 from parley.transports import acs
-from parley.workers import base_instance_id, startup_problem, worker_count, worker_settings
+from parley.workers import Supervisor, base_instance_id, startup_problem, worker_count, worker_settings
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 ACS = {
@@ -482,3 +483,39 @@ def test_bench_load_with_two_workers_reports_each_worker(tmp_path: Path) -> None
     worst = max(lag["p99"] for lag in data["loop_lag_ms_by_worker"].values())
     assert data["loop_lag_ms"]["p99"] == worst
     assert data["cpu_ms_per_call_s"] > 0 and data["rss_mb"] > 100  # a supervisor and two workers, summed
+
+
+# ------------------------------------------------------------------ the supervisor's error paths
+
+
+def test_a_taken_port_stops_parley_serve_with_a_clear_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(
+            app, ["serve", "--workers", "2", "--port", str(port)], env={"PARLEY_ENGINES": "plumbing"}
+        )
+    assert result.exit_code == 2 and "Address already in use" in result.output
+
+
+def test_an_unreadable_records_database_is_left_to_the_workers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db_path(tmp_path).write_bytes(b"this is not a database" * 100)
+    supervisor = Supervisor(load_settings(data_dir=tmp_path, engines="plumbing"), 2)
+    assert supervisor._recover_records("a previous server") == []
+    assert "call records: could not mark the calls of a previous server lost" in caplog.text
+
+
+async def test_a_second_sigterm_ends_the_workers_without_waiting_for_the_calls(tmp_path: Path) -> None:
+    with two_workers(tmp_path, drain_timeout_s="120") as served:
+        wait_ready(served)
+        async with held_calls(served.ws, 4):
+            await until(lambda: sum(live_by_worker(served).values()) == 4, 10, "the calls did not all arrive")
+            served.process.send_signal(signal.SIGTERM)
+            await until(lambda: any("every worker drains" in m for m in served.messages()), 5, "no drain")
+            served.process.send_signal(signal.SIGTERM)
+            await until(lambda: served.process.poll() is not None, 20, "the server did not exit")
+    assert served.process.returncode == 128 + signal.SIGTERM  # the workers died of it, as one process would
+    assert any(m.startswith("SIGTERM again: every worker ends now") for m in served.messages())
