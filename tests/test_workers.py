@@ -333,6 +333,10 @@ async def until(predicate: Any, within_s: float, what: str) -> None:
         await asyncio.sleep(0.1)
 
 
+def exists(path: str) -> bool:
+    return Path(path).exists()
+
+
 def live_by_worker(served: Served) -> dict[str, int]:
     return {worker["instance"]: worker["calls"] for worker in served.stats()["workers"]}
 
@@ -345,6 +349,9 @@ async def test_two_workers_share_the_port_spread_calls_reset_together_and_drain_
         assert [name.rsplit("-", 1)[1] for name in instances] == ["w0", "w1"]
         assert all(name.startswith(f"{os.uname().nodename}-{served.process.pid}") for name in instances)
         assert stats["admission"]["max_calls"] >= 1
+        # prometheus_client's multiprocess mode: a private directory for every worker, gone at exit.
+        metrics_dir = psutil.Process(stats["workers"][0]["pid"]).environ()["PROMETHEUS_MULTIPROC_DIR"]
+        assert exists(metrics_dir) and Path(metrics_dir).parent.name.startswith("parley-workers-")
         async with held_calls(served.ws, 16):
             await until(lambda: sum(live_by_worker(served).values()) == 16, 10, "the calls did not all arrive")
             assert all(count > 0 for count in live_by_worker(served).values()), live_by_worker(served)
@@ -359,6 +366,7 @@ async def test_two_workers_share_the_port_spread_calls_reset_together_and_drain_
             await until(lambda: served.process.poll() is not None, 20, "the server did not exit")
         assert served.process.returncode == 0
         assert time.monotonic() - started_t < 15
+    assert not exists(str(Path(metrics_dir).parent))
     messages = served.messages()
     assert sum(m.startswith("media WebSocket: ") for m in messages) == 1  # the supervisor's, once
     assert any(m.startswith("workers 2 (PARLEY_WORKERS)") for m in messages)
