@@ -201,6 +201,7 @@ class Supervisor:
         metrics_dir = self.run_dir / "prometheus"
         metrics_dir.mkdir()
         # Read by prometheus_client as each worker imports it: every worker's metrics in one place.
+        given_metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -214,7 +215,10 @@ class Supervisor:
                 signal.signal(sig, handler)
             self._kill_all()
             sock.close()
-            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            if given_metrics_dir is None:
+                os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            else:  # the supervisor runs inside another program (tests): its environment as it was
+                os.environ["PROMETHEUS_MULTIPROC_DIR"] = given_metrics_dir
             shutil.rmtree(self.run_dir, ignore_errors=True)
         return self._status()
 
@@ -234,17 +238,9 @@ class Supervisor:
     def _start(self, index: int) -> None:
         settings = worker_settings(self.settings, index, self.count, self.base_id)
         ready = self._context.Event()
-        process = self._context.Process(
-            target=_worker_main,
-            args=(
-                settings,
-                self._socket,
-                str(self.run_dir),
-                ready,
-                os.getpid(),
-            ),  # the worker gets a duplicate of the fd
-            name=f"parley-worker-{index}",
-        )
+        # The worker receives a duplicate of the listening socket's file descriptor.
+        args = (settings, self._socket, str(self.run_dir), ready, os.getpid())
+        process = self._context.Process(target=_worker_main, args=args, name=f"parley-worker-{index}")
         process.start()
         worker = self._workers[index] = _Worker(index, process, ready)
         log.info("worker %s started (pid %d)", settings.instance_id, process.pid)
