@@ -15,11 +15,13 @@ import math
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -39,7 +41,15 @@ from parley.records.store import CallRecord
 from parley.settings import load_settings
 from parley.stats import WorkerStatsBoard
 from parley.transports import acs
-from parley.workers import Supervisor, base_instance_id, startup_problem, worker_count, worker_settings
+from parley.workers import (
+    RUN_DIR_PREFIX,
+    Supervisor,
+    _remove_stale_run_dirs,
+    base_instance_id,
+    startup_problem,
+    worker_count,
+    worker_settings,
+)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 ACS = {
@@ -540,3 +550,17 @@ async def test_a_second_sigterm_ends_the_workers_without_waiting_for_the_calls(t
             await until(lambda: served.process.poll() is not None, 20, "the server did not exit")
     assert served.process.returncode == 128 + signal.SIGTERM  # the workers died of it, as one process would
     assert any(m.startswith("SIGTERM again: every worker ends now") for m in served.messages())
+
+
+def test_a_supervisor_removes_the_run_directories_killed_supervisors_left() -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{dead.pid}-"))
+    (left / "prometheus").mkdir()
+    running = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-"))
+    try:
+        _remove_stale_run_dirs()
+        assert not left.exists() and running.exists()
+    finally:
+        shutil.rmtree(left, ignore_errors=True)
+        shutil.rmtree(running, ignore_errors=True)

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # after the 1st, 2nd, ... death in a row
 STABLE_AFTER_S = 60.0  # a worker that served this long before dying starts the back-off afresh
 PR_SET_PDEATHSIG = 1  # prctl(2)
+RUN_DIR_PREFIX = "parley-workers-"  # then the supervisor's pid: tempfile's directory
 STOP_WAIT_S = 10.0  # after the workers' exit was asked for twice: how long until they are killed
 _INSTANCE_UNSAFE = re.compile(r"[^A-Za-z0-9._:-]")
 
@@ -197,7 +198,8 @@ class Supervisor:
     def run(self) -> int:
         sock = self._socket = bind_socket(self.settings.host, self.settings.port)
         self.port = sock.getsockname()[1]
-        self.run_dir = Path(tempfile.mkdtemp(prefix="parley-workers-"))
+        _remove_stale_run_dirs()
+        self.run_dir = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-"))
         metrics_dir = self.run_dir / "prometheus"
         metrics_dir.mkdir()
         # Read by prometheus_client as each worker imports it: every worker's metrics in one place.
@@ -368,6 +370,25 @@ class Supervisor:
             if code != 0:
                 return 128 - code if code < 0 else code  # died of a signal: the shell's convention
         return 0
+
+
+def _remove_stale_run_dirs() -> None:
+    """The run directories of supervisors that were killed (`kill -9` leaves them): each is named
+    after its supervisor's process id."""
+    for path in Path(tempfile.gettempdir()).glob(f"{RUN_DIR_PREFIX}*-*"):
+        pid_text = path.name.removeprefix(RUN_DIR_PREFIX).split("-", 1)[0]
+        if pid_text.isdigit() and not _running(int(pid_text)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _send(worker: _Worker, sig: int) -> None:
