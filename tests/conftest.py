@@ -212,6 +212,18 @@ TIERS: dict[str, str | frozenset[str]] = {
     "test_tracing.py": frozenset(  # a plumbing server and a barge-in call; a process that imports the server
         {"test_a_real_call_makes_a_call_span_with_its_turns", "test_off_means_nothing_of_opentelemetry_is_imported"}
     ),
+    "test_workers.py": frozenset(  # real `parley serve --workers 2`; two processes writing records
+        {
+            "test_two_processes_writing_one_database_lose_nothing",
+            "test_two_workers_share_the_port_spread_calls_reset_together_and_drain_on_sigterm",
+            "test_a_killed_worker_is_restarted_and_only_its_calls_are_lost",
+            "test_a_worker_that_cannot_start_stops_the_server",
+            "test_workers_die_with_a_killed_supervisor",
+            "test_a_sigterm_while_the_workers_start_stops_them_all",
+            "test_a_second_sigterm_ends_the_workers_without_waiting_for_the_calls",
+            "test_bench_load_with_two_workers_reports_each_worker",
+        }
+    ),
     "test_scenario.py": FAST,
     "test_scripted_agent.py": FAST,
     "test_settings.py": FAST,

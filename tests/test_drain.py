@@ -72,6 +72,7 @@ def parley_serve(tmp_path: Path, **settings: str) -> Iterator[Server]:
         PARLEY_HOST="127.0.0.1",
         PARLEY_PORT=str(port),
         PARLEY_ENGINES="plumbing",
+        PARLEY_WORKERS="1",  # one process: its log in order (two workers drain in tests/test_workers.py)
         PARLEY_LOG_FORMAT="json",
         PARLEY_STORE="memory",
         PARLEY_DRAIN_TIMEOUT_S=str(DRAIN_TIMEOUT_S),

@@ -183,6 +183,7 @@ def unread_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]
     env = {key: value for key, value in os.environ.items() if not key.startswith("PARLEY_")}
     env.update(
         PARLEY_ENGINES="plumbing",
+        PARLEY_WORKERS="1",  # one process: /api/stats is the one whose log pipe is stuck
         PARLEY_PORT=str(port),
         PARLEY_HOST="127.0.0.1",
         # The floods below stall the loop on purpose (the log pipe is what is tested): overload

@@ -69,11 +69,12 @@ def call_cost(settings: Settings) -> CallCost:
     return EMBEDDED
 
 
-def derive_max_calls(cost: CallCost, cores: float, memory_mb: float | None) -> int:
-    """The default `max_calls`: the fewest of what the cores, the loop and the memory hold (>= 1)."""
-    limits = [cost.calls_per_core * max(cores, 0.5), float(cost.loop_cap)]
+def derive_max_calls(cost: CallCost, cores: float, memory_mb: float | None, workers: int = 1) -> int:
+    """The default `max_calls` of the whole server: the fewest of what the cores, the event loops (one
+    per worker process) and the memory (a base per worker) hold (>= 1)."""
+    limits = [cost.calls_per_core * max(cores, 0.5), float(cost.loop_cap * workers)]
     if memory_mb is not None:  # keep a fifth of the memory for the rest of the machine
-        limits.append((0.8 * memory_mb - cost.base_mb) / cost.mb_per_call)
+        limits.append((0.8 * memory_mb - cost.base_mb * workers) / cost.mb_per_call)
     return max(1, math.floor(min(limits)))
 
 
@@ -113,15 +114,22 @@ def _read_first_line(path: Path) -> str | None:
 
 
 def effective_max_calls(settings: Settings) -> tuple[int, str]:
-    """`settings.max_calls`, or the derived default; and how it came about, for the startup log."""
+    """The calls this process admits: `settings.max_calls` or the derived default, which are the
+    whole server's, split over `settings.workers` processes (rounded up: a worker is never left with
+    none); and how it came about, for the startup log."""
+    workers = settings.workers or 1
     if settings.max_calls is not None:
-        return settings.max_calls, "PARLEY_MAX_CALLS"
-    cost = call_cost(settings)
-    cores = available_cores()
-    memory = available_memory_mb()
-    value = derive_max_calls(cost, cores, memory)
-    memory_text = f", {memory / 1024:.0f} GB" if memory is not None else ""
-    return value, f"derived: {cores:g} cores{memory_text}, {cost.profile}"
+        total, origin = settings.max_calls, "PARLEY_MAX_CALLS"
+    else:
+        cost = call_cost(settings)
+        cores = available_cores()
+        memory = available_memory_mb()
+        total = derive_max_calls(cost, cores, memory, workers)
+        memory_text = f", {memory / 1024:.0f} GB" if memory is not None else ""
+        origin = f"derived: {cores:g} cores{memory_text}, {cost.profile}"
+    if workers == 1:
+        return total, origin
+    return math.ceil(total / workers), f"{origin}; {total} over {workers} workers"
 
 
 # ---------------------------------------------------------------------------------------------

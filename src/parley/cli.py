@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import sys
 from importlib import metadata, resources
@@ -121,9 +122,16 @@ def serve(
         None, help="Piper .onnx path, espeak-ng voice name or Azure voice (en-US-JennyNeural;style=cheerful)."
     ),
     bargein: str | None = typer.Option(None, help="While the agent speaks: pause (default), confirm, stop or off."),
+    workers: int | None = typer.Option(
+        None,
+        min=1,
+        help="Worker processes sharing the port (default: one per core with cloud or plumbing engines,"
+        " 1 with the embedded models).",
+    ),
 ) -> None:
     """Run the server: ACS media WebSocket on /ws/acs (and /ws), health on /healthz."""
     from parley import logs, server
+    from parley import workers as worker_processes
 
     settings = _settings(
         host=host,
@@ -139,8 +147,18 @@ def serve(
         tts=tts,
         tts_voice=tts_voice,
         bargein_speaking=bargein,
+        workers=workers,
     )
     logs.configure(settings.log_level, log_format=settings.log_format)
+    count, origin = worker_processes.worker_count(settings)
+    problem = worker_processes.startup_problem(settings, count)
+    if problem is not None:
+        logs.shutdown()
+        _startup_error(ValueError(problem))
+    if count > 1:
+        _serve_workers(settings, count, origin)
+        return
+    logging.getLogger("parley.workers").info("workers 1 (%s): this process serves every call", origin)
     try:
         app_ = server.create_app(settings)
     except (ValueError, RuntimeError, OSError) as exc:
@@ -151,6 +169,18 @@ def serve(
         server.uvicorn_server(app_, settings).run()
     finally:
         logs.shutdown()  # writes what is queued (and how many records were dropped, if any)
+
+
+def _serve_workers(settings: Settings, count: int, origin: str) -> NoReturn:
+    from parley import logs, workers
+
+    try:
+        status = workers.run(settings, count, origin)
+    except OSError as exc:  # the port is taken, the host is not ours
+        logs.shutdown()
+        _startup_error(exc)
+    logs.shutdown()
+    raise typer.Exit(status)
 
 
 @app.command()

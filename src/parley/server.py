@@ -47,6 +47,7 @@ from parley.tracing import tracer_from_env
 
 if TYPE_CHECKING:
     from parley.acs.service import CallAutomation
+    from parley.stats import WorkerStatsBoard
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,15 @@ SHUTDOWN_TIMEOUT_S = 10  # uvicorn's wait for open connections once it shuts dow
 
 
 def create_app(
-    settings: Settings, engines: Engines | None = None, *, acs_client_options: Mapping[str, Any] | None = None
+    settings: Settings,
+    engines: Engines | None = None,
+    *,
+    acs_client_options: Mapping[str, Any] | None = None,
+    worker_stats: WorkerStatsBoard | None = None,
 ) -> FastAPI:
     """The app. `acs_client_options` go to the ACS SDK client (azure-core transport options, e.g.
-    `connection_verify` to trust a private CA); unused without ACS."""
+    `connection_verify` to trust a private CA); unused without ACS. `worker_stats`: a worker of
+    `parley serve --workers N` (parley.workers) shares its /api/stats figures with the others."""
     store = build_store(settings)  # call records; sqlite: opened now (a bad data_dir stops startup)
     agent = "plumbing" if settings.engines == "plumbing" else settings.agent  # as the records name it
     registry = CallRegistry(settings.recent_calls_kept, store=store, agent=agent)
@@ -115,6 +121,9 @@ def create_app(
         watcher = asyncio.create_task(admission.watch(load_reading), name="overload-watch")
         if cluster is not None:
             await cluster.start()
+        publisher = None
+        if worker_stats is not None:
+            publisher = asyncio.create_task(worker_stats.run(stats_snapshot), name="worker-stats")
         orphans = None
         if call_automation is not None and store.lost_calls:
             orphans = asyncio.create_task(_hang_up_orphans(call_automation, store.lost_calls), name="orphan-hangups")
@@ -127,6 +136,8 @@ def create_app(
         await _close_call_records(app_)
         watcher.cancel()
         monitor.cancel()
+        if publisher is not None:
+            publisher.cancel()
         if call_automation is not None:
             await call_automation.close()
         engines.close()
@@ -170,14 +181,24 @@ def create_app(
     # The calls/events/stats APIs: a bearer token, or a loopback bind without one (parley.security.access).
     api_guard = [Depends(api_access(settings))]
 
-    @app.get("/api/stats", dependencies=api_guard)
-    async def stats(reset: bool = False) -> dict[str, object]:
-        """Loop lag (since the last reset), CPU seconds, RSS, threads, call counters."""
+    def stats_snapshot(reset: bool) -> dict[str, object]:
         snapshot = registry.stats.snapshot(registry.live_count, reset=reset)
         snapshot["log_records_dropped"] = logs.dropped()  # the log output was not keeping up
         snapshot.update(registry.record_stats())  # records_dropped: the store was not keeping up
         snapshot["pools"] = {pool.name: pool.figures() for pool in (engines.vads, engines.recognizers)}
         snapshot["admission"] = admission.describe()
+        return snapshot
+
+    @app.get("/api/stats", dependencies=api_guard)
+    async def stats(reset: bool = False) -> dict[str, object]:
+        """Loop lag (since the last reset), CPU seconds, RSS, threads, call counters. In a worker
+        process: this worker's, and `workers`: every worker's latest (reset: every worker's)."""
+        if worker_stats is not None and reset:
+            worker_stats.request_reset()
+        snapshot = stats_snapshot(reset)
+        if worker_stats is not None:
+            snapshot["workers"] = worker_stats.workers(snapshot)
+            worker_stats.annotate(snapshot)
         return snapshot
 
     if metrics is not None:  # GET /metrics
@@ -377,6 +398,8 @@ class ParleyServer(uvicorn.Server):
     """uvicorn's server, logging the media URL once it listens (the port may be chosen then), and
     draining on the first SIGTERM or SIGINT (a second one ends at once)."""
 
+    announce = True  # log the media URL (the supervisor of worker processes logs it once for all)
+
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -386,7 +409,7 @@ class ParleyServer(uvicorn.Server):
     async def startup(self, sockets: list[Any] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets=sockets)
-        if self.should_exit or not self.servers or not self.servers[0].sockets:
+        if self.should_exit or not self.servers or not self.servers[0].sockets or not self.announce:
             return
         port = self.servers[0].sockets[0].getsockname()[1]
         host = self.config.host

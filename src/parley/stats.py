@@ -7,6 +7,10 @@ the one number that says whether the event loop (and so every call's audio) is k
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import math
+import os
 import sys
 import threading
 import time
@@ -14,11 +18,14 @@ import tracemalloc
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import psutil
 
 from parley import native_memory
+
+log = logging.getLogger(__name__)
 
 
 def percentiles(values: list[float] | np.ndarray) -> dict[str, float | None]:
@@ -130,3 +137,92 @@ def memory_figures() -> dict[str, object]:
         figures["tracemalloc_mb"] = round(tracemalloc.get_traced_memory()[0] / 2**20, 1)
     figures.update(native_memory.malloc_figures())
     return figures
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker processes (parley.workers): every worker's figures, whichever worker a request lands on
+# ---------------------------------------------------------------------------------------------
+
+RESET_POLL_S = 0.1  # how soon a worker sees another worker's /api/stats?reset=true
+PUBLISH_EVERY_S = 0.5  # how stale another worker's figures in /api/stats may be
+
+
+class WorkerStatsBoard:
+    """The /api/stats figures of the workers of one `parley serve --workers N`, through files in the
+    supervisor's private run directory: with one shared listening socket a request lands on any
+    worker, so each worker writes its snapshot there (`stats-<instance>.json`, replaced atomically)
+    and answers with every worker's. A reset bumps a generation number in `reset-generation`, which
+    every worker polls, so `reset=true` resets them all (each snapshot says the generation it has)."""
+
+    def __init__(self, run_dir: Path, instance: str) -> None:
+        self.run_dir = Path(run_dir)
+        self.instance = instance
+        self.path = self.run_dir / f"stats-{instance}.json"
+        self._reset_path = self.run_dir / "reset-generation"
+        self.generation = self._read_generation()  # a worker (re)started later does not reset
+        self._last_error_log = -math.inf
+
+    def _read_generation(self) -> int:
+        try:
+            return int(self._reset_path.read_text() or 0)
+        except (OSError, ValueError):  # no reset yet (or a file being replaced: seen next poll)
+            return 0
+
+    def request_reset(self) -> int:
+        """Every worker resets its loop-lag figures (this one: by its caller, now); the new generation."""
+        self.generation = max(self.generation, self._read_generation()) + 1
+        self._write(self._reset_path, str(self.generation))
+        return self.generation
+
+    def reset_due(self) -> bool:
+        """Whether another worker asked for a reset since this one last looked."""
+        generation = self._read_generation()
+        if generation <= self.generation:
+            return False
+        self.generation = generation
+        return True
+
+    def annotate(self, snapshot: dict[str, object]) -> dict[str, object]:
+        snapshot.update(
+            instance=self.instance, pid=os.getpid(), wall_time=round(time.time(), 3), reset_generation=self.generation
+        )
+        return snapshot
+
+    def publish(self, snapshot: dict[str, object]) -> None:
+        self._write(self.path, json.dumps(self.annotate(snapshot), default=str))
+
+    def workers(self, own: dict[str, object]) -> list[dict[str, object]]:
+        """Every worker's latest snapshot (this worker's: `own`, fresh), by instance id."""
+        found: dict[str, dict[str, object]] = {}
+        for path in sorted(self.run_dir.glob("stats-*.json")):
+            try:
+                snapshot = json.loads(path.read_text())
+            except (OSError, ValueError):  # a worker that just died (its file removed): skipped
+                continue
+            found[str(snapshot.get("instance", path.stem))] = snapshot
+        found[self.instance] = self.annotate(dict(own))
+        return [found[name] for name in sorted(found)]
+
+    async def run(self, snapshot: Callable[[bool], dict[str, object]]) -> None:
+        """Publish this worker's snapshot every PUBLISH_EVERY_S and follow resets, for ever (a task
+        of the server's lifespan). `snapshot(reset)` is what /api/stats answers."""
+        next_publish = 0.0
+        while True:
+            await asyncio.sleep(RESET_POLL_S)
+            try:
+                reset = self.reset_due()
+                if reset:
+                    snapshot(True)  # the figures since the last reset end here
+                if reset or time.monotonic() >= next_publish:
+                    next_publish = time.monotonic() + PUBLISH_EVERY_S
+                    self.publish(snapshot(False))
+            except Exception:  # a full disk must not end the stats (or the worker): retried next time
+                if time.monotonic() - self._last_error_log >= 60:
+                    self._last_error_log = time.monotonic()
+                    log.exception("worker stats: could not publish to %s", self.run_dir)
+
+    @staticmethod
+    def _write(path: Path, text: str) -> None:
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(text)
+        os.replace(temporary, path)  # readers see the old file or the new one, never half of one

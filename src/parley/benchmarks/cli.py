@@ -80,6 +80,9 @@ def load(
     seconds: float = typer.Option(30.0, min=2.0, help="Length of each call."),
     profile: str = typer.Option("plumbing", help="plumbing (test doubles, VAD kept) or embedded."),
     sweep: bool = typer.Option(False, "--sweep", help="Raise the number of calls until a limit is hit."),
+    workers: int = typer.Option(
+        1, min=1, help="Worker processes of the server it starts (parley serve --workers N; loop lag per worker)."
+    ),
     url: str | None = UrlOption,
     server: str = ServerOption,
     json_path: Path | None = JsonOption,
@@ -90,8 +93,12 @@ def load(
 
     if profile not in ("plumbing", "embedded"):
         raise typer.BadParameter("profile must be plumbing or embedded")
+    if workers > 1 and server != "subprocess":
+        raise typer.BadParameter("--workers needs --server subprocess (worker processes are separate processes)")
     clip = common.default_clips()[1]  # a short sentence: more barge-ins per call
-    with common.server_under_test(url, server, engines=profile, engine_pool_warm=min(calls, 32)) as sut:
+    # Each worker warms its own engine pool: the calls it will carry, about its share.
+    warm = min(-(-calls // workers), 32)
+    with common.server_under_test(url, server, engines=profile, engine_pool_warm=warm, workers=workers) as sut:
         result = asyncio.run(module.run(sut, calls, seconds, clip, profile if not url else "external", sweep))
     _finish("parley bench load", result, module.summary_rows(result), json_path)
 

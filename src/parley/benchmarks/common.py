@@ -147,6 +147,10 @@ def free_port() -> int:
 class ServerUnderTest:
     url: str  # ws://.../ws/acs
     pid: int | None  # None for a server we did not start and cannot inspect
+    # The benchmark started it as a process of its own (`parley serve`, its supervisor with workers):
+    # its CPU and memory are those of that process and its children.
+    own_process: bool = False
+    workers: int = 1  # worker processes it was started with (`parley serve --workers N`)
     # /api/stats needs the server's PARLEY_API_TOKEN when it has one (off loopback it must).
     api_token: str | None = field(default_factory=lambda: os.environ.get("PARLEY_API_TOKEN") or None, repr=False)
 
@@ -159,6 +163,34 @@ class ServerUnderTest:
         response = httpx.get(f"{self.http_url}/api/stats", params={"reset": reset}, headers=headers, timeout=10)
         response.raise_for_status()
         return response.json()
+
+    def process_tree(self) -> ProcessFigures | None:
+        """CPU seconds and RSS of the server's processes (a supervisor and its workers, summed);
+        None when the benchmark did not start it (in-process: its CPU would be the callers' too)."""
+        if not self.own_process or self.pid is None:
+            return None
+        try:
+            root = psutil.Process(self.pid)
+            processes = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return None
+        cpu_s = rss = 0.0
+        for process in processes:
+            try:
+                with process.oneshot():
+                    times = process.cpu_times()
+                    cpu_s += times.user + times.system
+                    rss += process.memory_info().rss
+            except psutil.Error:  # a worker that just ended (or was restarted): its share is lost
+                continue
+        return ProcessFigures(cpu_s=cpu_s, rss_mb=rss / 2**20, processes=len(processes))
+
+
+@dataclass(frozen=True)
+class ProcessFigures:
+    cpu_s: float
+    rss_mb: float
+    processes: int
 
 
 # Benchmarks measure the server up to and past the point where admission control would refuse
@@ -226,7 +258,8 @@ def _subprocess_server(**settings: object) -> Iterator[ServerUnderTest]:
         }
     )
     process = subprocess.Popen([sys.executable, "-m", "parley", "serve"], env=env)
-    started = ServerUnderTest(f"ws://127.0.0.1:{port}/ws/acs", process.pid)
+    workers = int(str(settings.get("workers") or 1))
+    started = ServerUnderTest(f"ws://127.0.0.1:{port}/ws/acs", process.pid, own_process=True, workers=workers)
     try:
         _wait_healthy(started, process)
         yield started
@@ -250,12 +283,19 @@ def _wait_healthy(server: ServerUnderTest, process: subprocess.Popen[bytes], tim
         if process.poll() is not None:
             raise RuntimeError(f"the parley server exited with code {process.returncode}")
         try:
-            if httpx.get(f"{server.http_url}/healthz", timeout=1).status_code == 200:
+            if httpx.get(f"{server.http_url}/healthz", timeout=1).status_code == 200 and _all_workers_up(server):
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
     raise RuntimeError("the parley server did not become healthy within 60 s")
+
+
+def _all_workers_up(server: ServerUnderTest) -> bool:
+    """Every worker serves (the first one answering /healthz is not enough: calls would all go to it)."""
+    if server.workers == 1:
+        return True
+    return len(server.stats().get("workers", [])) >= server.workers
 
 
 def write_json(path: Path | None, data: dict[str, Any]) -> None:

@@ -80,8 +80,13 @@ def db_path(data_dir: Path) -> Path:
     return Path(data_dir) / DB_NAME
 
 
+# How long a writer waits for another's transaction (sqlite's busy timeout): the worker processes of
+# `parley serve --workers N` write one database, each from its writer thread, never on an event loop.
+WRITE_BUSY_TIMEOUT_S = 15.0
+
+
 def _connect(path: Path, *, write: bool) -> sqlite3.Connection:
-    connection = sqlite3.connect(path, timeout=5.0, check_same_thread=False)
+    connection = sqlite3.connect(path, timeout=WRITE_BUSY_TIMEOUT_S if write else 5.0, check_same_thread=False)
     if write:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
@@ -274,24 +279,7 @@ class SqliteStore(SqliteReader):
         db.execute("DELETE FROM calls WHERE call_id = ?", (call_id,))
 
     def _recover(self) -> list[str]:
-        """Calls whose server is gone (killed, crashed) are marked ended, as are their open turns."""
-        lost: list[str] = []
-        with self._db:
-            for call_id, owner in self._db.execute(
-                "SELECT call_id, owner FROM calls WHERE ended_at IS NULL"
-            ).fetchall():
-                if _owner_alive(owner):
-                    continue
-                lost.append(call_id)
-                self._db.execute(
-                    "UPDATE calls SET end_reason = 'server_lost', ended_at = coalesce("
-                    " (SELECT max(at) FROM events WHERE call_id = ?), started_at) WHERE call_id = ?",
-                    (call_id, call_id),
-                )
-                self._db.execute(
-                    "UPDATE turns SET outcome = 'unfinished' WHERE call_id = ? AND outcome = 'open'", (call_id,)
-                )
-        return lost
+        return _mark_lost_calls(self._db)
 
     # ------------------------------------------------------------------ the writer thread
     def _run(self) -> None:
@@ -451,6 +439,40 @@ class SqliteStore(SqliteReader):
         return 1, name in COMMIT_NOW
 
 
+def recover_lost_calls(data_dir: Path) -> list[str]:
+    """Mark the live calls of every dead server process as ended (`server_lost`); their ids. The
+    supervisor of worker processes runs it before it starts them and whenever one has died: a worker's
+    calls carry its process id (`owner`), so the calls of the workers still running stay live."""
+    path = db_path(data_dir)
+    if not path.exists():
+        return []
+    connection = _connect(path, write=True)
+    try:
+        return _mark_lost_calls(connection)
+    finally:
+        connection.close()
+
+
+def _mark_lost_calls(db: sqlite3.Connection) -> list[str]:
+    """Calls whose server is gone (killed, crashed) are marked ended, as are their open turns."""
+    lost: list[str] = []
+    with db:
+        # BEGIN IMMEDIATE: the write lock before the read, so two processes recovering at once (a
+        # worker starting while the supervisor recovers) do not both mark the same call.
+        db.execute("BEGIN IMMEDIATE")
+        for call_id, owner in db.execute("SELECT call_id, owner FROM calls WHERE ended_at IS NULL").fetchall():
+            if _owner_alive(owner):
+                continue
+            lost.append(call_id)
+            db.execute(
+                "UPDATE calls SET end_reason = 'server_lost', ended_at = coalesce("
+                " (SELECT max(at) FROM events WHERE call_id = ?), started_at) WHERE call_id = ?",
+                (call_id, call_id),
+            )
+            db.execute("UPDATE turns SET outcome = 'unfinished' WHERE call_id = ? AND outcome = 'open'", (call_id,))
+    return lost
+
+
 def _owner_alive(owner: str) -> bool:
     """Whether the server recording a call still runs (on this host: its process; elsewhere: unknown,
     taken as gone: one server per data directory)."""
@@ -469,4 +491,15 @@ def _owner_alive(owner: str) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """A process that has ended but was not reaped yet (a dead worker whose supervisor was killed,
+    in a container whose init does not reap): os.kill still finds it."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:  # gone meanwhile
+        return True
