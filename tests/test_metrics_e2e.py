@@ -118,6 +118,9 @@ def parley_serve(tmp_path: Path, name: str, **env_overrides: str) -> Iterator[Se
         PARLEY_STORE="memory",
         PARLEY_GREETING="Hello there.",
         PARLEY_OVERLOAD_LOOP_LAG_MS="2000",
+        # One process each: these tests share PROMETHEUS_MULTIPROC_DIR between `parley serve`
+        # processes themselves (a supervisor with workers makes a private one; tests/test_workers.py).
+        PARLEY_WORKERS="1",
     )
     env.update(env_overrides)
     output = tmp_path / f"{name}.out"
