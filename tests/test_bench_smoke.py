@@ -59,6 +59,8 @@ def test_load_smoke(tmp_path: Path, profile: str) -> None:
     ):
         assert key in data
     assert data["calls"] == 3 and data["profile"] == profile
+    # The server's own figures, from the calls' records: every caller spoke, so finals were made.
+    assert data["final_ready_ms"]["p50"] is not None and data["voice_to_voice_ms"]["p50"] is not None
 
 
 def test_soak_smoke(tmp_path: Path) -> None:

@@ -164,6 +164,24 @@ class ServerUnderTest:
         response.raise_for_status()
         return response.json()
 
+    def events(self, call_id: str) -> list[dict[str, Any]]:
+        """A call's event records from the server's events API, every page ([] for a call it has no
+        record of, e.g. one that never connected)."""
+        headers = {"Authorization": f"Bearer {self.api_token}"} if self.api_token else None
+        events: list[dict[str, Any]] = []
+        after: int | None = 0
+        while after is not None:
+            response = httpx.get(
+                f"{self.http_url}/api/calls/{call_id}/events", params={"after": after}, headers=headers, timeout=10
+            )
+            if response.status_code == 404:
+                return events
+            response.raise_for_status()
+            page = response.json()
+            events.extend(page["events"])
+            after = page["next_after"]
+        return events
+
     def process_tree(self) -> ProcessFigures | None:
         """CPU seconds and RSS of the server's processes (a supervisor and its workers, summed);
         None when the benchmark did not start it (in-process: its CPU would be the callers' too)."""

@@ -16,8 +16,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
+
 from parley.benchmarks.common import Clip, ServerUnderTest, console, machine_info
 from parley.benchmarks.loadgen import LoadPlan, run_load
+from parley.figures import CallFigures
 from parley.stats import percentiles
 
 # LoadPlan, run_load
@@ -27,6 +30,11 @@ JITTER_P99_LIMIT_MS = 20.0
 BARGE_IN_P95_LIMIT_MS = 250.0
 WORKERS_SETTLE_S = 5.0  # how long every worker may take to follow a reset or publish fresh figures
 SWEEP_STEPS = (10, 25, 50, 75, 100, 150, 200, 250, 300, 350, 400, 500, 600)
+# The embedded profile runs out of Whisper long before the loop: finer steps, and a limit on how
+# long the final text takes (the caller's end of speech -> final ready, p95).
+EMBEDDED_SWEEP_STEPS = (2, 4, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32)
+FINAL_READY_P95_LIMIT_MS = 1000.0
+FIGURES_SAMPLE = 60  # calls whose records are read for the server-side figures
 
 
 async def run_point(server: ServerUnderTest, calls: int, seconds: float, clip: Clip) -> dict[str, Any]:
@@ -66,10 +74,32 @@ async def run_point(server: ServerUnderTest, calls: int, seconds: float, clip: C
         "error_samples": errors[:10],
         "dropped_frames": sum(_delta(after, before, name, "dropped_frames") for name in after),
     }
+    point.update(server_figures(server, [call.call_id for call in result.calls]))
     if len(after) > 1:
         point["loop_lag_ms_by_worker"] = lags
         point["calls_by_worker"] = {name: _delta(after, before, name, "calls_started") for name in after}
     return point
+
+
+def server_figures(server: ServerUnderTest, call_ids: list[str], sample: int = FIGURES_SAMPLE) -> dict[str, Any]:
+    """The server's own latency figures of (a sample of) the calls, from their call records: the
+    caller's end of speech -> final text ready, and -> the answer's first audio (voice-to-voice).
+    The same derivation as /metrics (parley.figures); empty when the records cannot be read."""
+    seconds: dict[str, list[float]] = {"speech_end_to_final": [], "voice_to_voice": []}
+    try:
+        for call_id in call_ids[:sample]:
+            figures = CallFigures()
+            for record in server.events(call_id):
+                for figure in figures.feed(record):
+                    if figure.name in seconds:
+                        seconds[figure.name].append(figure.seconds)
+    except (httpx.HTTPError, KeyError, ValueError) as exc:
+        console.print(f"[yellow]warning:[/yellow] no server figures from the call records: {exc}")
+        return {}
+    return {
+        "final_ready_ms": percentiles([1000 * value for value in seconds["speech_end_to_final"]]),
+        "voice_to_voice_ms": percentiles([1000 * value for value in seconds["voice_to_voice"]]),
+    }
 
 
 def by_worker(stats: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -129,7 +159,16 @@ def within_limits(point: dict[str, Any]) -> bool:
         and barge <= BARGE_IN_P95_LIMIT_MS
         and point["missed"] == 0
         and point["errors"] == 0
+        and _final_ready_within_limit(point)
     )
+
+
+def _final_ready_within_limit(point: dict[str, Any]) -> bool:
+    """Only where finals come from a real recognizer (embedded); the plumbing double is instant."""
+    if point.get("profile") != "embedded":
+        return True
+    p95 = point.get("final_ready_ms", {}).get("p95")
+    return p95 is not None and p95 <= FINAL_READY_P95_LIMIT_MS
 
 
 async def run(
@@ -141,13 +180,16 @@ async def run(
         return summary
     points = []
     max_calls = 0
-    for n in [step for step in SWEEP_STEPS if step >= calls] or [calls]:
+    steps = EMBEDDED_SWEEP_STEPS if profile == "embedded" else SWEEP_STEPS
+    for n in [step for step in steps if step >= calls] or [calls]:
         point = await run_point(server, n, seconds, clip)
+        point["profile"] = profile
         points.append(point)
         console.print(
             f"{n} calls: loop lag p99 {point['loop_lag_ms']['p99']} ms (worst worker), "
             f"pacing jitter p99 {point['pacing_jitter_ms']['p99']} ms, "
-            f"barge-in p95 {point['onset_to_stop_ms']['p95']} ms, missed {point['missed']}, errors {point['errors']}"
+            f"barge-in p95 {point['onset_to_stop_ms']['p95']} ms, missed {point['missed']}, errors {point['errors']}, "
+            f"final ready p95 {point.get('final_ready_ms', {}).get('p95')} ms"
         )
         if not within_limits(point):
             break
@@ -160,6 +202,7 @@ async def run(
             "onset_to_stop_p95_ms": BARGE_IN_P95_LIMIT_MS,
             "missed": 0,
             "errors": 0,
+            **({"final_ready_p95_ms": FINAL_READY_P95_LIMIT_MS} if profile == "embedded" else {}),
         },
         points=points,
     )
@@ -175,6 +218,8 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, object]]:
             rows.append((f"{point['calls']} calls: barge-in", point["onset_to_stop_ms"]))
             rows.append((f"{point['calls']} calls: CPU ms per call-second", point["cpu_ms_per_call_s"]))
             rows.append((f"{point['calls']} calls: errors", point["errors"]))
+            if "final_ready_ms" in point:
+                rows.append((f"{point['calls']} calls: final ready", point["final_ready_ms"]))
         return rows
     return [
         *_worker_rows(result),
@@ -183,6 +228,8 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, object]]:
         ("loop lag (server)", result["loop_lag_ms"]),
         ("pacing jitter (callers)", result["pacing_jitter_ms"]),
         ("onset -> StopAudio", result["onset_to_stop_ms"]),
+        ("end of speech -> final ready (server)", result.get("final_ready_ms", "-")),
+        ("voice-to-voice (server)", result.get("voice_to_voice_ms", "-")),
         ("barge-ins / missed", f"{result['barge_ins']} / {result['missed']}"),
         ("server CPU %", result["cpu_percent"]),
         ("server CPU ms per call-second", result["cpu_ms_per_call_s"]),
