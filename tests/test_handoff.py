@@ -8,9 +8,11 @@ import time
 from parley.media.handoff import FrameHandoff
 
 
-def consumer(handoff: FrameHandoff[int | None], wake_after: int, got: list[tuple[int, float]]) -> threading.Thread:
+def consumer(
+    handoff: FrameHandoff[int | None], wake_after: int, got: list[tuple[int, float]], patience_s: float = 0.1
+) -> threading.Thread:
     def run() -> None:
-        while (item := handoff.get(wake_after)) is not None:
+        while (item := handoff.get(wake_after, patience_s)) is not None:
             got.append((item, time.monotonic()))
 
     thread = threading.Thread(target=run, daemon=True)
@@ -42,17 +44,31 @@ def test_items_arrive_in_order_and_none_is_lost() -> None:
 def test_a_sleeping_consumer_is_woken_only_when_enough_wait() -> None:
     handoff: FrameHandoff[int | None] = FrameHandoff()
     got: list[tuple[int, float]] = []
-    thread = consumer(handoff, 3, got)
+    thread = consumer(handoff, 3, got, patience_s=30)
     assert wait_for(lambda: handoff._sleeping)
     handoff.put(1)
     handoff.put(2)
-    time.sleep(0.05)
+    time.sleep(0.01)
     assert got == [] and len(handoff) == 2  # waiting, counted as the backlog
     handoff.put(3)
     assert wait_for(lambda: len(got) == 3)
     handoff.put(None, urgent=True)
     thread.join(2)
     assert not thread.is_alive()
+
+
+def test_a_lone_item_is_taken_after_the_patience_if_no_other_follows() -> None:
+    handoff: FrameHandoff[int | None] = FrameHandoff()
+    got: list[tuple[int, float]] = []
+    thread = consumer(handoff, 3, got)
+    assert wait_for(lambda: handoff._sleeping)
+    put_at = time.monotonic()
+    handoff.put(1)
+    assert wait_for(lambda: len(got) == 1)
+    assert 0.0 < got[0][1] - put_at < 0.5  # the stream stopped: the last frame is not left waiting
+    assert len(handoff) == 0
+    handoff.put(None, urgent=True)
+    thread.join(2)
 
 
 def test_an_urgent_item_wakes_at_once() -> None:
