@@ -155,6 +155,9 @@ TIERS: dict[str, str | frozenset[str]] = {
     "test_drain.py": SLOW,  # `parley serve` subprocesses drained with SIGTERM
     "test_e2e.py": SLOW,
     "test_echo_gate.py": SLOW,  # Silero VAD and pocketsphinx on real-time audio
+    "test_echo_search.py": FAST,  # the vectorised lag search against the loop it replaced
+    "test_handoff.py": FAST,  # the loop -> recognition thread frame queue
+    "test_audio_levels.py": FAST,
     "test_engines.py": SLOW,  # loads every engine
     "test_extending.py": SLOW,  # the example agent on a real server, real calls
     "test_faults.py": FAST,

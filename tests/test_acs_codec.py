@@ -732,3 +732,29 @@ def test_simulated_call_flow(rate: int) -> None:
             frames.append(msg.pcm)
     assert fmt == AudioFormat.for_rate(rate)
     assert b"".join(frames) == pcm(frame_bytes(rate)) * 5
+
+
+# --- the fast JSON path (orjson) reads every message as json.loads did ------------------------------
+def test_an_integer_beyond_64_bits_stays_an_integer() -> None:
+    """orjson would read it as a float; the codec reads such a message again with json.loads, so
+    the error names the integer the peer sent."""
+    big = 2**64 + 1
+    message = f'{{"kind":"AudioMetadata","audioMetadata":{{"sampleRate":{big},"channels":1}}}}'
+    with pytest.raises(acs.UnsupportedFormat, match=str(big)[:20]):
+        acs.parse_inbound(message, None)
+
+
+def test_what_orjson_refuses_json_still_reads() -> None:
+    message = '{"kind":"TranscriptionData","transcriptionData":{"text":"hi","resultStatus":"Final","confidence":NaN}}'
+    parsed = acs.parse_inbound(message, None)
+    assert isinstance(parsed, acs.TranscriptionData) and parsed.confidence != parsed.confidence  # NaN
+
+
+def test_audio_data_decodes_as_before() -> None:
+    pcm = bytes(range(256)) * 2 + bytes(128)
+    frame = acs.parse_inbound(acs.inbound_audio_message(pcm), None)
+    assert isinstance(frame, acs.AudioFrame) and frame.pcm == pcm and frame.silent is False
+    assert acs.audio_data_message(pcm) == json.dumps(
+        {"Kind": "AudioData", "AudioData": {"Data": base64.b64encode(pcm).decode()}, "StopAudio": None},
+        separators=(",", ":"),
+    )

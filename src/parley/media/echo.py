@@ -28,35 +28,55 @@ SILENT_DB = -120.0
 
 
 class EchoReference:
-    """What the agent played and when: (playout time, level in dBFS) per outbound 20 ms frame."""
+    """What the agent played and when: (playout time, level in dBFS) per outbound 20 ms frame.
+
+    A ring of the last `horizon_frames`, kept twice over in arrays of twice that length, so the
+    newest frames are always one contiguous slice: reading them is a copy, not a loop.
+    """
 
     def __init__(self, horizon_frames: int = 300) -> None:  # 6 s of playout
-        self._frames: deque[tuple[float, float]] = deque(maxlen=horizon_frames)
+        self._capacity = horizon_frames
+        self._times = np.zeros(2 * horizon_frames)
+        self._levels = np.zeros(2 * horizon_frames)
+        self._newest = horizon_frames - 1  # ring position of the newest frame
+        self._count = 0
         self._lock = threading.Lock()
 
     def add(self, play_t: float, level_db: float) -> None:
         with self._lock:
-            self._frames.append((play_t, level_db))
+            position = self._newest = (self._newest + 1) % self._capacity
+            self._times[position] = self._times[position + self._capacity] = play_t
+            self._levels[position] = self._levels[position + self._capacity] = level_db
+            self._count = min(self._count + 1, self._capacity)
 
     def cut(self, at: float) -> None:
         """StopAudio at `at`: frames that would have played from then on never will."""
         with self._lock:
-            while self._frames and self._frames[-1][0] >= at:
-                self._frames.pop()
+            while self._count and self._times[self._newest] >= at:
+                self._newest = (self._newest - 1) % self._capacity
+                self._count -= 1
 
     def snapshot(self, since: float) -> tuple[np.ndarray, np.ndarray]:
         """(times, levels) of frames playing from `since` on, in time order."""
-        recent: list[tuple[float, float]] = []
-        with self._lock:  # newest first, stopping at `since`: called for every VAD window
-            for frame in reversed(self._frames):
-                if frame[0] < since:
-                    break
-                recent.append(frame)
-        recent.reverse()
-        if not recent:
-            return np.zeros(0), np.zeros(0)
-        times, levels = zip(*recent, strict=True)
-        return np.asarray(times), np.asarray(levels)
+        with self._lock:
+            times, levels = self._since(since)
+            return times.copy(), levels.copy()
+
+    def loudest(self, start: float, end: float) -> float | None:
+        """The loudest level of the frames playing from `start` to `end` (None if none)."""
+        with self._lock:
+            times, levels = self._since(start)
+            inside = levels[times <= end]
+            return float(inside.max()) if inside.size else None
+
+    def _since(self, since: float) -> tuple[np.ndarray, np.ndarray]:
+        """Views of the newest frames back to (not including) the newest one older than `since`
+        (the lock held). Play times only grow, so this is every frame playing from `since` on."""
+        end = self._newest + self._capacity + 1
+        times = self._times[end - self._count : end]
+        older = np.flatnonzero(times < since)
+        first = int(older[-1]) + 1 if older.size else 0
+        return times[first:], self._levels[end - self._count + first : end]
 
 
 class EchoState(Enum):
@@ -93,17 +113,22 @@ class EchoGate:
     def __init__(self, reference: EchoReference, config: EchoConfig | None = None) -> None:
         self._reference = reference
         self._config = config or EchoConfig()
-        history = int(self._config.history_s / 0.02) + 1
-        self._inbound: deque[tuple[float, float]] = deque(maxlen=history)
+        c = self._config
+        history = int(c.history_s / 0.02) + 1
+        # Two columns, not a deque of pairs: the estimate reads them as arrays four times a second.
+        self._inbound_t: deque[float] = deque(maxlen=history)
+        self._inbound_db: deque[float] = deque(maxlen=history)
+        self._lags = np.arange(c.min_lag_s, c.max_lag_s + 1e-9, c.lag_step_s)
         self._next_update = 0.0
         self.state = EchoState.UNKNOWN
-        self.loss_db = self._config.assumed_loss_db
+        self.loss_db = c.assumed_loss_db
         self.lag_s = 0.0
         self.suppressed = 0
 
     def explains(self, t: float, level_db: float, duration_s: float) -> bool:
         """Record the window starting at `t`, then say whether echo explains it."""
-        self._inbound.append((t + duration_s / 2, level_db))
+        self._inbound_t.append(t + duration_s / 2)
+        self._inbound_db.append(level_db)
         if t >= self._next_update:
             self._next_update = t + self._config.update_every_s
             self._estimate()
@@ -122,50 +147,122 @@ class EchoGate:
             start, end = t - self.lag_s - 0.02, t + duration_s - self.lag_s + 0.02
         else:  # UNKNOWN: any lag is possible
             start, end = t - c.max_lag_s, t + duration_s - c.min_lag_s
-        times, levels = self._reference.snapshot(start - 0.02)
-        inside = (times >= start - 0.02) & (times <= end)
-        if not inside.any():
-            return SILENT_DB
-        return float(levels[inside].max()) - self.loss_db
+        loudest = self._reference.loudest(start - 0.02, end)
+        return SILENT_DB if loudest is None else loudest - self.loss_db
 
     def _estimate(self) -> None:
+        """Search the lag at which (inbound - played) is most consistent: every lag at once, as rows
+        of one 2-D array (a loop over the 36 lags cost as much CPU as the VAD itself)."""
         c = self._config
-        if len(self._inbound) < c.min_active_silent:
+        if len(self._inbound_t) < c.min_active_silent:
             return
-        in_t, in_db = (np.asarray(column) for column in zip(*self._inbound, strict=True))
+        in_t = np.array(self._inbound_t)
+        in_db = np.array(self._inbound_db)
         ref_t, ref_db = self._reference.snapshot(in_t[0] - c.max_lag_s - 0.04)
-        if ref_t.size < c.min_active_silent:
-            return
-        lags = np.arange(c.min_lag_s, c.max_lag_s + 1e-9, c.lag_step_s)
-        best: tuple[float, float, float, float] | None = None  # (spread, lag, loss, correlation)
-        max_correlation = -1.0
-        most_active = 0
-        silent_at_every_lag = True  # of the lags with enough evidence
-        for lag in lags:
-            played = _levels_at(ref_t, ref_db, in_t - lag)
-            active = played > c.active_db
-            most_active = max(most_active, int(active.sum()))
-            if active.sum() < c.min_active_silent:
-                continue
-            heard = in_db[active]
-            audible = float((heard > c.floor_db).mean())
-            silent_at_every_lag &= audible < c.silent_share
-            if active.sum() < c.min_active or audible < 0.3:
-                continue  # the line stays silent while the agent is loud: no echo at this lag
-            correlation = _correlation(heard, played[active])
-            max_correlation = max(max_correlation, correlation)
-            difference = heard - played[active]
-            median = float(np.median(difference))
-            spread = float(np.median(np.abs(difference - median)))
-            if best is None or spread < best[0]:
-                best = (spread, float(lag), -median, correlation)
-        if best is not None and best[0] <= c.max_spread_db and best[3] >= c.min_correlation:
-            self.state, self.lag_s, self.loss_db = EchoState.ECHO, best[1], best[2]
-        elif (most_active >= c.min_active_silent and silent_at_every_lag and self.state is EchoState.UNKNOWN) or (
-            most_active >= c.min_active_for_none and (best is None or max_correlation < c.none_correlation)
+        if ref_t.size < c.min_active_silent or not (ref_db > c.active_db).any():
+            return  # (no playout loud enough to teach anything: no lag would have evidence)
+        search = search_lags(in_t, in_db, ref_t, ref_db, self._lags, c)
+        best = search.best
+        if (
+            best is not None
+            and search.spread[best] <= c.max_spread_db
+            and search.correlation[best] >= c.min_correlation
+        ):
+            self.state, self.lag_s, self.loss_db = EchoState.ECHO, float(self._lags[best]), float(search.loss[best])
+        elif (
+            search.most_active >= c.min_active_silent and search.silent_at_every_lag and self.state is EchoState.UNKNOWN
+        ) or (
+            search.most_active >= c.min_active_for_none
+            and (best is None or search.max_correlation < c.none_correlation)
         ):
             self.state = EchoState.NONE
         # otherwise inconclusive (the caller is talking over the agent): keep what we knew
+
+
+@dataclass(frozen=True, slots=True)
+class LagSearch:
+    """What every candidate lag showed. Per lag (rows, in `lags` order): `spread`, `loss` and
+    `correlation` (NaN where the lag had too little evidence to judge)."""
+
+    most_active: int  # the most windows, at any lag, that heard the agent audible
+    silent_at_every_lag: bool  # of the lags with enough evidence, the line stayed silent at each
+    spread: np.ndarray
+    loss: np.ndarray
+    correlation: np.ndarray
+    best: int | None  # the judged lag with the smallest spread (the first of equals)
+    max_correlation: float  # over the judged lags (-1 if none)
+
+
+def search_lags(
+    in_t: np.ndarray, in_db: np.ndarray, ref_t: np.ndarray, ref_db: np.ndarray, lags: np.ndarray, c: EchoConfig
+) -> LagSearch:
+    """Compare the inbound levels with the playout levels shifted by each lag.
+
+    At each lag, the windows during which the agent was audible (`active`) are the evidence: too
+    few, or a line that stays silent through them, and the lag is not judged. A judged lag gets the
+    median of (inbound - played) (the echo return loss is its negation), the median deviation
+    from it (`spread`: small when the inbound level follows the played one) and their correlation.
+    """
+    played = _levels_at(ref_t, ref_db, in_t[None, :] - lags[:, None])  # (lags, windows)
+    active = played > c.active_db
+    n_active = active.sum(axis=1)
+    audible_count = (active & (in_db > c.floor_db)[None, :]).sum(axis=1)
+    audible = audible_count / np.maximum(n_active, 1)
+    evidence = n_active >= c.min_active_silent
+    judged = evidence & (n_active >= c.min_active) & (audible >= 0.3)
+    rows = judged.size
+    spread = np.full(rows, np.nan)
+    loss = np.full(rows, np.nan)
+    correlation = np.full(rows, np.nan)
+    if judged.any():
+        mask = active[judged]
+        heard = np.broadcast_to(in_db, mask.shape)
+        median, deviation = _masked_median_and_deviation(
+            np.where(mask, heard - played[judged], np.nan), n_active[judged]
+        )
+        spread[judged], loss[judged] = deviation, -median
+        correlation[judged] = _masked_correlation(heard, played[judged], mask, n_active[judged])
+    best = int(np.nanargmin(spread)) if judged.any() else None
+    return LagSearch(
+        most_active=int(n_active.max()) if rows else 0,
+        silent_at_every_lag=bool((audible[evidence] < c.silent_share).all()),
+        spread=spread,
+        loss=loss,
+        correlation=correlation,
+        best=best,
+        max_correlation=float(np.nanmax(correlation)) if judged.any() else -1.0,
+    )
+
+
+def _masked_median_and_deviation(values: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the median of its non-NaN values and the median of their absolute deviation from
+    it, exactly as np.median computes them on each row's values alone (NaNs sort last)."""
+    rows = np.arange(values.shape[0])
+    low, high = (counts - 1) // 2, counts // 2
+
+    def median(sorted_rows: np.ndarray) -> np.ndarray:
+        middle: np.ndarray = (sorted_rows[rows, low] + sorted_rows[rows, high]) / 2
+        return middle
+
+    centre = median(np.sort(values, axis=1))
+    return centre, median(np.sort(np.abs(values - centre[:, None]), axis=1))
+
+
+def _masked_correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per row: Pearson's correlation of `a` and `b` where `mask` is set (0 where either is flat,
+    as `_correlation` says)."""
+    n = counts.astype(np.float64)
+    mean_a = np.where(mask, a, 0.0).sum(axis=1) / n
+    mean_b = np.where(mask, b, 0.0).sum(axis=1) / n
+    da = np.where(mask, a - mean_a[:, None], 0.0)
+    db = np.where(mask, b - mean_b[:, None], 0.0)
+    saa, sbb, sab = (da * da).sum(axis=1), (db * db).sum(axis=1), (da * db).sum(axis=1)
+    # std() < 1e-6 (population std, as _correlation checks) is a variance below 1e-12.
+    flat = (counts < 3) | (saa / n < 1e-12) | (sbb / n < 1e-12)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.clip(sab / np.sqrt(saa) / np.sqrt(sbb), -1.0, 1.0)
+    correlation: np.ndarray = np.where(flat, 0.0, r)
+    return correlation
 
 
 def _levels_at(times: np.ndarray, levels: np.ndarray, at: np.ndarray) -> np.ndarray:
@@ -175,9 +272,3 @@ def _levels_at(times: np.ndarray, levels: np.ndarray, at: np.ndarray) -> np.ndar
     out = np.full(at.shape, SILENT_DB)
     out[valid] = levels[index[valid]]
     return out
-
-
-def _correlation(a: np.ndarray, b: np.ndarray) -> float:
-    if a.size < 3 or float(a.std()) < 1e-6 or float(b.std()) < 1e-6:
-        return 0.0
-    return float(np.corrcoef(a, b)[0, 1])

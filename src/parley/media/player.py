@@ -48,6 +48,13 @@ class Track:
     paused_at_ms: float | None = None  # where the caller stopped hearing it, while paused
     furthest_ms: float = 0.0  # the furthest the caller ever heard (a resume replays from before it)
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # pause/resume wake the pump
+    waiter: asyncio.Future[bool] | None = None  # the pump's timed wait for a change (see _wait_changed)
+
+    def notify_changed(self) -> None:
+        """Paused or resumed: wake the pump, whether it waits for a change or for its next frame."""
+        self.changed.set()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(True)
 
     @property
     def paused(self) -> bool:
@@ -185,7 +192,7 @@ class Player:
         track.paused_at_ms = heard
         track.furthest_ms = max(track.furthest_ms, heard)
         self.cut(now)
-        track.changed.set()
+        track.notify_changed()
         return heard
 
     def resume(self, track: Track) -> float:
@@ -197,7 +204,7 @@ class Player:
         track.origin_frame = track.next_frame = min(len(track.frames), int(restart_ms // FRAME_MS))
         track.start_t = None
         track.paused_at_ms = None
-        track.changed.set()
+        track.notify_changed()
         return track.origin_frame * FRAME_MS
 
     def cut(self, now: float | None = None) -> None:
@@ -210,14 +217,27 @@ class Player:
 async def _wait_changed(track: Track, seconds: float) -> bool:
     """Wait until the track changes (pause, resume) or `seconds` pass; True if it changed.
 
-    `asyncio.timeout`, not `asyncio.wait_for`: on Python 3.11 wait_for swallows a cancellation that
-    arrives in the same loop iteration as the event it waits for. A pause (which sets the event)
-    followed at once by a barge-in (which cancels the turn) left the turn waiting forever, and
-    with it the call's route loop. wait_for also costs a Task per wait, i.e. per frame.
+    The pump waits here before every frame, so it costs one future and one timer, no more: a timer
+    that resolves the future, never a cancellation. `asyncio.timeout` (cancelling the task and
+    turning that into a TimeoutError, twice an exception per frame) cost several times as much;
+    `asyncio.wait_for` also swallowed a cancellation that arrived in the same loop iteration as
+    the event it waited for (Python 3.11), which left a paused and cancelled turn waiting forever.
+    Here a cancellation always reaches the task: the future is only ever resolved, and a task
+    cancelled after that raises CancelledError at its next step.
     """
-    try:
-        async with asyncio.timeout(seconds):
-            await track.changed.wait()
+    if track.changed.is_set():
         return True
-    except TimeoutError:
-        return False
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[bool] = loop.create_future()
+    timer = loop.call_later(seconds, _time_up, waiter)
+    track.waiter = waiter
+    try:
+        return await waiter
+    finally:
+        timer.cancel()
+        track.waiter = None
+
+
+def _time_up(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 import threading
 import time
 from collections import deque
@@ -22,12 +21,18 @@ import numpy as np
 from parley.audio import SILENCE_DBFS, StreamResampler, pcm_to_float
 from parley.media.bridge import Final, Partial, SpeechContinues, SpeechStarted, ThreadBridge
 from parley.media.echo import EchoGate
+from parley.media.handoff import FrameHandoff
 from parley.pool import EnginePool
 from parley.protocols import Recognizer, ScoringTranscriber, Transcriber, Vad
+from parley.speech.silent import NoPartials
 
 log = logging.getLogger(__name__)
 
 _STOP = None  # queue sentinel
+FRAME_S = 0.02  # one inbound frame
+# A resampled frame may come out a few samples longer than nominal: ask to be woken that much early,
+# rather than leave a complete window waiting a frame.
+_WAKE_SLACK_SAMPLES = 32
 _MAX_RESTARTS = 3  # engines replaced after a failure, per call
 _RESTART_PAUSE_S = 0.25  # before the first replacement; doubled each time
 
@@ -193,6 +198,19 @@ class SpeechSegmenter:
     @property
     def in_utterance(self) -> bool:
         return self._utterance_started_t is not None
+
+    @property
+    def sample_rate(self) -> int:
+        return self._vad.sample_rate
+
+    def frames_to_decide(self, frame_samples: int) -> int:
+        """How many more frames of `frame_samples` it takes before there is anything to decide:
+        one while in an utterance with a streaming recognizer (its partials come from every
+        frame), else enough to complete the next VAD window."""
+        if self.in_utterance and not isinstance(self._recognizer, NoPartials):
+            return 1
+        missing = self._vad.window_samples - self._samples.size - _WAKE_SLACK_SAMPLES
+        return max(1, -(-missing // frame_samples))
 
     def push(self, pcm: bytes, arrival_t: float) -> None:
         """One frame of 16 kHz PCM, received by the server at `arrival_t`."""
@@ -371,9 +389,8 @@ class RecognitionThread:
         final_pass: FinalPass | None = None,
         echo_gate: EchoGate | None = None,
     ) -> None:
-        # SimpleQueue (C, no Condition) costs the event loop a fraction of queue.Queue per frame;
-        # the bound is enforced in `submit`.
-        self._queue: queue.SimpleQueue[tuple[bytes, float] | None] = queue.SimpleQueue()
+        # The bound is enforced in `submit`; the thread is woken only when it has a window to decide.
+        self._queue: FrameHandoff[tuple[bytes, float] | None] = FrameHandoff()
         self._capacity = capacity
         self._vads = vads
         self._recognizers = recognizers
@@ -391,18 +408,18 @@ class RecognitionThread:
 
     def submit(self, pcm: bytes, arrival_t: float) -> bool:
         """Called on the event loop for every inbound frame; never blocks."""
-        if self._queue.qsize() >= self._capacity:
+        if len(self._queue) >= self._capacity:
             self.dropped_frames += 1
             if self.dropped_frames in (1, 50) or self.dropped_frames % 500 == 0:
                 log.warning("recognition is behind: %d frames dropped", self.dropped_frames)
             return False
-        self._queue.put_nowait((pcm, arrival_t))
+        self._queue.put((pcm, arrival_t))
         return True
 
     def stop(self) -> None:
         """Ask the thread to finish (non-blocking); `join` waits for it."""
         self._stopping.set()
-        self._queue.put_nowait(_STOP)
+        self._queue.put(_STOP, urgent=True)
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
@@ -410,7 +427,7 @@ class RecognitionThread:
     @property
     def backlog(self) -> int:
         """Frames waiting for the thread."""
-        return self._queue.qsize()
+        return len(self._queue)
 
     @property
     def alive(self) -> bool:
@@ -452,8 +469,9 @@ class RecognitionThread:
         self._drain()
 
     def _consume(self, segmenter: SpeechSegmenter, resampler: StreamResampler) -> None:
+        frame_samples = round(segmenter.sample_rate * FRAME_S)  # what one inbound frame becomes
         while not self._stopping.is_set():
-            item = self._queue.get()
+            item = self._queue.get(segmenter.frames_to_decide(frame_samples))
             if item is _STOP:
                 return
             pcm, arrival_t = item
