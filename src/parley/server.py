@@ -28,7 +28,6 @@ from parley.admission import (
     executor_queues,
     worst_backlog,
 )
-from parley.cluster import build_cluster
 from parley.engines import Engines, build_engines
 from parley.media.events import CallRegistry
 from parley.media.handler import MediaHandler
@@ -47,6 +46,8 @@ from parley.tracing import tracer_from_env
 
 if TYPE_CHECKING:
     from parley.acs.service import CallAutomation
+    from parley.cluster import Cluster
+    from parley.records.store import CallStore
     from parley.stats import WorkerStatsBoard
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def create_app(
     if tracer is not None:
         registry.observers.append(tracer.observe)
     # Many instances on one Redis (docs/scaling.md); None without PARLEY_REDIS_URL.
-    cluster = build_cluster(settings, registry, call_automation=call_automation, store=store)
+    cluster = _cluster(settings, registry, call_automation, store)
     max_calls, max_calls_origin = effective_max_calls(settings)
 
     def call_refused(reason: str) -> None:
@@ -276,6 +277,18 @@ def create_app(
     # Last, so it matches only what no route above did.
     app.add_api_websocket_route("/{path:path}", _unknown_websocket_path)
     return app
+
+
+def _cluster(
+    settings: Settings, registry: CallRegistry, call_automation: CallAutomation | None, store: CallStore
+) -> Cluster | None:
+    """The cluster, or None without PARLEY_REDIS_URL. Imported only then: redis-py loads the
+    OpenTelemetry SDK when it is installed, which a server without Redis or traces must not pay for."""
+    if settings.redis_url is None:
+        return None
+    from parley.cluster import build_cluster
+
+    return build_cluster(settings, registry, call_automation=call_automation, store=store)
 
 
 async def _unknown_websocket_path(websocket: WebSocket) -> None:
