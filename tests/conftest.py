@@ -227,6 +227,7 @@ TIERS: dict[str, str | frozenset[str]] = {
             "test_bench_load_with_two_workers_reports_each_worker",
         }
     ),
+    "test_workers_redis.py": SLOW,  # `parley serve --workers 2` on a real redis-server
     "test_scenario.py": FAST,
     "test_scripted_agent.py": FAST,
     "test_settings.py": FAST,

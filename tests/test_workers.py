@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,7 +327,7 @@ async def held_calls(served: Served, count: int, *, on_both: bool = False) -> As
     try:
         while len(sockets) < count or (on_both and live_owners(served) < 2):
             assert len(sockets) < count + 50, "every call went to one worker"
-            call_id = f"held-{len(sockets)}"
+            call_id = f"held-{len(sockets)}-{uuid.uuid4().hex[:8]}"
             ws = await websockets.connect(served.ws, additional_headers={"x-ms-call-connection-id": call_id})
             sockets.append(ws)
             tasks.append(asyncio.create_task(stream(ws)))
