@@ -24,8 +24,6 @@ hour) deletes ended calls by start time and prunes the index.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -39,10 +37,10 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from parley.records.store import COMMIT_NOW, CallRecord, Derivation, RecordsUnavailable, TurnRecord
+from parley.records.writer import BatchedWriter
 
 log = logging.getLogger("parley.records")
 
-_EVENT, _CALL, _SYNC, _STOP = range(4)
 
 # The rows mark_lost ends, in one script: Redis runs it atomically, so two instances marking the
 # same dead one at once end each call once (the second finds it ended, or gone from the live set).
@@ -124,7 +122,7 @@ def _text(value: bytes | None) -> str:
     return "" if value is None else value.decode()
 
 
-class RedisStore:
+class RedisStore(BatchedWriter):
     """The `redis` CallStore. Opening it checks that Redis answers (raising if not), ends the calls
     a previous run of this same `instance_id` left live (`lost_calls`), and applies retention; then
     its writer thread starts."""
@@ -146,32 +144,30 @@ class RedisStore:
         connect_timeout_s: float = 2.0,
         io_timeout_s: float = 5.0,
     ) -> None:
+        super().__init__(
+            queue_size=queue_size,
+            batch_s=batch_s,
+            batch_max=batch_max,
+            purge_every_s=purge_every_s,
+            thread_name="parley-records-redis",
+        )
         self._url = url  # with its password: never logged (redact_url, scrub)
         self.instance_id = instance_id
         self.prefix = prefix
         self.retention_s = retention_days * 86400
-        self.batch_s = batch_s
-        self.batch_max = batch_max
         self.max_call_bytes = max_call_bytes
-        self.purge_every_s = purge_every_s
         timeouts = {"socket_connect_timeout": connect_timeout_s, "socket_timeout": io_timeout_s}
         # The writer retries once at once (a socket the server closed since), then backs off itself:
         # redis-py's own back-off would hold the writer while the queue fills.
         self._w = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 1), **timeouts)
         self._r = redis.Redis.from_url(url, retry=Retry(ExponentialBackoff(0.5, 0.05), 2), **timeouts)
-        self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=queue_size)
         self._derive = Derivation()
-        self._pipe = self._w.pipeline(transaction=False)
-        self._pending = 0  # records in the pipeline, not sent yet
+        self._pipe = self._w.pipeline(transaction=False)  # the records written, not sent yet
         self._last_at: dict[str, float] = {}  # live calls' latest event (wall), sent with the pipeline
         self._call_bytes: dict[str, int] = {}
         self._last_seq: dict[str, int] = {}  # the latest seq sent per live call
-        self._written = 0
-        self._dropped = 0
-        self._last_drop_log = 0.0
         self._down_until = 0.0  # while Redis is unreachable: no attempt before this (monotonic)
         self._backoff = _BACKOFF_FIRST_S
-        self._closed = False
         try:
             self._r.ping()
             self._mark_lost_script = self._r.register_script(_MARK_LOST)
@@ -185,7 +181,6 @@ class RedisStore:
             log.info(
                 "call records: %d call(s) marked server_lost, %d past retention deleted", len(self.lost_calls), purged
             )
-        self._thread = threading.Thread(target=self._run, name="parley-records-redis", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ keys
@@ -206,55 +201,12 @@ class RedisStore:
         return f"{self.prefix}calls"
 
     # ------------------------------------------------------------------ writing (any thread)
-    def begin_call(self, call: CallRecord) -> None:
-        self._put((_CALL, call))
+    def _shown(self, why: str) -> str:
+        return scrub(why, self._url)
 
-    def append(self, call_id: str, seq: int, record: Mapping[str, Any]) -> None:
-        self._put((_EVENT, call_id, seq, record))
-
-    def _put(self, item: tuple[Any, ...]) -> None:
-        if self._closed:
-            self._drop(1, "the store is closed")
-            return
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            self._drop(1, "the writer queue is full")
-
-    def _drop(self, count: int, why: str) -> None:
-        self._dropped += count
-        now = time.monotonic()
-        if now - self._last_drop_log >= 10.0:  # one line per 10 s, whatever the rate
-            self._last_drop_log = now
-            log.warning("call records: %s; %d record(s) dropped so far", scrub(why, self._url), self._dropped)
-
-    def sync(self, timeout: float = 2.0) -> bool:
-        if self._closed or not self._thread.is_alive():
-            return True  # nothing more will be written
-        done = threading.Event()
-        try:
-            self._queue.put((_SYNC, done), timeout=timeout)
-        except queue.Full:
-            return False
-        return done.wait(timeout)
-
-    def close(self, timeout: float = 5.0) -> None:
-        if self._closed:
-            return
-        try:
-            self._queue.put((_STOP,), timeout=timeout)
-        except queue.Full:
-            log.warning("call records: the writer queue stayed full; %d queued record(s) lost", self._queue.qsize())
-        self._closed = True
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.warning("call records: the writer did not finish within %.0f s", timeout)
-            return
+    def _close_backend(self) -> None:
         self._w.close()
         self._r.close()  # its connections; a later read connects again (reads after close work, as SQLite's)
-
-    def stats(self) -> dict[str, int]:
-        return {"written": self._written, "dropped": self._dropped, "queued": self._queue.qsize()}
 
     # ------------------------------------------------------------------ maintenance and recovery
     @contextmanager
@@ -351,54 +303,7 @@ class RedisStore:
         return [orjson.loads(fields[b"d"]) for _, fields in cast(list[tuple[bytes, dict[bytes, bytes]]], entries)]
 
     # ------------------------------------------------------------------ the writer thread
-    def _run(self) -> None:
-        since = 0.0  # when the first record of the pipeline was queued in it
-        next_purge = time.monotonic() + self.purge_every_s
-        waiters: list[threading.Event] = []
-        stopping = False
-        while not stopping:
-            now = time.monotonic()
-            timeout = next_purge - now
-            if self._pending:
-                timeout = min(timeout, since + self.batch_s - now)
-            try:
-                items = [self._queue.get(timeout=max(0.0, timeout))]
-            except queue.Empty:
-                items = []
-            while len(items) < self.batch_max:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            urgent = False
-            for item in items:
-                kind = item[0]
-                if kind == _EVENT:
-                    written, commit_now = self._write(self._write_event, item)
-                    urgent |= commit_now
-                elif kind == _CALL:
-                    written, _ = self._write(self._write_call, item)
-                    urgent = True
-                elif kind == _SYNC:
-                    waiters.append(item[1])
-                    written, urgent = 0, True
-                else:
-                    written, urgent, stopping = 0, True, True
-                if written and not self._pending:
-                    since = time.monotonic()
-                self._pending += written
-            if self._pending and (
-                urgent or self._pending >= self.batch_max or time.monotonic() - since >= self.batch_s
-            ):
-                self._flush()
-            for waiter in waiters:
-                waiter.set()
-            waiters.clear()
-            if time.monotonic() >= next_purge:
-                next_purge = time.monotonic() + self.purge_every_s
-                self._purge_quietly()
-
-    def _purge_quietly(self) -> None:
+    def _purge_due(self) -> None:
         try:
             purged = self.purge(time.time() - self.retention_s)
         except RecordsUnavailable as exc:
@@ -407,16 +312,8 @@ class RedisStore:
             if purged:
                 log.info("call records: %d call(s) past retention deleted", purged)
 
-    def _write(self, write: Any, item: tuple[Any, ...]) -> tuple[int, bool]:
-        try:
-            return write(*item[1:])
-        except (ValueError, TypeError) as exc:  # a record JSON cannot hold
-            self._drop(1, f"writing failed ({exc})")
-            return 0, False
-
-    def _flush(self) -> None:
+    def _flush(self, pending: int) -> None:
         """Send the pipeline: its records are written, or (Redis down or failing) dropped and counted."""
-        pending, self._pending = self._pending, 0
         for call_id, wall in self._last_at.items():
             if call_id in self._derive.live:  # an ended call's row has its end instead
                 self._pipe.hset(self._call_key(call_id), "last_at", repr(wall))

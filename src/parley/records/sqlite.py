@@ -13,10 +13,8 @@ import contextlib
 import json
 import logging
 import os
-import queue
 import socket
 import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -24,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from parley.records.store import COMMIT_NOW, CallRecord, Derivation, TurnRecord
+from parley.records.writer import BatchedWriter
 
 log = logging.getLogger("parley.records")
 
@@ -65,7 +64,6 @@ _TURN_COLUMNS = (
     " first_audio_ms, voice_to_voice_ms, audio_ms, heard_ms, error, barge_ins"
 )
 
-_EVENT, _CALL, _SYNC, _STOP = range(4)
 
 _encode = json.JSONEncoder(default=str, ensure_ascii=False).encode
 
@@ -155,11 +153,12 @@ class SqliteReader:
         return [json.loads(data) for (data,) in rows]
 
 
-class SqliteStore(SqliteReader):
+class SqliteStore(SqliteReader, BatchedWriter):
     """The `sqlite` CallStore. Opening it creates the database, marks the calls a dead server left
     live as ended (`server_lost`) and deletes calls past retention; then its writer thread starts."""
 
     kind = "sqlite"
+    _record_errors = (sqlite3.Error, ValueError, TypeError)  # a failing disk, a record JSON cannot hold
 
     def __init__(
         self,
@@ -172,21 +171,21 @@ class SqliteStore(SqliteReader):
         max_call_bytes: int = 32 * 2**20,
         purge_every_s: float = 3600.0,
     ) -> None:
-        super().__init__(db_path(data_dir))
+        SqliteReader.__init__(self, db_path(data_dir))
+        BatchedWriter.__init__(
+            self,
+            queue_size=queue_size,
+            batch_s=batch_s,
+            batch_max=batch_max,
+            purge_every_s=purge_every_s,
+            thread_name="parley-records",
+        )
         self.retention_s = retention_days * 86400
-        self.batch_s = batch_s
-        self.batch_max = batch_max
         self.max_call_bytes = max_call_bytes
-        self.purge_every_s = purge_every_s
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
-        self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=queue_size)
         self._derive = Derivation()
         self._call_bytes: dict[str, int] = {}
         self._rows: list[tuple[str, int, float, str, str]] = []  # event rows not inserted yet
-        self._written = 0
-        self._dropped = 0
-        self._last_drop_log = 0.0
-        self._closed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = _connect(self.path, write=True)
         self._db.executescript(_SCHEMA)
@@ -197,59 +196,11 @@ class SqliteStore(SqliteReader):
                 "call records: %d call(s) marked server_lost, %d past retention deleted", len(self.lost_calls), purged
             )
         _OPEN_OWNERS.add(self.owner)
-        self._thread = threading.Thread(target=self._run, name="parley-records", daemon=True)
         self._thread.start()
 
-    # ------------------------------------------------------------------ writing (any thread)
-    def begin_call(self, call: CallRecord) -> None:
-        self._put((_CALL, call))
-
-    def append(self, call_id: str, seq: int, record: Mapping[str, Any]) -> None:
-        self._put((_EVENT, call_id, seq, record))
-
-    def _put(self, item: tuple[Any, ...]) -> None:
-        if self._closed:
-            self._drop(1, "the store is closed")
-            return
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            self._drop(1, "the writer queue is full")
-
-    def _drop(self, count: int, why: str) -> None:
-        self._dropped += count
-        now = time.monotonic()
-        if now - self._last_drop_log >= 10.0:  # one line per 10 s, whatever the rate
-            self._last_drop_log = now
-            log.warning("call records: %s; %d record(s) dropped so far", why, self._dropped)
-
-    def sync(self, timeout: float = 2.0) -> bool:
-        if self._closed or not self._thread.is_alive():
-            return True  # nothing more will be written
-        done = threading.Event()
-        try:
-            self._queue.put((_SYNC, done), timeout=timeout)
-        except queue.Full:
-            return False
-        return done.wait(timeout)
-
-    def close(self, timeout: float = 5.0) -> None:
-        if self._closed:
-            return
-        try:
-            self._queue.put((_STOP,), timeout=timeout)
-        except queue.Full:
-            log.warning("call records: the writer queue stayed full; %d queued record(s) lost", self._queue.qsize())
-        self._closed = True
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.warning("call records: the writer did not finish within %.0f s", timeout)
-            return
+    def _close_backend(self) -> None:
         _OPEN_OWNERS.discard(self.owner)
         self._db.close()
-
-    def stats(self) -> dict[str, int]:
-        return {"written": self._written, "dropped": self._dropped, "queued": self._queue.qsize()}
 
     def mark_lost(self, instance_id: str) -> list[str]:
         """Nothing to do: one server per database, whose lost calls are found when it opens (`lost_calls`)."""
@@ -282,70 +233,17 @@ class SqliteStore(SqliteReader):
         return _mark_lost_calls(self._db)
 
     # ------------------------------------------------------------------ the writer thread
-    def _run(self) -> None:
-        pending = 0  # records written since the last commit
-        since = 0.0  # when the first of them was written
-        next_purge = time.monotonic() + self.purge_every_s
-        waiters: list[threading.Event] = []
-        stopping = False
-        while not stopping:
-            now = time.monotonic()
-            timeout = next_purge - now
-            if pending:
-                timeout = min(timeout, since + self.batch_s - now)
-            try:
-                items = [self._queue.get(timeout=max(0.0, timeout))]
-            except queue.Empty:
-                items = []
-            while len(items) < self.batch_max:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            urgent = False
-            for item in items:
-                kind = item[0]
-                if kind == _EVENT:
-                    written, commit_now = self._write(self._write_event, item)
-                    urgent |= commit_now
-                elif kind == _CALL:
-                    written, _ = self._write(self._write_call, item)
-                    urgent = True
-                elif kind == _SYNC:
-                    waiters.append(item[1])
-                    written, urgent = 0, True
-                else:
-                    written, urgent, stopping = 0, True, True
-                if written and not pending:
-                    since = time.monotonic()
-                pending += written
-            if pending and (urgent or pending >= self.batch_max or time.monotonic() - since >= self.batch_s):
-                self._commit(pending)
-                pending = 0
-            for waiter in waiters:
-                waiter.set()
-            waiters.clear()
-            if time.monotonic() >= next_purge:
-                next_purge = time.monotonic() + self.purge_every_s
-                if pending:  # the purge writes on its own connection: no open transaction here
-                    self._commit(pending)
-                    pending = 0
-                try:
-                    purged = self.purge(time.time() - self.retention_s)
-                except sqlite3.Error as exc:
-                    log.warning("call records: retention purge failed: %s", exc)
-                else:
-                    if purged:
-                        log.info("call records: %d call(s) past retention deleted", purged)
-
-    def _write(self, write: Any, item: tuple[Any, ...]) -> tuple[int, bool]:
+    def _purge_due(self) -> None:
+        self._flush_pending()  # the purge writes on its own connection: no open transaction here
         try:
-            return write(*item[1:])
-        except (sqlite3.Error, ValueError, TypeError) as exc:  # a failing disk, a record JSON cannot hold
-            self._drop(1, f"writing failed ({exc})")
-            return 0, False
+            purged = self.purge(time.time() - self.retention_s)
+        except sqlite3.Error as exc:
+            log.warning("call records: retention purge failed: %s", exc)
+        else:
+            if purged:
+                log.info("call records: %d call(s) past retention deleted", purged)
 
-    def _commit(self, pending: int) -> None:
+    def _flush(self, pending: int) -> None:
         try:
             pending -= self._insert_events()
             self._db.commit()
