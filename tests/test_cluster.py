@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -344,41 +342,14 @@ async def test_a_killed_instance_is_cleaned_up_by_a_survivor(pair: list[Backgrou
     assert db.hget(f"parley:call:{survivor_call}", "end_reason") != "server_lost"
 
 
-@contextmanager
-def redis_on(port: int) -> Iterator[str]:
-    """A redis-server on a given port (to stop one and start another where it was)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("needs redis-server")
-    with tempfile.TemporaryDirectory(prefix="parley-redis-") as workdir:
-        options = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir]
-        process = subprocess.Popen([binary, *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"redis://127.0.0.1:{port}/0"
-        try:
-            client = redis.Redis.from_url(url)
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    assert time.monotonic() < deadline, "redis-server did not start"
-                    time.sleep(0.05)
-            client.close()
-            yield url
-        finally:
-            process.terminate()
-            process.wait(10)
-
-
 async def test_after_redis_comes_back_the_instance_holds_its_calls_again() -> None:
     port = _free_port()
-    with redis_on(port) as url:
+    with redis_server(port=port) as url:
         server = cluster_server(url, "phoenix")
         before = await start_call(server.url, f"before-{uuid.uuid4()}")
     try:
         during = await start_call(server.url, f"during-{uuid.uuid4()}")  # Redis is gone: admitted locally
-        with redis_on(port):  # an empty Redis where the old one was
+        with redis_server(port=port):  # an empty Redis where the old one was
             db = redis.Redis.from_url(url, decode_responses=True)
             try:
                 await until(lambda: db.scard("parley:live") == 2, within_s=10, what="the calls held again")

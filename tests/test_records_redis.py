@@ -5,12 +5,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import shutil
-import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -318,25 +314,6 @@ def test_a_restart_with_the_same_instance_id_finds_its_lost_calls(redis_url: str
 # ------------------------------------------------------------------ Redis going away
 
 
-def start_redis_on(port: int, workdir: Path, password: str | None = None) -> subprocess.Popen[bytes]:
-    binary = shutil.which("redis-server")
-    assert binary is not None
-    options = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)]
-    process = subprocess.Popen(
-        [binary, *options, *(["--requirepass", password] if password else [])],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port, password=password)
-    deadline = time.monotonic() + 10
-    while True:
-        with contextlib.suppress(redis.ConnectionError):
-            if client.ping():
-                return process
-        assert time.monotonic() < deadline, "redis-server did not start"
-        time.sleep(0.05)
-
-
 def test_redis_stopped_mid_call_drops_and_counts_then_recovers(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -362,28 +339,31 @@ def test_redis_stopped_mid_call_drops_and_counts_then_recovers(
         with TestClient(app) as http:
             assert http.get("/api/calls").status_code == 503
             assert http.get("/api/calls/c/events").status_code == 503
-        back = start_redis_on(port, tmp_path)  # Redis is back, empty, on the same port
         try:
-            deadline = time.monotonic() + 20
-            seq = 15
-            while store.stats()["written"] == 0:  # the writer retries after its back-off
-                assert time.monotonic() < deadline, "the store did not reconnect"
-                seq += 1
-                store.append("c", seq, {"event": "dtmf_input", "t": time.monotonic(), "digits": "1"})
-                store.sync()
-                time.sleep(0.2)
-            store.append("c", seq + 1, events[-1])  # call_ended: rewrites the whole call row
-            assert store.sync()
-            call = store.call("c")
-            assert call is not None and (call.agent, call.end_reason, call.instance) == ("pizza", "caller_hangup", "a")
-            assert [e["seq"] for e in store.events("c")][-1] == seq + 1
-            assert store.stats()["written"] == len(store.events("c")) == 2  # the last key and the end
-            assert store.stats()["dropped"] == seq  # the call's start, 15 events, the keys before Redis was back
-            assert any("answers again" in r.getMessage() for r in caplog.records)
+            with redis_server(port=port) as back:  # Redis is back, empty, on the same port
+                assert back == url
+                deadline = time.monotonic() + 20
+                seq = 15
+                while store.stats()["written"] == 0:  # the writer retries after its back-off
+                    assert time.monotonic() < deadline, "the store did not reconnect"
+                    seq += 1
+                    store.append("c", seq, {"event": "dtmf_input", "t": time.monotonic(), "digits": "1"})
+                    store.sync()
+                    time.sleep(0.2)
+                store.append("c", seq + 1, events[-1])  # call_ended: rewrites the whole call row
+                assert store.sync()
+                call = store.call("c")
+                assert call is not None and (call.agent, call.end_reason, call.instance) == (
+                    "pizza",
+                    "caller_hangup",
+                    "a",
+                )
+                assert [e["seq"] for e in store.events("c")][-1] == seq + 1
+                assert store.stats()["written"] == len(store.events("c")) == 2  # the last key and the end
+                assert store.stats()["dropped"] == seq  # the call's start, 15 events, the keys before Redis was back
+                assert any("answers again" in r.getMessage() for r in caplog.records)
         finally:
             store.close()
-            back.terminate()
-            back.wait(10)
 
 
 def test_an_unreachable_redis_stops_startup_with_a_clear_error(caplog: pytest.LogCaptureFixture) -> None:
@@ -401,21 +381,14 @@ def test_an_unreachable_redis_stops_startup_with_a_clear_error(caplog: pytest.Lo
     )
 
 
-def test_a_wrong_password_stops_startup_without_showing_it(tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = start_redis_on(port, tmp_path, password="the-right-one")
-    try:
+def test_a_wrong_password_stops_startup_without_showing_it() -> None:
+    with redis_server(password="the-right-one") as url:
         with pytest.raises(RuntimeError, match=r"\(PARLEY_REDIS_URL\): .*(password|WRONGPASS)") as raised:
-            build_store(load_settings(redis_url=f"redis://:hunter2-secret@127.0.0.1:{port}/0"))
+            build_store(load_settings(redis_url=url.replace("redis://", "redis://:hunter2-secret@")))
         assert "hunter2" not in str(raised.value)
-        store = build_store(load_settings(redis_url=f"redis://:the-right-one@127.0.0.1:{port}/0"))
+        store = build_store(load_settings(redis_url=url.replace("redis://", "redis://:the-right-one@")))
         assert isinstance(store, RedisStore) and "the-right-one" not in redact_url(store._url)
         store.close()
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 def test_build_store_opens_redis_with_the_settings_instance_id(redis_url: str) -> None:

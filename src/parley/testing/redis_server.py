@@ -31,20 +31,23 @@ def _answers(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))  # up (asking for its password)
     except OSError:
         return False
 
 
 @contextmanager
-def redis_server(timeout: float = 10.0) -> Iterator[str]:
-    """Yields the URL (redis://127.0.0.1:PORT/0) of a fresh redis-server; stops it on exit."""
+def redis_server(timeout: float = 10.0, *, port: int | None = None, password: str | None = None) -> Iterator[str]:
+    """Yields the URL (redis://127.0.0.1:PORT/0, without the password) of a fresh redis-server on
+    `port` (default: a free one; a given port lets a test stop Redis and start another where it
+    was); stops it on exit."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RedisUnavailable("redis-server is not installed (Debian: apt-get install redis-server)")
-    port = _free_port()
+    port = port or _free_port()
     with tempfile.TemporaryDirectory(prefix="parley-redis-") as workdir:
         options = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir]
+        options += ["--requirepass", password] if password else []
         process = subprocess.Popen(
             [binary, *options, "--daemonize", "no", "--loglevel", "warning"],
             stdout=subprocess.DEVNULL,
