@@ -120,9 +120,10 @@ class Metrics:
         self._calls: dict[str, _CallState] = {}
 
     def attach(self, registry: CallRegistry) -> None:
-        """Count what `registry`'s calls record, and the loop lag its monitor measures."""
+        """Count what `registry`'s calls record, the loop lag its monitor measures and the calls refused."""
         registry.observers.append(self.observe)
         registry.stats.monitor.on_lag = self.loop_lag
+        registry.stats.on_refused = self.call_refused
 
     def close(self) -> None:
         """This process serves no more calls: in multiprocess mode its live gauges stop counting."""

@@ -90,13 +90,9 @@ def create_app(
     # Many instances on one Redis (docs/scaling.md); None without PARLEY_REDIS_URL.
     cluster = _cluster(settings, registry, call_automation, store)
     max_calls, max_calls_origin = effective_max_calls(settings)
-
-    def call_refused(reason: str) -> None:
-        registry.stats.call_refused(reason)
-        if metrics is not None:
-            metrics.call_refused(reason)
-
-    admission = AdmissionController(max_calls, OverloadLimits.from_settings(settings), on_refused=call_refused)
+    admission = AdmissionController(
+        max_calls, OverloadLimits.from_settings(settings), on_refused=registry.stats.call_refused
+    )
 
     def load_reading() -> LoadReading:
         backlog = worst_backlog(registry.live_sessions())

@@ -93,6 +93,7 @@ class ServerStats:
     dropped_frames: int = 0
     input_errors: int = 0
     calls_refused: dict[str, int] = field(default_factory=dict)  # media sockets refused, by reason
+    on_refused: Callable[[str], None] | None = None  # sees each refusal's reason (parley.metrics' counter)
     monitor: LoopLagMonitor = field(default_factory=LoopLagMonitor)
     _process: psutil.Process = field(default_factory=psutil.Process)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -106,6 +107,8 @@ class ServerStats:
     def call_refused(self, reason: str) -> None:
         with self._lock:
             self.calls_refused[reason] = self.calls_refused.get(reason, 0) + 1
+        if self.on_refused is not None:
+            self.on_refused(reason)
 
     def snapshot(self, live_calls: int, reset: bool = False) -> dict[str, object]:
         with self._process.oneshot():
