@@ -278,13 +278,15 @@ class Cluster:
             if call is None or call.key in seen:
                 continue
             seen.add(call.key)
-            if call.connection_id and not call.disconnected:
+            still_up = bool(call.connection_id) and not call.disconnected
+            # Released first: from the moment ACS hears the hang-up, no instance may open its media.
+            await self.book.release(call_fields(call))
+            self.call_automation.calls.forget(call)
+            if still_up and call.connection_id:
                 try:
                     await self.call_automation.hang_up(call.connection_id)
                 except Exception as exc:  # noqa: BLE001 - one failed request must not stop the others
                     log.warning("call %s: could not hang up the call a dead instance left: %s", call.key, exc)
-            self.call_automation.calls.forget(call)
-            await self.book.release(call_fields(call))
 
     # ------------------------------------------------------------------ figures
 
