@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,7 @@ from parley.security import (
 from parley.security.access import api_access, check_media_access, configured_token
 from parley.settings import Settings
 from parley.tracing import tracer_from_env
+from parley.transports.wire import AcsWire, MediaWire
 
 if TYPE_CHECKING:
     from parley.acs.service import CallAutomation
@@ -53,6 +55,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT_S = 10  # uvicorn's wait for open connections once it shuts down
+
+
+@dataclass(frozen=True)
+class MediaChannel:
+    """A media WebSocket route: its wire (one per call, from the socket) and what it adds to a call."""
+
+    name: str
+    wire: Callable[[WebSocket], MediaWire]
+    attach: Callable[[MediaHandler, WebSocket], None] | None = None
 
 
 def create_app(
@@ -208,7 +219,15 @@ def create_app(
 
         app.include_router(cluster_router(cluster, dependencies=api_guard))
 
-    async def media_socket(websocket: WebSocket) -> None:
+    def media_endpoint(channel: MediaChannel) -> Callable[[WebSocket], Awaitable[None]]:
+        """The WebSocket route of one channel: the same checks, admission and MediaHandler for all."""
+
+        async def media_socket(websocket: WebSocket) -> None:
+            await serve_media(websocket, channel)
+
+        return media_socket
+
+    async def serve_media(websocket: WebSocket, channel: MediaChannel) -> None:
         # Before accept(): who may connect first (a refused ACS token or Origin, a call that is not
         # ours: HTTP 403), so an unauthenticated peer learns nothing about live calls or capacity.
         if not await check_websocket(websocket, validator):
@@ -236,13 +255,13 @@ def create_app(
             await _deny(websocket, refusal.status, f"{refusal.reason}: {refusal.message}\n")
             return
         try:
-            await serve_call(websocket, call_id)
+            await serve_call(websocket, call_id, channel)
         finally:
             admission.release(admitted)
             if cluster is not None:
                 cluster.release(call_id)
 
-    async def serve_call(websocket: WebSocket, call_id: str) -> None:
+    async def serve_call(websocket: WebSocket, call_id: str, channel: MediaChannel) -> None:
         correlation_id = websocket.headers.get("x-ms-call-correlation-id", "")
         # Who is calling is not part of ACS media streaming: whoever answered the call (Call
         # Automation, a test caller) may pass it in the URL for the agents' prompts.
@@ -256,15 +275,19 @@ def create_app(
             settings=settings,
             engines=engines,
             registry=registry,
+            wire=channel.wire(websocket),
         )
         if call_automation is not None:  # ties the stream to the call ACS answered or placed
             call_automation.media_connected(call_id, websocket.query_params.get("callId", ""), handler.events)
+        if channel.attach is not None:  # e.g. the browser's live captions
+            channel.attach(handler, websocket)
         await handler.run(websocket)
         log.info("call %s ended: %s", call_id, handler.end_reason)
 
     # /ws is the path Microsoft's samples give ACS; /ws/acs names the transport.
-    app.add_api_websocket_route("/ws/acs", media_socket)
-    app.add_api_websocket_route("/ws", media_socket)
+    acs_media = media_endpoint(MediaChannel("acs", lambda _websocket: AcsWire()))
+    app.add_api_websocket_route("/ws/acs", acs_media)
+    app.add_api_websocket_route("/ws", acs_media)
     if call_automation is not None:
         from parley.acs.routes import acs_router, redact_uvicorn_request_logs
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketState
@@ -60,6 +60,7 @@ from parley.protocols import (
 )
 from parley.settings import Settings
 from parley.transports import acs
+from parley.transports.wire import AcsWire, MediaWire, Outbound, Played, StreamEnded, StreamStarted
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,10 @@ class MediaHandler:
         correlation_id: str = "",
         caller_id: str = "",
         registry: CallRegistry | None = None,
+        wire: MediaWire | None = None,
     ) -> None:
         self.call_id = call_id
+        self.wire: MediaWire = wire if wire is not None else AcsWire()
         self.correlation_id = correlation_id
         self.settings = settings
         self.engines = engines
@@ -138,7 +141,7 @@ class MediaHandler:
     async def run(self, websocket: WebSocket) -> None:
         """Serve the call until the caller hangs up, the agent ends it, or the peer misbehaves."""
         self._start_limits(time.monotonic())
-        self.writer = OutboundWriter(websocket.send_text, self.events)
+        self.writer = OutboundWriter(_sender(websocket), self.events, self.wire.stop())
         self._spawn(self.writer.run(), "writer")
         self._spawn(self._watch_deadlines(), "deadlines")
         self.events.emit("call_started", correlation_id=self.correlation_id)
@@ -334,16 +337,20 @@ class MediaHandler:
             return
         self.deadlines.message(arrival_t)
         try:
-            message = acs.parse_inbound(data, self.format)
+            message = self.wire.parse(data, self.format)
         except acs.AcsProtocolError as exc:
             self._input_error(str(exc), arrival_t)
             return
         if isinstance(message, acs.AudioFrame):
             self._on_audio(message, arrival_t)
-        elif isinstance(message, acs.AudioMetadata):
+        elif isinstance(message, acs.AudioMetadata | StreamStarted):
             self._on_metadata(message.format)
         elif isinstance(message, acs.Dtmf):
             self._on_dtmf(message.digits)
+        elif isinstance(message, Played):
+            self.on_played(message.name, arrival_t)
+        elif isinstance(message, StreamEnded):
+            self.end_call(f"caller_hangup ({message.reason or 'stream stopped'})")
         else:
             log.debug("call %s: ignoring %s", self.call_id, type(message).__name__)
 
@@ -357,6 +364,10 @@ class MediaHandler:
         self.frames_in += 1
         assert self.recognition is not None  # started with the media, above or at AudioMetadata
         self.recognition.submit(frame.pcm, arrival_t)
+
+    def on_played(self, name: str, arrival_t: float) -> None:
+        """The far end reports it has played up to the mark `name` (wires that mark playout)."""
+        log.debug("call %s: far end played up to mark %s", self.call_id, name)
 
     def _on_metadata(self, audio_format: acs.AudioFormat) -> None:
         if self.format is None:
@@ -381,7 +392,13 @@ class MediaHandler:
         if self.deadlines is not None:
             self.deadlines.handshake_done()
         assert self.writer is not None
-        self.player = Player(self.writer, audio_format.frame_bytes, self.settings.playout_lead_ms, self.echo_reference)
+        self.player = Player(
+            self.writer,
+            audio_format.frame_bytes,
+            self.settings.playout_lead_ms,
+            self.echo_reference,
+            encode=self.wire.audio,
+        )
         self.reply = ReplyProducer(
             call_id=self.call_id,
             agent=self.agent,
@@ -739,6 +756,18 @@ class MediaHandler:
                 # Closing the media socket alone would leave the caller on a silent line.
                 self._request(control.hang_up(self.call_id), "hang up")
             self.end_call(f"{what}_failed")
+
+
+def _sender(websocket: WebSocket) -> Callable[[Outbound], Awaitable[None]]:
+    """Text messages as text frames, bytes as binary ones."""
+
+    async def send(message: Outbound) -> None:
+        if isinstance(message, str):
+            await websocket.send_text(message)
+        else:
+            await websocket.send_bytes(message)
+
+    return send
 
 
 async def _join_thread(recognition: RecognitionThread, within_s: float = 5.0) -> None:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from parley.audio import Framer, dbfs
 from parley.media.echo import EchoReference
 from parley.media.writer import OutboundWriter
 from parley.transports.acs import FRAME_MS, audio_data_message
+from parley.transports.wire import Outbound
 
 _FRAME_S = FRAME_MS / 1000
 
@@ -118,8 +120,10 @@ class Player:
         frame_bytes: int,
         lead_ms: int,
         echo_reference: EchoReference | None = None,
+        encode: Callable[[bytes], Outbound] = audio_data_message,
     ) -> None:
         self._writer = writer
+        self._encode = encode  # the wire's frame message
         self._frame_bytes = frame_bytes
         self._lead_s = lead_ms / 1000
         self._echo_reference = echo_reference
@@ -179,7 +183,7 @@ class Player:
                 await _wait_changed(track, play_t - self._lead_s - now)  # until due, or paused meanwhile
                 continue
             frame = track.frames[track.next_frame]
-            self._writer.send_audio(track.turn_id, audio_data_message(frame))
+            self._writer.send_audio(track.turn_id, self._encode(frame))
             if self._echo_reference is not None:
                 self._echo_reference.add(play_t, dbfs(frame))
             track.next_frame += 1

@@ -15,17 +15,19 @@ from collections.abc import Awaitable, Callable
 
 from parley.media.events import EventLog
 from parley.transports.acs import stop_audio_message
+from parley.transports.wire import Outbound
 
 log = logging.getLogger(__name__)
 
-SendText = Callable[[str], Awaitable[None]]
+Send = Callable[[Outbound], Awaitable[None]]
 
 
 class OutboundWriter:
-    def __init__(self, send_text: SendText, events: EventLog) -> None:
-        self._send_text = send_text
+    def __init__(self, send: Send, events: EventLog, stop_message: Outbound | None = None) -> None:
+        self._send = send
         self._events = events
-        self._pending: deque[tuple[int, str, bool]] = deque()  # (turn_id, message, is_stop)
+        self._stop_message = stop_audio_message() if stop_message is None else stop_message  # the wire's
+        self._pending: deque[tuple[int, Outbound, bool]] = deque()  # (turn_id, message, is_stop)
         self._wakeup = asyncio.Event()
         self._cancelled: set[int] = set()
         self._audio_started: set[int] = set()
@@ -33,7 +35,7 @@ class OutboundWriter:
         self.frames_sent = 0
         self.frames_dropped = 0
 
-    def send_audio(self, turn_id: int, message: str) -> None:
+    def send_audio(self, turn_id: int, message: Outbound) -> None:
         if turn_id in self._cancelled or self.closed:
             self.frames_dropped += 1
             return
@@ -47,7 +49,7 @@ class OutboundWriter:
         """
         self._cancelled.add(turn_id)
         if send_stop:
-            self._pending.appendleft((turn_id, stop_audio_message(), True))
+            self._pending.appendleft((turn_id, self._stop_message, True))
         self._wakeup.set()
 
     def pause_audio(self, turn_id: int) -> None:
@@ -56,7 +58,7 @@ class OutboundWriter:
         kept = deque(item for item in self._pending if item[0] != turn_id or item[2])
         self.frames_dropped += len(self._pending) - len(kept)
         self._pending = kept
-        self._pending.appendleft((turn_id, stop_audio_message(), True))
+        self._pending.appendleft((turn_id, self._stop_message, True))
         self._wakeup.set()
 
     def is_cancelled(self, turn_id: int) -> bool:
@@ -74,9 +76,9 @@ class OutboundWriter:
                     continue
                 await self._write(turn_id, message, is_stop)
 
-    async def _write(self, turn_id: int, message: str, is_stop: bool) -> None:
+    async def _write(self, turn_id: int, message: Outbound, is_stop: bool) -> None:
         try:
-            await self._send_text(message)
+            await self._send(message)
         except Exception as exc:  # noqa: BLE001 - socket gone (any transport's error): the receive side ends the call
             log.info("outbound socket closed: %s", exc)
             self.closed = True
