@@ -78,6 +78,30 @@ def _split_list(value: object) -> object:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _split_mapping(value: object) -> object:
+    """A mapping setting from the environment: `key=value` pairs, comma-separated, or a JSON object."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a JSON object ({exc.msg}); or give key=value pairs, comma-separated") from None
+    pairs = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, mapped = item.partition("=")
+        if not sep or not key.strip() or not mapped.strip():
+            raise ValueError(f"{item!r} is not key=value")
+        pairs[key.strip()] = mapped.strip()
+    return pairs
+
+
+def _phone_key(number: str) -> str:
+    text = number.strip().lower().removeprefix("tel:").removeprefix("4:")
+    return re.sub(r"[\s().-]", "", text)
+
+
 # NoDecode: pydantic-settings would otherwise insist on JSON for a list and fail with a traceback.
 StrList = Annotated[list[str], NoDecode, BeforeValidator(_split_list)]
 
@@ -210,6 +234,16 @@ class Settings(BaseSettings):
         "pizza",
         description="Agent or scenario: a packaged example from agents/examples/ (`parley serve --help`"
         " lists them) or a YAML path.",
+    )
+    agents: StrList = Field(
+        default_factory=list,
+        description="More agents this server loads next to `agent` (the default), chosen per call:"
+        " `?agent=NAME` on a media URL, the called number (`agents_by_number`), the web page's picker.",
+    )
+    agents_by_number: Annotated[dict[str, str], NoDecode, BeforeValidator(_split_mapping)] = Field(
+        default_factory=dict,
+        description="Called number -> agent, for ACS incoming calls and Twilio's `To`:"
+        " '+14255550100=bank,+14255550101=pizza' or a JSON object. Numbers not listed get `agent`.",
     )
     greeting: str | None = Field(None, description="Overrides the agent's greeting ('' = no greeting).")
     greeting_interruptible: bool | None = Field(
@@ -501,6 +535,28 @@ class Settings(BaseSettings):
             refresh_min_interval_s=self.acs_auth_refresh_min_interval_s,
             jwks_max_age_s=self.acs_auth_jwks_max_age_s,
         )
+
+    @property
+    def agent_names(self) -> list[str]:
+        """Every agent this server loads, the default first, each once."""
+        return list(dict.fromkeys([self.agent, *self.agents]))
+
+    def agent_for_number(self, number: str) -> str | None:
+        """The agent `agents_by_number` names for a called number (None: the default agent).
+        Numbers match after dropping spaces, dashes and brackets; `tel:` and `4:` prefixes are ignored."""
+        wanted = _phone_key(number)
+        return next((agent for listed, agent in self.agents_by_number.items() if _phone_key(listed) == wanted), None)
+
+    @model_validator(mode="after")
+    def _check_agents_by_number(self) -> Settings:
+        unknown = sorted({agent for agent in self.agents_by_number.values() if agent not in self.agent_names})
+        if unknown:
+            raise _problem(
+                f"agents_by_number names agent(s) not loaded: {', '.join(unknown)};"
+                " add them to PARLEY_AGENTS (or make one PARLEY_AGENT)",
+                "agents_by_number",
+            )
+        return self
 
     @model_validator(mode="after")
     def _default_store(self) -> Settings:
