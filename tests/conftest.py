@@ -133,6 +133,7 @@ SLOW = "slow"
 TIERS: dict[str, str | frozenset[str]] = {
     "test_acs_auth.py": FAST,  # JWT checks; a JWKS server and a small app on loopback
     "test_access.py": SLOW,  # API tokens, Origin and call checks, redaction: servers and real calls
+    "test_agent_selection.py": FAST,  # ?agent=, the handshake's agent, agents by number
     "test_admission.py": frozenset(  # the overload test waits for the loop to calm down (~10 s)
         {"test_an_overloaded_loop_refuses_new_calls_and_readyz_says_why"}
     ),

@@ -498,6 +498,24 @@ def test_incoming_call_is_answered_with_media_streaming_to_us(http: httpx.Client
     assert response.json()["failed"] == []
 
 
+def test_incoming_call_routed_to_the_agent_of_the_called_number(
+    fake_acs: FakeAcs, jwks_file: Path, tls: TlsFiles
+) -> None:
+    """PARLEY_AGENTS_BY_NUMBER: the media URL ACS dials names the agent; the socket then uses it."""
+    settings = acs_settings(fake_acs, jwks_file, agents=["bank"], agents_by_number={SOURCE_NUMBER: "bank"})
+    server = start_parley(settings, tls)
+    try:
+        with httpx.Client(base_url=server.http_url, timeout=30) as client:
+            response = client.post(incoming_url(), json=[incoming_call_event("context-by-number")])
+        assert response.status_code == 200, response.text
+        call_id = response.json()["answered"][0]["call_id"]
+        (request,) = fake_acs.wait_for("/calling/callConnections:answer")
+        transport_url = request.json["mediaStreamingOptions"]["transportUrl"]
+        assert transport_url == expected_media_options(call_id, CALLER_NUMBER)["transportUrl"] + "&agent=bank"
+    finally:
+        server.stop()
+
+
 def test_batched_events_each_answered_once(http: httpx.Client, fake_acs: FakeAcs) -> None:
     first, second = incoming_call_event("ctx-a"), incoming_call_event("ctx-b", caller="+15557654321")
     other = {"id": "x", "eventType": "Microsoft.Communication.SMSReceived", "data": {}}

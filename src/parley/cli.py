@@ -98,6 +98,11 @@ def serve(
         help=f"Agent or scenario: a packaged example ({_packaged_agents()}) or a YAML path.",
         show_default=_default("agent"),
     ),
+    agents: str | None = typer.Option(
+        None,
+        help="More agents a call may choose (`?agent=NAME`, the web page's picker), comma-separated:"
+        " e.g. bank,bank-desk.",
+    ),
     greeting: str | None = typer.Option(None, help="Greeting text ('' for none)."),
     llm_provider: str | None = typer.Option(
         None, help="openai, azure, compatible or llama-cpp.", show_default=_default("llm_provider")
@@ -137,6 +142,7 @@ def serve(
         host=host,
         port=port,
         agent=agent,
+        agents=agents,
         greeting=greeting,
         log_level=log_level,
         stt=stt,

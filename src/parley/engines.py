@@ -6,6 +6,7 @@ file, an unknown voice) and shares what can be shared (the synthesis executor, t
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -39,6 +40,15 @@ class Engines:
     warm_count: int = 2
     warm_agents: Callable[[], None] | None = None  # e.g. rehearse the LLM agents' first request
     reaper: PoolReaper | None = None  # shrinks the pools after bursts; started by `warm`
+    # Every agent a call may ask for by name (`?agent=`, the called number); `agent_factory` is the default.
+    agent_factories: dict[str, AgentFactory] = field(default_factory=dict)
+
+    def factory_for(self, agent: str | None) -> AgentFactory:
+        """The named agent's factory (None or '': the default). KeyError for an agent not loaded."""
+        return self.agent_factories[agent] if agent else self.agent_factory
+
+    def has_agent(self, agent: str) -> bool:
+        return agent in self.agent_factories
 
     def warm(self) -> None:
         """Pre-load per-call engines so the first calls do not pay for model loads."""
@@ -108,7 +118,9 @@ def embedded_engines(settings: Settings) -> Engines:
     from parley.agents.scenario import Scenario, load_scenario, resolve_agent_path
     from parley.speech.vad import SileroVad
 
-    scenario = Scenario(load_scenario(resolve_agent_path(settings.agent)), settings.llm_config())
+    llm_config = settings.llm_config()
+    scenarios = {name: Scenario(load_scenario(resolve_agent_path(name)), llm_config) for name in settings.agent_names}
+    scenario = scenarios[settings.agent]
     synth_executor = ThreadPoolExecutor(settings.synth_workers, thread_name_prefix="synth")
     executors: list[Executor] = [synth_executor]
     final_pass = None
@@ -131,8 +143,8 @@ def embedded_engines(settings: Settings) -> Engines:
         final_pass = FinalPass(transcriber, stt_executor)
     closers: list[Callable[[], None]] = []
     synthesizer_for = _voices(settings, synth_executor, closers)
-    for voice in sorted(scenario.voices):  # loaded now: loading one mid-call would stall the loop
-        synthesizer_for(voice)
+    for voice in sorted(set().union(*(each.voices for each in scenarios.values()))):
+        synthesizer_for(voice)  # loaded now: loading one mid-call would stall the loop
     return Engines(
         vads=vad_pool(SileroVad, **_pool_sizes(settings)),
         recognizers=_recognizers(settings),
@@ -142,8 +154,14 @@ def embedded_engines(settings: Settings) -> Engines:
         executors=executors,
         closers=closers,
         warm_count=settings.engine_pool_warm,
-        warm_agents=scenario.warm,
+        warm_agents=functools.partial(_warm_scenarios, list(scenarios.values())),
+        agent_factories={name: each.agent for name, each in scenarios.items()},
     )
+
+
+def _warm_scenarios(scenarios: list[Any]) -> None:
+    for scenario in scenarios:
+        scenario.warm()
 
 
 def _recognizers(settings: Settings) -> EnginePool[Recognizer]:
@@ -298,6 +316,7 @@ def plumbing_engines(settings: Settings) -> Engines:
         synthesizer_for=lambda voice: synthesizer,
         agent_factory=agent_factory,
         warm_count=settings.engine_pool_warm,
+        agent_factories=dict.fromkeys(settings.agent_names, agent_factory),  # one double stands in for all
     )
 
 

@@ -236,6 +236,12 @@ def create_app(
             await cluster.before_media(websocket)
         if not await check_media_access(websocket, settings, call_automation):  # Origin; a call of ours
             return
+        agent_name = websocket.query_params.get("agent", "")
+        if agent_name and not engines.has_agent(agent_name):
+            log.warning("media socket refused: it asks for agent %r, which this server does not load", agent_name[:64])
+            loaded = ", ".join(sorted(engines.agent_factories)) or settings.agent
+            await _deny(websocket, 400, f"unknown_agent: this server loads {loaded} (PARLEY_AGENTS)\n")
+            return
         # Then admission, with no await between it and accept() but the cluster's claim (made while
         # the slot is held): a refusal is an HTTP status (400, 409, 503); an admitted socket holds
         # its slot until its call has ended.
@@ -255,13 +261,13 @@ def create_app(
             await _deny(websocket, refusal.status, f"{refusal.reason}: {refusal.message}\n")
             return
         try:
-            await serve_call(websocket, call_id, channel)
+            await serve_call(websocket, call_id, channel, agent_name)
         finally:
             admission.release(admitted)
             if cluster is not None:
                 cluster.release(call_id)
 
-    async def serve_call(websocket: WebSocket, call_id: str, channel: MediaChannel) -> None:
+    async def serve_call(websocket: WebSocket, call_id: str, channel: MediaChannel, agent_name: str) -> None:
         correlation_id = websocket.headers.get("x-ms-call-correlation-id", "")
         # Who is calling is not part of ACS media streaming: whoever answered the call (Call
         # Automation, a test caller) may pass it in the URL for the agents' prompts.
@@ -276,6 +282,7 @@ def create_app(
             engines=engines,
             registry=registry,
             wire=channel.wire(websocket),
+            agent_name=agent_name,
         )
         if call_automation is not None:  # ties the stream to the call ACS answered or placed
             call_automation.media_connected(call_id, websocket.query_params.get("callId", ""), handler.events)
@@ -403,9 +410,11 @@ def describe_agent(settings: Settings, engines: Engines) -> str:
     if settings.engines == "plumbing":
         return "agent: a test double"
     scenario = getattr(engines.agent_factory, "__self__", None)  # a Scenario's bound `agent`
+    more = settings.agent_names[1:]
+    also = f"; a call may ask for {', '.join(more)} (?agent=NAME)" if more else ""
     if getattr(scenario, "uses_llm", False):
-        return f"agent {settings.agent} (LLM: {settings.llm_provider} {settings.llm_model})"
-    return f"agent {settings.agent}"
+        return f"agent {settings.agent} (LLM: {settings.llm_provider} {settings.llm_model}){also}"
+    return f"agent {settings.agent}{also}"
 
 
 def describe_engines(settings: Settings) -> str:

@@ -122,11 +122,13 @@ def callback_url(base_url: str, call_key: str) -> str:
     return f"{base_url}{CALLBACK_PATH}/{call_key}"
 
 
-def media_url(base_url: str, call_key: str, caller_id: str) -> str:
-    """wss://<host>/ws/acs?callId=<key>&callerId=<who>: the URL ACS dials for the media stream."""
+def media_url(base_url: str, call_key: str, caller_id: str, agent: str = "") -> str:
+    """wss://<host>/ws/acs?callId=<key>&callerId=<who>[&agent=<name>]: the URL ACS dials for the
+    media stream (the agent: chosen by the called number)."""
     scheme, rest = base_url.split("://", 1)
     ws_scheme = "wss" if scheme == "https" else "ws"
-    query = urlencode({"callId": call_key, "callerId": caller_id} if caller_id else {"callId": call_key})
+    fields = {"callId": call_key} | ({"callerId": caller_id} if caller_id else {}) | ({"agent": agent} if agent else {})
+    query = urlencode(fields)
     return f"{ws_scheme}://{rest}{MEDIA_PATH}?{query}"
 
 

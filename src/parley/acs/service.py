@@ -72,6 +72,7 @@ class AcsCall:
     direction: Literal["inbound", "outbound"]
     party: str = ""  # who is on the other end: the caller (inbound) or the callee (outbound)
     correlation_id: str = ""
+    agent: str = ""  # the agent its media stream asks for ('' = the server's default)
     connection_id: str | None = None  # ACS's call connection id, once known
     media_call_id: str | None = None  # the media call's id in the CallRegistry, once it connected
     disconnected: bool = False  # ACS said CallDisconnected: no media socket may open for it any more
@@ -146,6 +147,8 @@ class CallAutomation:
         # None: one process, this book is the only one.
         self.shared: SharedCalls | None = None
         self._on_close = on_close or []
+        # Called number -> agent name (Settings.agent_for_number); None: the default agent.
+        self.agent_for_number: Callable[[str], str | None] = lambda _number: None
 
     @classmethod
     def from_settings(
@@ -176,6 +179,7 @@ class CallAutomation:
             registry=registry,
             on_close=on_close,
         )
+        service.agent_for_number = settings.agent_for_number
         log.info("ACS Call Automation on: callbacks and media at %s", service.callback_base_url)
         return service
 
@@ -192,7 +196,7 @@ class CallAutomation:
     def media_streaming(self, call: AcsCall) -> MediaStreamingOptions:
         """Bidirectional audio over our WebSocket from the moment the call connects, with DTMF."""
         return MediaStreamingOptions(
-            transport_url=acs_config.media_url(self.callback_base_url, call.key, call.party),
+            transport_url=acs_config.media_url(self.callback_base_url, call.key, call.party, call.agent),
             transport_type=StreamingTransportType.WEBSOCKET,
             content_type=MediaStreamingContentType.AUDIO,
             audio_channel_type=(
@@ -211,6 +215,7 @@ class CallAutomation:
     async def answer(self, incoming: IncomingCall) -> AcsCall:
         """Answer an IncomingCall event, streaming its media to us. CallAutomationError on failure."""
         call = self.calls.new("inbound", incoming.caller, incoming.correlation_id)
+        call.agent = self.agent_for_number(incoming.callee) or ""  # agents by called number
         await self._share(call)  # before ACS may dial the media URL, which any instance may receive
         try:
             answered = await self._ask(

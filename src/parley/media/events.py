@@ -25,6 +25,7 @@ log = logging.getLogger("parley.events")
 EVENT_NAMES = frozenset(
     {
         "call_started",
+        "agent_selected",  # the channel's handshake named the call's agent (Twilio's `start` parameters)
         "speech_started",
         "speech_ended",
         "partial",
@@ -329,7 +330,8 @@ class CallRegistry:
         self.stats.calls_started += 1
         if self.store is not None:
             correlation_id = str(getattr(session, "correlation_id", "") or "")
-            self.store.begin_call(CallRecord(session.call_id, correlation_id, self.agent, started_at=time.time()))
+            agent = str(getattr(session, "agent_name", "") or self.agent)  # chosen by the call, else the default
+            self.store.begin_call(CallRecord(session.call_id, correlation_id, agent, started_at=time.time()))
             session.events.attach(self.store.append)
         for observer in self.observers:
             session.events.observe(observer)

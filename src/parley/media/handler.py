@@ -48,6 +48,7 @@ from parley.media.reply import END, Clip, ReplyLimits, ReplyProducer, wait_bound
 from parley.media.turns import Pending, RouteTurnLoop, Turn, TurnInbox
 from parley.media.writer import OutboundWriter
 from parley.protocols import (
+    Agent,
     CallContext,
     ExpectsDigits,
     Hangup,
@@ -85,6 +86,7 @@ class MediaHandler:
         caller_id: str = "",
         registry: CallRegistry | None = None,
         wire: MediaWire | None = None,
+        agent_name: str = "",
     ) -> None:
         self.call_id = call_id
         self.wire: MediaWire = wire if wire is not None else AcsWire()
@@ -93,9 +95,9 @@ class MediaHandler:
         self.engines = engines
         self.registry = registry
         self.events = EventLog(call_id, to_log=settings.event_log, mask_dtmf=not settings.log_dtmf)
-        self.agent = engines.agent_factory(CallContext(call_id, correlation_id, caller_id))
-        if isinstance(self.agent, ReportsEvents):  # handoffs and tool calls go into the call's events
-            self.agent.listen(self._agent_event)
+        self.caller_id = caller_id
+        self.agent_name = agent_name  # '' = the server's default agent
+        self.agent = self._new_agent(agent_name)
         self.policy = BargeInPolicy(
             partial_min_chars=settings.bargein_partial_chars,
             on_dtmf=settings.bargein_on_dtmf,
@@ -318,6 +320,24 @@ class MediaHandler:
             )
         self._hang_up(Hangup(reason))
 
+    def _new_agent(self, agent_name: str) -> Agent:
+        agent = self.engines.factory_for(agent_name)(CallContext(self.call_id, self.correlation_id, self.caller_id))
+        if isinstance(agent, ReportsEvents):  # handoffs and tool calls go into the call's events
+            agent.listen(self._agent_event)
+        return agent
+
+    def _on_stream_started(self, started: StreamStarted) -> None:
+        """A channel that names the agent only in its handshake (Twilio's `start` parameters)."""
+        wanted = started.parameters.get("agent", "")
+        if self.format is None and wanted and wanted != self.agent_name:
+            if self.engines.has_agent(wanted):
+                self.agent_name = wanted
+                self.agent = self._new_agent(wanted)  # the default made at connect has not said a word
+                self.events.emit("agent_selected", agent=wanted)
+            else:
+                self._input_error(f"the stream asks for agent {wanted!r}, which this server does not load")
+        self._on_metadata(started.format)
+
     def _agent_event(self, name: str, /, **fields: Any) -> None:
         if name in ("agent_handoff", "tool_called"):
             self.events.emit(name, **fields)
@@ -343,8 +363,10 @@ class MediaHandler:
             return
         if isinstance(message, acs.AudioFrame):
             self._on_audio(message, arrival_t)
-        elif isinstance(message, acs.AudioMetadata | StreamStarted):
+        elif isinstance(message, acs.AudioMetadata):
             self._on_metadata(message.format)
+        elif isinstance(message, StreamStarted):
+            self._on_stream_started(message)
         elif isinstance(message, acs.Dtmf):
             self._on_dtmf(message.digits)
         elif isinstance(message, Played):
