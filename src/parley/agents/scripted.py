@@ -1,10 +1,13 @@
 """A rule-based agent defined in YAML: the offline default agent.
 
 A script lists intents (keywords, regex patterns, DTMF digits) with canned replies. Each caller
-turn is matched against every intent and the best one answers; nothing matches -> the fallback.
+turn is scored against every intent and the best one answers; nothing scores -> the fallback.
 The input usually comes from a weak offline recognizer (lowercase, no punctuation, frequent
-misrecognitions), so matching is a forgiving "count the keywords that appear" score rather than
-anything strict.
+misrecognitions), so matching is a forgiving "count the evidence that appears" score rather than
+anything strict (see ScriptSpec.score). An intent may need slots (parley.agents.slots) filled
+before it acts: they are taken from every sentence, and only the missing ones are asked for.
+Facts (hours, prices) live once in `facts:` and replies name them ({facts.hours}), so every
+phrasing of an answer states the same facts.
 
 The same YAML format describes a scripted agent alone or as one agent of a scenario
 (parley.agents.scenario), where an intent can hand the caller to another agent (`handoff:`).
@@ -13,7 +16,8 @@ The same YAML format describes a scripted agent alone or as one agent of a scena
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +37,7 @@ from parley.agents.loading import (
     describe_validation_error,
     read_yaml_mapping,
 )
+from parley.agents.slots import NUMBER, RESERVED_NAMES, SLOT_NAME, SlotType, SlotUse
 from parley.protocols import (
     AgentFactory,
     AgentOutput,
@@ -64,9 +69,19 @@ _BARE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _DTMF_DIGITS = re.compile(r"^[0-9*#A-Da-d]+$")
 _APOSTROPHES = re.compile(r"['\u2019]")
 _NON_WORD = re.compile(r"[\W_]+")
-# Only these two placeholders exist; matching them literally (instead of str.format) means stray
-# braces or unknown names in a reply can never raise in the middle of a call.
-_PLACEHOLDER = re.compile(r"\{(text|digits)\}")
+# {text}, {digits}, an intent's slots ({size}) and facts ({facts.hours}, {facts.price.large},
+# or the entry for the slot's value: {facts.price.{size}}). Filled by lookup (instead of
+# str.format), so stray braces or unknown names in a reply stay as written and can never raise in
+# the middle of a call.
+_PLACEHOLDER = re.compile(r"\{(facts(?:\.[A-Za-z0-9_-]+)+(?:\.\{[a-z_][a-z0-9_]*\})?|[A-Za-z_][A-Za-z0-9_]*)\}")
+_FACT_REFERENCE = re.compile(r"\{facts((?:\.[A-Za-z0-9_-]+)+)(?:\.\{([a-z_][a-z0-9_]*)\})?\}")
+_SLOT_REFERENCE = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
+
+# Points of evidence (see ScriptSpec.score). Kept as integers so scores compare exactly.
+KEYWORD_POINTS = 2
+PATTERN_POINTS = 2
+SLOT_MENTION_POINTS = 1
+AWAITED_SLOT_POINTS = 2
 
 
 ScriptError = AgentConfigError
@@ -126,9 +141,47 @@ def split_sentences(text: str) -> list[str]:
     return sentences
 
 
-def _fill_placeholders(template: str, text: str, digits: str) -> str:
-    values = {"text": text, "digits": digits}
-    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+def fill_placeholders(template: str, values: Mapping[str, str], facts: Mapping[str, Any]) -> str:
+    """`template` with {name} from `values` and {facts.path} from `facts`; unknown ones stay."""
+
+    def value(match: re.Match[str]) -> str:
+        key = match.group(1)
+        if key.startswith("facts."):
+            path, _, index = key.removesuffix("}").partition(".{")
+            keys = path.split(".")[1:]
+            if index:
+                if index not in values:
+                    return match.group(0)
+                keys.append(values[index])
+            found = lookup_fact(facts, keys)
+            return match.group(0) if found is None else found
+        return values.get(key, match.group(0))
+
+    return _PLACEHOLDER.sub(value, template)
+
+
+def lookup_fact(facts: Mapping[str, Any], path: list[str]) -> str | None:
+    """The fact at `path` as text, or None when it is missing or not a single value."""
+    node: Any = facts
+    for key in path:
+        if not isinstance(node, Mapping) or key not in node:
+            return None
+        node = node[key]
+    if isinstance(node, bool) or not isinstance(node, str | int | float):
+        return None
+    return str(node)
+
+
+def fact_references(text: str) -> frozenset[str]:
+    """The facts a text names ("hours", "price.large", "price.{size}")."""
+    return frozenset(
+        m.group(1)[1:] + (f".{{{m.group(2)}}}" if m.group(2) else "") for m in _FACT_REFERENCE.finditer(text)
+    )
+
+
+def slot_references(text: str) -> frozenset[str]:
+    """The names a text uses as {name} (alone or inside a fact): slots, if the intent has them."""
+    return frozenset(_SLOT_REFERENCE.findall(text))
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,6 +205,7 @@ class IntentSpec(BaseModel):
     dtmf: str | None = None
     reply: str | None = None
     replies: list[str] | None = None
+    slots: list[SlotUse] = Field(default_factory=list, description="Filled before the reply; asked if missing.")
     end_call: bool = False
     handoff: str | None = Field(None, description="After the reply, hand the caller to this agent.")
     # False plays the reply through anything the caller says (a legal notice, a disclosure).
@@ -186,7 +240,45 @@ class IntentSpec(BaseModel):
             raise ValueError("an intent cannot both end the call and hand it off")
         if not (self._keywords or self._patterns or self.dtmf):
             raise ValueError("needs at least one of keywords, patterns or dtmf, or it can never match")
+        self._check_slots()
         return self
+
+    def _check_slots(self) -> None:
+        names = [use.name for use in self.slots]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"slots listed twice: {', '.join(duplicates)}")
+        optional = self.optional_slots
+        if optional and all(self.optional_slots_named(reply) for reply in self.all_replies):
+            raise ValueError(
+                f"at least one reply must name none of the optional slots ({', '.join(sorted(optional))}):"
+                " it is what the caller hears when they did not say them"
+            )
+        # Variants differ in wording only: a fact in one phrasing and not in another is how a
+        # caller hears "until ten" and then "until midnight" for the same question. (Replies for
+        # different optional slots given are different answers, compared among themselves.)
+        groups: dict[frozenset[str], list[tuple[int, str]]] = {}
+        for index, reply in enumerate(self.all_replies):
+            groups.setdefault(self.optional_slots_named(reply), []).append((index, reply))
+        for group in groups.values():
+            if len({fact_references(reply) for _, reply in group}) > 1:
+                described = "; ".join(
+                    f"replies[{i}]: {', '.join(sorted(fact_references(r))) or 'none'}" for i, r in group
+                )
+                raise ValueError(f"every reply must name the same facts, so only the wording varies ({described})")
+
+    @property
+    def optional_slots(self) -> frozenset[str]:
+        return frozenset(use.name for use in self.slots if use.optional)
+
+    def optional_slots_named(self, reply: str) -> frozenset[str]:
+        return slot_references(reply) & self.optional_slots
+
+    def replies_for(self, given: Mapping[str, str]) -> list[str]:
+        """The replies that use the most optional slots the caller gave (all of them given)."""
+        usable = [r for r in self.all_replies if self.optional_slots_named(r) <= given.keys()]
+        most = max(len(self.optional_slots_named(r)) for r in usable)
+        return [r for r in usable if len(self.optional_slots_named(r)) == most]
 
     def _check_replies(self) -> None:
         if (self.reply is None) == (self.replies is None):
@@ -219,6 +311,11 @@ class IntentSpec(BaseModel):
         """The reply texts in rotation order (a single `reply` is a rotation of one)."""
         return [self.reply] if self.reply is not None else list(self.replies or [])
 
+    @property
+    def texts(self) -> list[str]:
+        """Everything this intent may say: its replies and its slots' questions."""
+        return self.all_replies + [use.ask for use in self.slots if use.ask is not None]
+
     def score(self, text: str, normalized: str | None = None) -> int:
         """Distinct keywords/phrases present as whole words + patterns that match.
 
@@ -226,12 +323,15 @@ class IntentSpec(BaseModel):
         either with punctuation ("what's") or in recognizer style ("whats"); it counts once.
         `normalized` may be passed when the caller already computed normalize_text(text).
         """
-        if normalized is None:
-            normalized = normalize_text(text)
+        keywords, patterns = self.evidence(text, normalize_text(text) if normalized is None else normalized)
+        return keywords + patterns
+
+    def evidence(self, text: str, normalized: str) -> tuple[int, int]:
+        """(distinct keywords present, patterns that match)."""
         padded = f" {normalized} "
-        hits = sum(1 for kw in self._keywords if f" {kw} " in padded)
-        hits += sum(1 for p in self._patterns if p.search(text) or p.search(normalized))
-        return hits
+        keywords = sum(1 for kw in self._keywords if f" {kw} " in padded)
+        patterns = sum(1 for p in self._patterns if p.search(text) or p.search(normalized))
+        return keywords, patterns
 
 
 class ScriptSpec(BaseModel):
@@ -249,6 +349,10 @@ class ScriptSpec(BaseModel):
     fallback: str = Field(min_length=1)
     fallback_dtmf: str | None = None
     handoffs: list[HandoffSpec] = Field(default_factory=list)
+    facts: dict[str, Any] = Field(default_factory=dict, description="Named in replies as {facts.name}.")
+    slots: dict[str, Literal["number"] | dict[str, list[str]]] = Field(default_factory=dict)
+
+    _slot_types: dict[str, SlotType] = PrivateAttr(default_factory=dict)
 
     @field_validator("voice", "greeting", "fallback_dtmf", mode="before")
     @classmethod
@@ -282,7 +386,97 @@ class ScriptSpec(BaseModel):
                     f"intent {intent.name!r} hands off to {intent.handoff!r}, which is not in "
                     f"this agent's handoffs ({', '.join(sorted(declared)) or 'none declared'})"
                 )
+        self._slot_types = self._compiled_slots()
+        self._check_fact_references()
         return self
+
+    def _compiled_slots(self) -> dict[str, SlotType]:
+        types = {}
+        for name, values in self.slots.items():
+            if not SLOT_NAME.match(name) or name in RESERVED_NAMES:
+                raise ValueError(
+                    f"slot name {name!r} must be lowercase letters, digits and '_', and not one of"
+                    f" {', '.join(sorted(RESERVED_NAMES))} (those are placeholders already)"
+                )
+            if isinstance(values, dict) and not values:
+                raise ValueError(f"slot {name!r} lists no values (or say `{name}: {NUMBER}` for a count)")
+            types[name] = SlotType(name, values, normalize_text)
+        for intent in self.intents:
+            unknown = [use.name for use in intent.slots if use.name not in types]
+            if unknown:
+                raise ValueError(
+                    f"intent {intent.name!r} fills slot {unknown[0]!r}, which is not in this agent's slots"
+                    f" ({', '.join(sorted(types)) or 'none declared'})"
+                )
+        return types
+
+    def _check_fact_references(self) -> None:
+        # A fact that is not there would be read out as "{facts.hours}": refuse to start instead.
+        texts: list[tuple[str, str | None, IntentSpec | None]] = [
+            ("greeting", self.greeting, None),
+            ("fallback", self.fallback, None),
+            ("fallback_dtmf", self.fallback_dtmf, None),
+        ]
+        texts += [(f"intent {intent.name!r}", text, intent) for intent in self.intents for text in intent.texts]
+        for where, text, intent in texts:
+            for reference in sorted(fact_references(text or "")):
+                problem = self._fact_problem(reference, intent)
+                if problem:
+                    raise ValueError(f"{where} names {{facts.{reference}}}, {problem}")
+
+    def _fact_problem(self, reference: str, intent: IntentSpec | None) -> str | None:
+        path, _, index = reference.removesuffix("}").partition(".{")
+        keys = path.split(".")
+        known = ", ".join(sorted(self.facts)) or "none"
+        if not index:
+            if lookup_fact(self.facts, keys) is None:
+                return f"which is not a single value in facts (facts: {known})"
+            return None
+        slot = self._slot_types.get(index)
+        if intent is None or slot is None or index not in {use.name for use in intent.slots}:
+            return f"but {index!r} is not a slot of {'this intent' if intent else 'an intent'}"
+        if slot.is_number:
+            return f"but {index!r} is a count: facts cannot list an entry for every number"
+        entries = [lookup_fact(self.facts, [*keys, value]) for value in slot.values]
+        missing = [value for value, entry in zip(slot.values, entries, strict=True) if entry is None]
+        if missing:
+            return f"so facts.{path} needs an entry for every {index}; missing: {', '.join(missing)}"
+        return None
+
+    def mentions(self, text: str) -> dict[str, str]:
+        """Every slot value the sentence mentions: {slot name: canonical value}."""
+        normalized = normalize_text(text)
+        found = {}
+        for name, slot in self._slot_types.items():
+            hit = slot.find(normalized)
+            if hit is not None:
+                found[name] = hit[1]
+        return found
+
+    def score(
+        self,
+        intent: IntentSpec,
+        text: str,
+        normalized: str,
+        mentioned: Mapping[str, str],
+        awaited: frozenset[str] = frozenset(),
+    ) -> int:
+        """Points of evidence that the caller wants `intent` (docs/agents.md, "How a sentence is
+        matched"): 2 per distinct keyword present and per pattern that matches; 1 if the sentence
+        names any value of one of its slots (what it acts on, weaker than what is asked for; not
+        counts, not optional slots);
+        2 more if the intent is waiting for a slot the sentence fills (the answer to its question).
+        """
+        keywords, patterns = intent.evidence(text, normalized)
+        points = KEYWORD_POINTS * keywords + PATTERN_POINTS * patterns
+        if any(
+            use.name in mentioned and not use.optional and self._slot_types[use.name].is_evidence
+            for use in intent.slots
+        ):
+            points += SLOT_MENTION_POINTS
+        if awaited & mentioned.keys():
+            points += AWAITED_SLOT_POINTS
+        return points
 
     def handoff_to(self, name: str) -> HandoffSpec:
         return next(h for h in self.handoffs if h.to == name)
@@ -291,15 +485,27 @@ class ScriptSpec(BaseModel):
     def dtmf_fallback(self) -> str:
         return self.fallback_dtmf if self.fallback_dtmf is not None else self.fallback
 
-    def match_text(self, text: str) -> IntentSpec | None:
-        """Best-scoring intent for recognised speech; ties go to the earlier intent; 0 -> None."""
+    def match_text(
+        self,
+        text: str,
+        mentioned: Mapping[str, str] | None = None,
+        awaiting: IntentSpec | None = None,
+        awaited: frozenset[str] = frozenset(),
+    ) -> IntentSpec | None:
+        """Best-scoring intent for recognised speech; ties go to the earlier intent; 0 -> None.
+
+        `awaiting` is an intent that asked for the slots `awaited`; `mentioned` the slot values in
+        `text` (computed here when not given).
+        """
         normalized = normalize_text(text)
         if not normalized:  # silence or pure noise: never let a permissive regex claim it
             return None
+        if mentioned is None:
+            mentioned = self.mentions(text)
         best: IntentSpec | None = None
         best_score = 0
         for intent in self.intents:
-            score = intent.score(text, normalized)
+            score = self.score(intent, text, normalized, mentioned, awaited if intent is awaiting else frozenset())
             if score > best_score:  # strictly greater, so the first listed wins a tie
                 best, best_score = intent, score
         return best
@@ -355,6 +561,27 @@ def load_script(path: str | Path) -> ScriptSpec:
 # The agent
 
 
+@dataclass
+class _Awaiting:
+    """An intent that asked the caller for slots it still needs, and what it has so far."""
+
+    intent: IntentSpec
+    values: dict[str, str] = field(default_factory=dict)
+    reasked: bool = False  # asked again after a sentence that matched nothing
+
+    @property
+    def missing(self) -> list[SlotUse]:
+        return [use for use in self.intent.slots if use.required and use.name not in self.values]
+
+
+@dataclass
+class _Answer:
+    intent: IntentSpec | None
+    text: str
+    acts: bool  # the intent is complete: its end_call / handoff happens
+    values: dict[str, str] = field(default_factory=dict)  # the slots its placeholders read
+
+
 class ScriptedAgent:
     """Answers each turn from a ScriptSpec. One instance per call: it keeps reply rotation state
     and the conversation (so an LLM agent taking over in a scenario knows what was said)."""
@@ -365,6 +592,9 @@ class ScriptedAgent:
         self.name = spec.name
         # Name of the intent that answered the last turn; None when the fallback answered.
         self.last_intent: str | None = None
+        # The slots of the last intent with slots that answered ({"pizza": "margherita", ...}).
+        self.slots: dict[str, str] = {}
+        self._awaiting: _Awaiting | None = None
         self._turns_by_intent: dict[str, int] = {}
         self.messages: list[dict[str, Any]] = []
         self._last_user: dict[str, Any] | None = None
@@ -387,29 +617,77 @@ class ScriptedAgent:
             self.record_spoken(self.spec.greeting)
         return self.spec.greeting
 
+    @property
+    def awaiting(self) -> list[str]:
+        """The slots the agent asked for and is still waiting for (empty: none)."""
+        return [use.name for use in self._awaiting.missing] if self._awaiting is not None else []
+
+    def understands(self, user: UserInput) -> bool:
+        """Whether some intent would answer `user` (not the fallback); nothing changes."""
+        return self._match(user, self._mentions(user)) is not None
+
     async def respond(self, user: UserInput) -> AsyncGenerator[AgentOutput, None]:
-        intent = self._match(user)
+        answer = self._answer(user)
+        intent = answer.intent
         self.last_intent = intent.name if intent is not None else None
-        reply = _fill_placeholders(self._next_reply(intent, user), user.text.strip(), user.digits)
+        values = {"text": user.text.strip(), "digits": user.digits, **answer.values}
+        reply = fill_placeholders(answer.text, values, self.spec.facts)
         self._record_turn(user, reply)
         interruptible = intent.interruptible if intent is not None else True
         for sentence in split_sentences(reply):
             yield Say(sentence, interruptible=interruptible)
-        if intent is not None and intent.end_call:
+        if intent is None or not answer.acts:
+            return
+        if intent.end_call:
             yield Hangup(reason=f"intent:{intent.name}")
-        elif intent is not None and intent.handoff is not None:
+        elif intent.handoff is not None:
             yield Handoff(intent.handoff, self.spec.handoff_to(intent.handoff))
 
-    def _match(self, user: UserInput) -> IntentSpec | None:
+    def _answer(self, user: UserInput) -> _Answer:
+        mentioned = self._mentions(user)
+        intent = self._match(user, mentioned)
+        awaiting = self._awaiting
+        if intent is None:
+            if awaiting is not None and not awaiting.reasked:
+                # The caller was answering a question and we did not understand: ask it again
+                # (once) rather than recite the menu of everything the agent can do.
+                awaiting.reasked = True
+                return _Answer(awaiting.intent, _ask(awaiting.missing), acts=False, values=awaiting.values)
+            self._awaiting = None
+            return _Answer(None, self._fallback(user), acts=False)
+        values = dict(awaiting.values) if awaiting is not None and awaiting.intent is intent else {}
+        values.update({use.name: mentioned[use.name] for use in intent.slots if use.name in mentioned})
+        if any(use.required for use in intent.slots):
+            self._awaiting = _Awaiting(intent, values)
+            missing = self._awaiting.missing
+            if missing:
+                return _Answer(intent, _ask(missing), acts=False, values=values)
+            self._awaiting = None
+        # else a side question ("how much is a large?"): an intent waiting for slots still waits.
+        values.update({use.name: use.default for use in intent.slots if use.default and use.name not in values})
+        if intent.slots:
+            self.slots = values
+        return _Answer(intent, self._next_reply(intent, values), acts=True, values=values)
+
+    def _mentions(self, user: UserInput) -> dict[str, str]:
+        return self.spec.mentions(user.text) if user.kind == "speech" else {}
+
+    def _match(self, user: UserInput, mentioned: dict[str, str]) -> IntentSpec | None:
         if user.kind == "dtmf":
             return self.spec.match_dtmf(user.digits)
-        return self.spec.match_text(user.text)
+        awaiting = self._awaiting
+        if awaiting is None:
+            return self.spec.match_text(user.text, mentioned)
+        awaited = frozenset(use.name for use in awaiting.missing)
+        return self.spec.match_text(user.text, mentioned, awaiting.intent, awaited)
 
-    def _next_reply(self, intent: IntentSpec | None, user: UserInput) -> str:
-        if intent is None:
-            return self.spec.dtmf_fallback if user.kind == "dtmf" else self.spec.fallback
+    def _fallback(self, user: UserInput) -> str:
+        return self.spec.dtmf_fallback if user.kind == "dtmf" else self.spec.fallback
+
+    def _next_reply(self, intent: IntentSpec, values: Mapping[str, str]) -> str:
         # Rotate so a caller asking twice hears a different phrasing, which sounds less robotic.
-        replies = intent.all_replies
+        # The facts come from `facts:` whichever phrasing is picked (IntentSpec._check_slots).
+        replies = intent.replies_for(values)
         turn = self._turns_by_intent.get(intent.name, 0)
         self._turns_by_intent[intent.name] = turn + 1
         return replies[turn % len(replies)]
@@ -455,6 +733,11 @@ class ScriptedAgent:
             if self.messages[index] is entry:
                 del self.messages[index]
                 return
+
+
+def _ask(missing: list[SlotUse]) -> str:
+    """The questions for the missing slots, in the order the intent lists them."""
+    return " ".join(use.ask for use in missing if use.ask is not None)
 
 
 def scripted_agent_factory(name_or_path: str) -> AgentFactory:
