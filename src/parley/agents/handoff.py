@@ -8,7 +8,9 @@
         then: respond                  # respond: it answers the caller's words; greet: it greets
 
 An LLM agent hands off by calling the tool `transfer_to_<to>`; a scripted agent through an
-intent's `handoff: <to>`. Either way the scenario switches agents within the same turn.
+intent's `handoff: <to>`. Either way the scenario switches agents within the same turn. With
+`then: respond`, a scripted agent that has no intent for the caller's words greets instead of
+saying its fallback (ScenarioAgent._can_answer).
 """
 
 from __future__ import annotations

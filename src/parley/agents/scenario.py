@@ -185,7 +185,8 @@ class ScenarioSpec(BaseModel):
     def _infer_kinds(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("agents"), list):
             data = dict(data)
-            data["agents"] = [_with_kind(agent) for agent in data["agents"]]
+            facts = data.get("facts")
+            data["agents"] = [_with_facts(_with_kind(agent), facts) for agent in data["agents"]]
         return data
 
     @field_validator("timezone")
@@ -219,6 +220,17 @@ class ScenarioSpec(BaseModel):
     @property
     def start_agent(self) -> str:
         return self.start or self.agents[0].name
+
+
+def _with_facts(agent: Any, facts: Any) -> Any:
+    """A scripted agent reads the scenario's facts ({facts.hours}) as if they were its own, so a
+    fact is written once for every agent; an agent's own `facts:` add to them or override them."""
+    if not isinstance(agent, dict) or agent.get("kind") != "scripted" or not isinstance(facts, dict) or not facts:
+        return agent
+    own = agent.get("facts")
+    if own is not None and not isinstance(own, dict):
+        return agent  # reported by the agent's validation
+    return {**agent, "facts": {**facts, **(own or {})}}
 
 
 def _with_kind(agent: Any) -> Any:
@@ -428,14 +440,25 @@ class ScenarioAgent:
                     "call %s: handoff loop (%d in one turn); staying with %s", self.context.call_id, hop, self.active
                 )
                 return
-            async for output in self._hand_off(agent, handoff, said_words):
+            spec = handoff.handoff if isinstance(handoff.handoff, HandoffSpec) else HandoffSpec(to=handoff.to)
+            greet = spec.then == "greet" or not self._can_answer(spec.to, user)
+            async for output in self._hand_off(agent, spec, said_words, greet=greet):
                 said_words += len(output.text.split()) if isinstance(output, Say) else 0
                 yield output
-            if isinstance(handoff.handoff, HandoffSpec) and handoff.handoff.then == "greet":
+            if greet:
                 return
 
-    async def _hand_off(self, source: Agent, handoff: Handoff, said_words: int) -> AsyncGenerator[AgentOutput, None]:
-        spec = handoff.handoff if isinstance(handoff.handoff, HandoffSpec) else HandoffSpec(to=handoff.to)
+    def _can_answer(self, name: str, user: UserInput) -> bool:
+        """Whether agent `name` has an answer to `user` of its own. A scripted agent that would
+        only say its fallback ("Sorry, I didn't catch that") to the words that brought the caller
+        (a key pressed at reception, "check my account") greets instead: the caller hears who
+        took over and what they can ask. An LLM agent can always answer."""
+        agent = self.member(name)
+        return agent.understands(user) if isinstance(agent, ScriptedAgent) else True
+
+    async def _hand_off(
+        self, source: Agent, spec: HandoffSpec, said_words: int, *, greet: bool
+    ) -> AsyncGenerator[AgentOutput, None]:
         log.info(
             "call %s: handoff %s -> %s (%s, history %s)",
             self.context.call_id,
@@ -444,28 +467,29 @@ class ScenarioAgent:
             "announced" if spec.announce else "silent",
             spec.history,
         )
+        then = "greet" if greet else "respond"
         self._emit(
             "agent_handoff",
             source=self.active,
             target=spec.to,
             announced=bool(spec.announce),
             history=spec.history,
-            then=spec.then,
+            then=then,
         )
         messages: list[Message] = []
         if spec.history == "shared" and isinstance(source, KeepsHistory):
             # Taken before the announcement is recorded: it closes the source's turn.
-            messages = source.history(before_last_input=spec.then == "respond")
+            messages = source.history(before_last_input=not greet)
         if spec.announce:
             _record_spoken(source, spec.announce)
-            if spec.history == "shared" and spec.then == "greet":
+            if spec.history == "shared" and greet:
                 messages.append({"role": "assistant", "content": spec.announce})
             yield Say(spec.announce, voice=self._voice(self.active))
         target = self.member(spec.to)
         if isinstance(target, KeepsHistory):
             target.adopt_history(messages)
         self.active = spec.to
-        if spec.then == "greet":
+        if greet:
             greeting = self.scenario.members[spec.to].spec.greeting
             if greeting:
                 # The turn's earlier words (the source's reply, the announcement) come first in
