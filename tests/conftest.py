@@ -231,6 +231,7 @@ TIERS: dict[str, str | frozenset[str]] = {
     "test_workers_redis.py": SLOW,  # `parley serve --workers 2` on a real redis-server
     "test_scenario.py": FAST,
     "test_scripted_agent.py": FAST,
+    "test_scripted_listening.py": FAST,  # slots, scoring, facts, handoffs: the packaged scenarios
     "test_settings.py": FAST,
     "test_bench_machine.py": FAST,
 }
