@@ -3,7 +3,7 @@
     name: Riverside Bank
     start: reception                 # the agent that answers the call (default: the first)
     timezone: Europe/London          # for {{ time }} in prompts (default UTC)
-    facts: {hours: "nine to five"}   # anything; prompts read it as {{ facts.hours }}
+    facts: {hours: "nine to five"}   # prompts read {{ facts.hours }}, scripted replies {facts.hours}
     agents:
       - name: reception              # a scripted agent: intents, fallback (parley.agents.scripted)
         intents: [...]
