@@ -27,6 +27,7 @@ wins, and the longer phrase when two start at the same place ("extra large" over
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -54,7 +55,9 @@ def number_word(value: int) -> str:
 class SlotType:
     """One slot's vocabulary, compiled once at startup: `find` is a few substring searches."""
 
-    def __init__(self, name: str, values: Literal["number"] | dict[str, list[str]], normalize: Any) -> None:
+    def __init__(
+        self, name: str, values: Literal["number"] | dict[str, list[str]], normalize: Callable[[str], str]
+    ) -> None:
         self.name = name
         self.is_number = values == NUMBER
         self.values: tuple[str, ...] = tuple(values) if isinstance(values, dict) else ()
@@ -82,7 +85,7 @@ class SlotType:
         return best
 
 
-def _phrases(slot: str, values: dict[str, list[str]], normalize: Any) -> list[tuple[str, str]]:
+def _phrases(slot: str, values: dict[str, list[str]], normalize: Callable[[str], str]) -> list[tuple[str, str]]:
     owner: dict[str, str] = {}
     for value, words in values.items():
         for word in [value, *words]:
