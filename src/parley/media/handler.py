@@ -60,7 +60,15 @@ from parley.protocols import (
 )
 from parley.settings import Settings
 from parley.transports import acs
-from parley.transports.wire import AcsWire, MediaWire, Outbound, Played, StreamEnded, StreamStarted
+from parley.transports.wire import (
+    AcsWire,
+    MarksPlayout,
+    MediaWire,
+    Outbound,
+    Played,
+    StreamEnded,
+    StreamStarted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +149,7 @@ class MediaHandler:
     async def run(self, websocket: WebSocket) -> None:
         """Serve the call until the caller hangs up, the agent ends it, or the peer misbehaves."""
         self._start_limits(time.monotonic())
-        self.writer = OutboundWriter(_sender(websocket), self.events, self.wire.stop())
+        self.writer = OutboundWriter(_sender(websocket), self.events, self.wire.stop)
         self._spawn(self.writer.run(), "writer")
         self._spawn(self._watch_deadlines(), "deadlines")
         self.events.emit("call_started", correlation_id=self.correlation_id)
@@ -366,8 +374,10 @@ class MediaHandler:
         self.recognition.submit(frame.pcm, arrival_t)
 
     def on_played(self, name: str, arrival_t: float) -> None:
-        """The far end reports it has played up to the mark `name` (wires that mark playout)."""
-        log.debug("call %s: far end played up to mark %s", self.call_id, name)
+        """The far end reports it has played up to the mark `name` (wires that mark playout): what
+        the caller heard (history truncation, the resume point) follows it from now on."""
+        if self.player is None or not self.player.played(name, arrival_t):
+            log.debug("call %s: mark %s says nothing new about playout", self.call_id, name)
 
     def _on_metadata(self, audio_format: acs.AudioFormat) -> None:
         if self.format is None:
@@ -398,6 +408,7 @@ class MediaHandler:
             self.settings.playout_lead_ms,
             self.echo_reference,
             encode=self.wire.audio,
+            mark=self.wire.mark if isinstance(self.wire, MarksPlayout) else None,
         )
         self.reply = ReplyProducer(
             call_id=self.call_id,
@@ -759,9 +770,12 @@ class MediaHandler:
 
 
 def _sender(websocket: WebSocket) -> Callable[[Outbound], Awaitable[None]]:
-    """Text messages as text frames, bytes as binary ones."""
+    """Text messages as text frames, bytes as binary ones; an empty message is nothing to send (a
+    wire's message it could not address, e.g. Twilio's before its stream started)."""
 
     async def send(message: Outbound) -> None:
+        if not message:
+            return
         if isinstance(message, str):
             await websocket.send_text(message)
         else:
