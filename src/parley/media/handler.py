@@ -97,10 +97,11 @@ class MediaHandler:
     ) -> None:
         self.call_id = call_id
         self.wire: MediaWire = wire if wire is not None else AcsWire()
-        # Hang-up and transfer of the phone call: ACS Call Automation by default; a channel may set
-        # its own (Twilio's REST API). `control_call_id` is the id it knows the call by (Twilio's
-        # CallSid, from the stream's start).
-        self.call_control: CallControl | None = engines.call_control
+        # Hang-up and transfer of the phone call: the engines' (ACS Call Automation) unless a channel
+        # sets its own (`call_control`: Twilio's REST API, or None). `control_call_id` is the id it
+        # knows the call by (Twilio's CallSid, from the stream's start).
+        self._channel_control: CallControl | None = None
+        self._channel_control_set = False
         self.control_call_id = call_id
         self.correlation_id = correlation_id
         self.settings = settings
@@ -150,6 +151,14 @@ class MediaHandler:
         # A goodbye's hang-up (or a transfer) whose turn the caller talked over: carried out after
         # the caller's words are answered, or at once if those words were a farewell.
         self._deferred_control: Hangup | Transfer | None = None
+
+    @property
+    def call_control(self) -> CallControl | None:
+        return self._channel_control if self._channel_control_set else self.engines.call_control
+
+    @call_control.setter
+    def call_control(self, control: CallControl | None) -> None:
+        self._channel_control, self._channel_control_set = control, True
 
     # ------------------------------------------------------------------ socket lifecycle
     async def run(self, websocket: WebSocket) -> None:
