@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -25,7 +26,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from conftest import HOURS_PHRASE
 from parley.engines import plumbing_engines
-from parley.protocols import AgentOutput, CallContext, Hangup, Say, UserInput
+from parley.protocols import AgentOutput, CallContext, Hangup, Say, Transfer, UserInput
 from parley.server import BackgroundServer
 from parley.settings import Settings, load_settings
 from parley.transports import twilio as tw
@@ -232,15 +233,41 @@ class ByeAgent:
     voice = None
     greeting_interruptible = True
 
+    def __init__(self, control: Hangup | Transfer) -> None:
+        self.control = control
+
     def greeting(self) -> str | None:
         return "Hello."
 
     async def respond(self, user: UserInput) -> AsyncIterator[AgentOutput]:
         yield Say("Goodbye.")
-        yield Hangup("agent_hangup")
+        yield self.control
 
 
-async def test_the_agents_hang_up_reaches_the_twilio_call(voice: EspeakSynthesizer) -> None:
+class AcsControl:
+    """Stands in for ACS Call Automation on the same server: a Twilio call must never reach it."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+
+    async def hang_up(self, call_id: str) -> None:
+        self.requests.append(f"hang up {call_id}")
+
+    async def transfer(self, call_id: str, target: str) -> None:
+        self.requests.append(f"transfer {call_id}")
+
+
+@pytest.mark.parametrize(
+    ("control", "form"),
+    [
+        (Hangup("agent_hangup"), {"Status": "completed"}),
+        (Transfer("+15550123"), {"Twiml": "<Response><Dial>+15550123</Dial></Response>"}),
+    ],
+)
+async def test_the_agents_hang_up_or_transfer_reaches_the_twilio_call(
+    voice: EspeakSynthesizer, control: Hangup | Transfer, form: dict[str, str]
+) -> None:
+    FakeTwilio.requests.clear()
     fake = ThreadingHTTPServer(("127.0.0.1", 0), FakeTwilio)
     thread = threading.Thread(target=fake.serve_forever, daemon=True)
     thread.start()
@@ -248,9 +275,11 @@ async def test_the_agents_hang_up_reaches_the_twilio_call(voice: EspeakSynthesiz
     engines = plumbing_engines(settings)
 
     def agent_factory(context: CallContext) -> ByeAgent:
-        return ByeAgent()
+        return ByeAgent(control)
 
     engines.agent_factory = agent_factory
+    acs_control = AcsControl()
+    engines.call_control = acs_control
     srv = BackgroundServer(settings, engines).start()
     try:
         ws = await _open(srv)
@@ -260,7 +289,12 @@ async def test_the_agents_hang_up_reaches_the_twilio_call(voice: EspeakSynthesiz
         await peer.until(lambda: bool(peer.of(tw.OutboundMedia)), timeout=15)
         await asyncio.sleep(1.0)  # past the greeting
         await peer.audio.put(_speech_mulaw(voice))
-        await asyncio.wait_for(tasks[1], 20)  # parley closes the stream after the goodbye
+        await peer.until(lambda: bool(FakeTwilio.requests), timeout=20)
+        # Twilio then ends the stream (a transfer's new TwiML replaces <Connect><Stream>); after a
+        # hang-up parley has closed it already.
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await ws.send(tw.stop_message(STREAM_SID, CALL_SID))
+        await asyncio.wait_for(tasks[1], 10)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -271,7 +305,8 @@ async def test_the_agents_hang_up_reaches_the_twilio_call(voice: EspeakSynthesiz
     assert FakeTwilio.requests == [
         {
             "path": f"/2010-04-01/Accounts/{ACCOUNT}/Calls/{CALL_SID}.json",
-            "form": {"Status": "completed"},
+            "form": form,
             "status": 200,
         }
     ]
+    assert acs_control.requests == []
