@@ -7,6 +7,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from parley.transports import twilio as tw
 from parley.transports.acs import AcsProtocolError
@@ -208,3 +210,46 @@ def test_bad_outbound_messages_raise() -> None:
         tw.parse_outbound('{"event":"media","streamSid":"MZ1","media":{"payload":"!!"}}')
     with pytest.raises(tw.TwilioProtocolError, match="'streamSid'"):
         tw.parse_outbound('{"event":"clear"}')
+
+
+# --------------------------------------------------------------------------------------------
+# Whatever a peer sends: a typed value or a TwilioProtocolError, never anything else
+# --------------------------------------------------------------------------------------------
+
+_json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12)
+_json_values = st.recursive(
+    _json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+_field_names = st.sampled_from(
+    ["streamSid", "callSid", "payload", "track", "chunk", "timestamp", "digit", "name", "tracks",
+     "customParameters", "mediaFormat", "sequenceNumber", "start", "media", "dtmf", "mark", "stop"]
+)  # fmt: skip
+_objects = st.dictionaries(_field_names, _json_values | st.just("AAAA") | st.just({"payload": "AAAA"}), max_size=6)
+_messages = st.builds(
+    lambda event, body, nested: {"event": event, **body, **nested},
+    st.sampled_from(["connected", "start", "media", "dtmf", "mark", "stop", "clear", 7, None]),
+    _objects,
+    st.dictionaries(st.sampled_from(["start", "media", "dtmf", "mark", "stop"]), _objects, max_size=2),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_messages)
+def test_any_message_parses_or_raises_a_protocol_error(message: dict) -> None:
+    text = json.dumps(message)
+    for parse in (tw.parse_inbound, tw.parse_outbound):
+        try:
+            parse(text)
+        except tw.TwilioProtocolError:
+            pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200) | st.text(max_size=200))
+def test_any_bytes_parse_or_raise_a_protocol_error(data: bytes | str) -> None:
+    try:
+        tw.parse_inbound(data)
+    except tw.TwilioProtocolError:
+        pass

@@ -7,6 +7,8 @@ import logging
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from parley.transports import acs
 from parley.transports import twilio as tw
@@ -174,3 +176,34 @@ def test_bad_streams_raise_protocol_errors(setup: bool, message: str, words: str
     wire = _started() if setup else TwilioWire()
     with pytest.raises(acs.AcsProtocolError, match=words):
         wire.parse(message, FORMAT)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                tw.start_message("MZ1", "CA1"),
+                tw.inbound_media_message("MZ1", bytes(80), 1, 0),
+                tw.inbound_media_message("MZ1", bytes(160), 2, 20),
+                tw.inbound_media_message("MZ1", bytes(161), 3, 40),
+                tw.inbound_media_message("MZ2", bytes(160), 4, 60),
+                tw.mark_echo_message("MZ1", "1:0:10"),
+                tw.dtmf_message("MZ1", "7"),
+                tw.stop_message("MZ1", "CA1"),
+                tw.connected_message(),
+                '{"event":"media","streamSid":"MZ1","media":{"payload":"@@"}}',
+            ]
+        ),
+        max_size=12,
+    )
+)
+def test_any_sequence_of_messages_gives_frames_of_20ms_or_protocol_errors(messages: list[str]) -> None:
+    wire = TwilioWire()
+    for message in messages:
+        try:
+            value = wire.parse(message, FORMAT)
+        except acs.AcsProtocolError:
+            continue
+        if isinstance(value, acs.AudioFrame):
+            assert len(value.pcm) == FORMAT.frame_bytes
