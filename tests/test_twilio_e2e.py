@@ -24,7 +24,6 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
-from conftest import HOURS_PHRASE
 from parley.engines import plumbing_engines
 from parley.protocols import AgentOutput, CallContext, Hangup, Say, Transfer, UserInput
 from parley.server import BackgroundServer
@@ -32,6 +31,7 @@ from parley.settings import Settings, load_settings
 from parley.transports import twilio as tw
 from parley.transports.twilio_resample import Downsampler
 from parley.voice.espeak import EspeakSynthesizer
+from tests.conftest import HOURS_PHRASE
 
 TOKEN = "test-auth-token"
 PUBLIC = "https://parley.example"
