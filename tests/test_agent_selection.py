@@ -154,3 +154,13 @@ def test_acs_media_url_carries_the_agent() -> None:
     url = media_url("https://parley.example.org", "k1", "+1425", "bank")
     assert url == "wss://parley.example.org/ws/acs?callId=k1&callerId=%2B1425&agent=bank"
     assert "agent" not in media_url("https://parley.example.org", "k1", "")
+
+
+@pytest.mark.usefixtures("no_media_start")
+def test_the_handshake_names_the_caller_for_the_agents_prompts() -> None:
+    config = settings()
+    handler = MediaHandler(call_id="t-3", settings=config, engines=scripted_engines(config))
+    handler._on_stream_started(StreamStarted(acs.AudioFormat.for_rate(16000), "CA3", {"from": "+14255550199"}))
+    assert handler.caller_id == "+14255550199" and handler.agent_name == ""
+    assert not handler.events.of("agent_selected")
+    assert handler.events.of("stream_started")[0]["parameters"] == ["from"]  # names, never the number

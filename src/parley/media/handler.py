@@ -50,6 +50,7 @@ from parley.media.writer import OutboundWriter
 from parley.protocols import (
     Agent,
     CallContext,
+    CallControl,
     ExpectsDigits,
     Hangup,
     RecordsSpoken,
@@ -61,7 +62,15 @@ from parley.protocols import (
 )
 from parley.settings import Settings
 from parley.transports import acs
-from parley.transports.wire import AcsWire, MediaWire, Outbound, Played, StreamEnded, StreamStarted
+from parley.transports.wire import (
+    AcsWire,
+    MarksPlayout,
+    MediaWire,
+    Outbound,
+    Played,
+    StreamEnded,
+    StreamStarted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +99,12 @@ class MediaHandler:
     ) -> None:
         self.call_id = call_id
         self.wire: MediaWire = wire if wire is not None else AcsWire()
+        # Hang-up and transfer of the phone call: the engines' (ACS Call Automation) unless a channel
+        # sets its own (`call_control`: Twilio's REST API, or None). `control_call_id` is the id it
+        # knows the call by (Twilio's CallSid, from the stream's start).
+        self._channel_control: CallControl | None = None
+        self._channel_control_set = False
+        self.control_call_id = call_id
         self.correlation_id = correlation_id
         self.settings = settings
         self.engines = engines
@@ -139,11 +154,19 @@ class MediaHandler:
         # the caller's words are answered, or at once if those words were a farewell.
         self._deferred_control: Hangup | Transfer | None = None
 
+    @property
+    def call_control(self) -> CallControl | None:
+        return self._channel_control if self._channel_control_set else self.engines.call_control
+
+    @call_control.setter
+    def call_control(self, control: CallControl | None) -> None:
+        self._channel_control, self._channel_control_set = control, True
+
     # ------------------------------------------------------------------ socket lifecycle
     async def run(self, websocket: WebSocket) -> None:
         """Serve the call until the caller hangs up, the agent ends it, or the peer misbehaves."""
         self._start_limits(time.monotonic())
-        self.writer = OutboundWriter(_sender(websocket), self.events, self.wire.stop())
+        self.writer = OutboundWriter(_sender(websocket), self.events, self.wire.stop)
         self._spawn(self.writer.run(), "writer")
         self._spawn(self._watch_deadlines(), "deadlines")
         self.events.emit("call_started", correlation_id=self.correlation_id)
@@ -327,16 +350,36 @@ class MediaHandler:
         return agent
 
     def _on_stream_started(self, started: StreamStarted) -> None:
-        """A channel that names the agent only in its handshake (Twilio's `start` parameters)."""
-        wanted = started.parameters.get("agent", "")
-        if self.format is None and wanted and wanted != self.agent_name:
-            if self.engines.has_agent(wanted):
-                self.agent_name = wanted
-                self.agent = self._new_agent(wanted)  # the default made at connect has not said a word
-                self.events.emit("agent_selected", agent=wanted)
-            else:
-                self._input_error(f"the stream asks for agent {wanted!r}, which this server does not load")
+        """The channel's handshake: the call's own id (Twilio's CallSid) goes into the events and
+        addresses call control; the parameters are named, not logged (they carry phone numbers).
+        A channel may name the agent only here (Twilio's `start` parameters)."""
+        if started.call_id:
+            self.control_call_id = started.call_id
+        self.events.emit(
+            "stream_started",
+            channel=self.wire.name,
+            channel_call_id=started.call_id,
+            parameters=sorted(started.parameters),
+        )
+        if self.format is None:  # the agent made at connect has not said a word: it may be replaced
+            self._choose_agent(started.parameters.get("agent", ""), started.parameters.get("from", "")[:64])
         self._on_metadata(started.format)
+
+    def _choose_agent(self, wanted: str, caller_id: str) -> None:
+        """The agent (and the caller's number, for its prompts) the handshake names."""
+        if wanted and wanted != self.agent_name and not self.engines.has_agent(wanted):
+            self._input_error(f"the stream asks for agent {wanted!r}, which this server does not load")
+            wanted = ""
+        changed = bool(wanted) and wanted != self.agent_name
+        if caller_id and not self.caller_id:
+            self.caller_id = caller_id
+            changed = True
+        if not changed:
+            return
+        self.agent_name = wanted or self.agent_name
+        self.agent = self._new_agent(self.agent_name)
+        if wanted:
+            self.events.emit("agent_selected", agent=wanted)
 
     def _agent_event(self, name: str, /, **fields: Any) -> None:
         if name in ("agent_handoff", "tool_called"):
@@ -388,8 +431,10 @@ class MediaHandler:
         self.recognition.submit(frame.pcm, arrival_t)
 
     def on_played(self, name: str, arrival_t: float) -> None:
-        """The far end reports it has played up to the mark `name` (wires that mark playout)."""
-        log.debug("call %s: far end played up to mark %s", self.call_id, name)
+        """The far end reports it has played up to the mark `name` (wires that mark playout): what
+        the caller heard (history truncation, the resume point) follows it from now on."""
+        if self.player is None or not self.player.played(name, arrival_t):
+            log.debug("call %s: mark %s says nothing new about playout", self.call_id, name)
 
     def _on_metadata(self, audio_format: acs.AudioFormat) -> None:
         if self.format is None:
@@ -420,6 +465,7 @@ class MediaHandler:
             self.settings.playout_lead_ms,
             self.echo_reference,
             encode=self.wire.audio,
+            mark=self.wire.mark if isinstance(self.wire, MarksPlayout) else None,
         )
         self.reply = ReplyProducer(
             call_id=self.call_id,
@@ -741,18 +787,18 @@ class MediaHandler:
 
     def _hang_up(self, hangup: Hangup) -> None:
         """End the call: for everyone through Call Automation when configured, and the media here."""
-        control = self.engines.call_control
+        control = self.call_control
         if control is not None:
-            self._request(control.hang_up(self.call_id), "hang up")
+            self._request(control.hang_up(self.control_call_id), "hang up")
         self.end_call(hangup.reason)
 
     def _transfer(self, transfer: Transfer) -> None:
         """The media socket cannot move a call: Call Automation does (the media stream then ends
         and the socket closes). Without it the call ends here, saying why."""
         self.events.emit("transfer_requested", target=transfer.target, reason=transfer.reason)
-        control = self.engines.call_control
+        control = self.call_control
         if control is not None:
-            self._request(control.transfer(self.call_id, transfer.target), "transfer")
+            self._request(control.transfer(self.control_call_id, transfer.target), "transfer")
             return
         log.warning(
             "call %s: the agent asked to transfer to %s, but no call control (ACS Call "
@@ -773,17 +819,20 @@ class MediaHandler:
         except Exception as exc:  # noqa: BLE001 - a failed request must not take the call down
             log.error("call %s: %s failed: %s", self.call_id, what, exc)
             self.events.emit("input_error", error=f"{what} failed: {exc}")
-            control = self.engines.call_control
+            control = self.call_control
             if what == "transfer" and control is not None:
                 # Closing the media socket alone would leave the caller on a silent line.
-                self._request(control.hang_up(self.call_id), "hang up")
+                self._request(control.hang_up(self.control_call_id), "hang up")
             self.end_call(f"{what}_failed")
 
 
 def _sender(websocket: WebSocket) -> Callable[[Outbound], Awaitable[None]]:
-    """Text messages as text frames, bytes as binary ones."""
+    """Text messages as text frames, bytes as binary ones; an empty message is nothing to send (a
+    wire's message it could not address, e.g. Twilio's before its stream started)."""
 
     async def send(message: Outbound) -> None:
+        if not message:
+            return
         if isinstance(message, str):
             await websocket.send_text(message)
         else:
