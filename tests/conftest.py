@@ -150,6 +150,12 @@ TIERS: dict[str, str | frozenset[str]] = {
     "test_bargein_e2e.py": SLOW,
     "test_bench_smoke.py": SLOW,
     "test_caller.py": SLOW,  # real-time calls against local servers
+    "test_call_cli.py": frozenset(  # real-time calls against plumbing servers
+        {
+            "test_a_say_timeline_with_keys_is_two_utterances_and_a_stereo_recording",
+            "test_the_token_reaches_the_events_api",
+        }
+    ),
     "test_clauses.py": FAST,
     "test_cli.py": SLOW,
     "test_drain.py": SLOW,  # `parley serve` subprocesses drained with SIGTERM
