@@ -77,6 +77,7 @@ NOBODY = "ws://127.0.0.1:9/ws"
         (["--say", "1:{wav}", "--dtmf", "2"], "--dtmf '2': the format is SECONDS:DIGITS"),
         (["--say", "1:{wav}", "--dtmf", "2:9x"], "are not DTMF keys"),
         (["{wav}", "--proto", "sip"], "--proto 'sip': expected acs or twilio"),
+        (["{wav}", "--proto", "twilio", "--sample-rate", "24000"], "--proto twilio runs at --sample-rate 16000"),
         (["{wav}", "--url", "ftp://example.org"], "--url 'ftp://example.org' is not a server URL"),
     ],
 )

@@ -241,6 +241,8 @@ def call(
         _call_error(f"--proto {proto!r}: expected {' or '.join(caller.PROTOCOLS)}")
     if sample_rate not in (16000, 24000):
         _call_error("--sample-rate must be 16000 or 24000")
+    if proto == "twilio" and sample_rate != 16000:
+        _call_error("--proto twilio runs at --sample-rate 16000 (Twilio's 8 kHz, resampled 2:1)")
     if barge_in_at is not None and barge_in_at < 0:
         _call_error("--barge-in-at must be >= 0 seconds")
     if audio is not None and say:

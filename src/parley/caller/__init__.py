@@ -19,7 +19,7 @@ media at 8 kHz, marks echoed once played, `clear` flushing the playout like Stop
 agent right, as heard).
 
 The package, by concern: `options` (CallOptions, the clip or timeline in frames), `wire` (ACS or
-Twilio, behind `CallerWire`; `twilio_wire` the Twilio messages), `recording` (the stereo WAV), `playout` (the ACS playout
+Twilio, behind `CallerWire`), `recording` (the stereo WAV), `playout` (the ACS playout
 emulation), `script` (when to speak and hang up), `uplink` (echo and room noise), `live` (sender
 and receiver), `events` (the server's event log), `metrics` (barge-in and latency figures),
 `report` (CallReport, timeline, printing) and `run` (run_call). Import from `parley.caller`.

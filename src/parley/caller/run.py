@@ -31,7 +31,7 @@ from parley.caller.recording import uplink_track, write_stereo_wav
 from parley.caller.report import CallReport, _build_timeline
 from parley.caller.script import AtOnceTrigger, BargeInTrigger, GreetingOverTrigger, Script, SpeakTrigger
 from parley.caller.uplink import UplinkMix
-from parley.caller.wire import PROTOCOLS, AcsCallerWire, CallerWire, TwilioCallerWire, twilio_sid
+from parley.caller.wire import PROTOCOLS, TWILIO_CALL_RATE, AcsCallerWire, CallerWire, TwilioCallerWire, twilio_sid
 from parley.transports.acs import AudioFormat, dtmf_message
 
 CLOSE_TIMEOUT_S: Final = 2.0
@@ -96,7 +96,7 @@ def _wire(options: CallOptions, fmt: AudioFormat, correlation_id: str) -> Caller
     """The far end this call plays: ACS media streaming or Twilio Media Streams (call id: a CallSid)."""
     if options.proto == "twilio":
         parameters = {"agent": options.agent} if options.agent is not None else {}
-        return TwilioCallerWire(fmt.sample_rate, options.call_id or twilio_sid("CA"), custom_parameters=parameters)
+        return TwilioCallerWire(options.call_id or twilio_sid("CA"), custom_parameters=parameters)
     return AcsCallerWire(fmt, options.call_id or str(uuid.uuid4()), correlation_id)
 
 
@@ -236,6 +236,8 @@ def _check_options(options: CallOptions) -> None:
     """Fail before dialling, not in the middle of a timed call."""
     if options.proto not in PROTOCOLS:
         raise ValueError(f"proto {options.proto!r}: expected {' or '.join(PROTOCOLS)}")
+    if options.proto == "twilio" and options.sample_rate != TWILIO_CALL_RATE:
+        raise ValueError(f"a Twilio call runs at {TWILIO_CALL_RATE} Hz (8 kHz on the wire), not {options.sample_rate}")
     if options.barge_in_at is not None and options.barge_in_at < 0:
         raise ValueError("barge_in_at must be >= 0 seconds")
     if options.echo_delay_ms < 0:

@@ -18,15 +18,17 @@ from typing import Final, Protocol, TypeAlias
 
 import numpy as np
 
-from parley.audio import StreamResampler
-from parley.caller import twilio_wire as twilio
-from parley.transports import acs
+from parley.transports import acs, twilio
+from parley.transports.twilio_resample import Downsampler, Upsampler
 
 PROTOCOLS: Final = ("acs", "twilio")
 """What `CallOptions.proto` (and `parley call --proto`) accept."""
 
 DEFAULT_PATHS: Final = {"acs": "/ws/acs", "twilio": "/ws/twilio"}
 """The media path parley serves for each protocol."""
+
+TWILIO_CALL_RATE: Final = 16000
+"""A Twilio call is 8 kHz on the wire and 16 kHz on both sides of it (the 2:1 resamplers)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,12 +134,13 @@ def twilio_sid(prefix: str) -> str:
 
 
 class TwilioCallerWire:
-    """Twilio Media Streams: mu-law at 8 kHz on the wire, the call's rate (16 kHz) on both sides of it.
+    """Twilio Media Streams: mu-law at 8 kHz on the wire, 16 kHz on both sides of it.
 
-    Uplink frames are resampled with a streaming resampler and re-cut into 160-byte chunks (the
-    resampler's start-up delay is covered with silence on the first chunk, so one frame in is
-    always one chunk out); downlink media is decoded and resampled back, and the resampler is
-    reset on `clear` so no audio of a cleared turn leaks into the next one.
+    The exact 2:1 half-band resamplers the server's Twilio wire uses (`twilio_resample`) turn each
+    20 ms frame into one 160-byte chunk at once, with a 2 ms delay; soxr's streaming resampler
+    would hold the first 100 ms back and then release it in a burst, delaying every onset the
+    benchmark measures. The downlink resampler is reset on `clear`, as the server's is, so no audio
+    of a cleared turn bleeds into the next one.
     """
 
     name = "twilio"
@@ -145,38 +148,27 @@ class TwilioCallerWire:
 
     def __init__(
         self,
-        sample_rate: int,
         call_sid: str,
         *,
         stream_sid: str | None = None,
-        account_sid: str = "",
         custom_parameters: dict[str, str] | None = None,
     ) -> None:
         self.call_id = call_sid
         self.stream_sid = stream_sid or twilio_sid("MZ")
-        self._rate = sample_rate
-        self._account_sid = account_sid
         self._parameters = dict(custom_parameters or {})
-        self._up = StreamResampler(sample_rate, twilio.SAMPLE_RATE)
-        self._up_buffer = np.zeros(0, dtype=np.int16)
-        self._down = StreamResampler(twilio.SAMPLE_RATE, sample_rate)
+        self._up = Downsampler()  # the caller's 16 kHz -> the wire's 8 kHz
+        self._down = Upsampler()  # the wire's 8 kHz -> 16 kHz for the playout and the recording
         self._chunk = 0
 
     def headers(self) -> dict[str, str]:
         return {}
 
     def hello(self) -> list[str]:
-        start = twilio.start_message(
-            self.stream_sid, self.call_id, account_sid=self._account_sid, custom_parameters=self._parameters
-        )
+        start = twilio.start_message(self.stream_sid, self.call_id, custom_parameters=self._parameters)
         return [twilio.connected_message(), start]
 
     def frame(self, pcm: bytes, silent: bool) -> str:
-        resampled = np.frombuffer(self._up.process(pcm), dtype="<i2")
-        buffered = np.concatenate([self._up_buffer, resampled])
-        if buffered.size < twilio.FRAME_BYTES:  # only while the resampler fills, at the start
-            buffered = np.concatenate([np.zeros(twilio.FRAME_BYTES - buffered.size, np.int16), buffered])
-        chunk, self._up_buffer = buffered[: twilio.FRAME_BYTES], buffered[twilio.FRAME_BYTES :]
+        chunk = self._up.process(np.frombuffer(pcm, dtype="<i2"))
         self._chunk += 1
         # Twilio numbers chunks from 1 and stamps them in ms since the stream started.
         return twilio.inbound_media_message(
@@ -190,15 +182,14 @@ class TwilioCallerWire:
         return twilio.mark_echo_message(self.stream_sid, name)
 
     def bye(self) -> list[str]:
-        return [twilio.stop_message(self.stream_sid, self.call_id, self._account_sid)]
+        return [twilio.stop_message(self.stream_sid, self.call_id)]
 
     def parse(self, message: str | bytes) -> AgentMessage:
         parsed = twilio.parse_outbound(message)
         if isinstance(parsed, twilio.OutboundMedia):
-            pcm = twilio.mulaw_decode(parsed.payload).astype("<i2").tobytes()
-            return AgentAudio(self._down.process(pcm))
+            return AgentAudio(self._down.process(twilio.mulaw_decode(parsed.payload)).astype("<i2").tobytes())
         if isinstance(parsed, twilio.OutboundClear):
-            self._down = StreamResampler(twilio.SAMPLE_RATE, self._rate)
+            self._down.reset()
             return AgentStop()
         if isinstance(parsed, twilio.OutboundMark):
             return AgentMark(parsed.name)
