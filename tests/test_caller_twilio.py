@@ -107,7 +107,8 @@ async def test_a_twilio_call_speaks_the_stream_echoes_marks_and_clears_on_barge_
         max_wait_s=0.5,
     )
     assert app.problems == []
-    assert app.path == "/ws/twilio?agent=bank"
+    # The agent asked for, and the CallSid the server files the call under (its events API).
+    assert app.path == f"/ws/twilio?agent=bank&callId={report.call_id}"
     # Twilio's order: connected, start, then media every 20 ms (dtmf and mark echoes among them), stop.
     assert app.events[:3] == ["Connected", "Start", "Media"] and app.events[-1] == "Stop"
     assert app.start is not None and app.start.call_sid == report.call_id and report.call_id.startswith("CA")

@@ -153,8 +153,13 @@ def media_url(text: str, default_path: str = DEFAULT_MEDIA_PATH) -> str:
 
 def with_agent(url: str, agent: str | None) -> str:
     """`url` asking for an agent by name: `?agent=NAME` (replacing any agent already there)."""
-    if agent is None:
+    return url if agent is None else with_query(url, {"agent": agent})
+
+
+def with_query(url: str, params: dict[str, str]) -> str:
+    """`url` with these query parameters set (replacing any of the same name), others kept."""
+    if not params:
         return url
     parts = urlsplit(url)
-    query = [(key, value) for key, value in parse_qsl(parts.query, keep_blank_values=True) if key != "agent"]
-    return urlunsplit((*parts[:3], urlencode([*query, ("agent", agent)]), parts.fragment))
+    query = [(key, value) for key, value in parse_qsl(parts.query, keep_blank_values=True) if key not in params]
+    return urlunsplit((*parts[:3], urlencode([*query, *params.items()]), parts.fragment))

@@ -25,7 +25,7 @@ from parley.caller.metrics import (
     media_after_clear,
     voice_to_voice_ms,
 )
-from parley.caller.options import CallOptions, ClipFrames, Utterance, caller_audio, with_agent
+from parley.caller.options import CallOptions, ClipFrames, Utterance, caller_audio, with_agent, with_query
 from parley.caller.playout import PlayoutEmulator
 from parley.caller.recording import uplink_track, write_stereo_wav
 from parley.caller.report import CallReport, _build_timeline
@@ -149,7 +149,7 @@ async def run_call(options: CallOptions) -> CallReport:
     headers = wire.headers()
     if options.api_token:
         headers["Authorization"] = f"Bearer {options.api_token}"
-    url = with_agent(options.url, options.agent)
+    url = with_query(with_agent(options.url, options.agent), wire.url_params())
     async with await _dial(url, headers) as ws:
         state, script, log, end = await _converse(ws, options, clip, wire, fmt)
         close_code, close_reason = ws.close_code, ws.close_reason

@@ -70,6 +70,10 @@ class CallerWire(Protocol):
 
     def headers(self) -> dict[str, str]: ...
 
+    def url_params(self) -> dict[str, str]:
+        """Query parameters for the media URL."""
+        ...
+
     def hello(self) -> list[str]: ...
 
     def frame(self, pcm: bytes, silent: bool) -> str:
@@ -98,6 +102,9 @@ class AcsCallerWire:
 
     def headers(self) -> dict[str, str]:
         return {"x-ms-call-connection-id": self.call_id, "x-ms-call-correlation-id": self._correlation_id}
+
+    def url_params(self) -> dict[str, str]:
+        return {}  # ACS names the call in a header
 
     def hello(self) -> list[str]:
         return [acs.audio_metadata_message(self._fmt)]
@@ -162,6 +169,11 @@ class TwilioCallerWire:
 
     def headers(self) -> dict[str, str]:
         return {}
+
+    def url_params(self) -> dict[str, str]:
+        # Twilio names the call only in `start`, after the server has filed it: `callId` on the URL
+        # (as a TwiML <Stream url> may carry) files it under the CallSid, so its events can be fetched.
+        return {"callId": self.call_id}
 
     def hello(self) -> list[str]:
         start = twilio.start_message(self.stream_sid, self.call_id, custom_parameters=self._parameters)
