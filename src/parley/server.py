@@ -42,9 +42,14 @@ from parley.security import (
     check_websocket,
 )
 from parley.security.access import api_access, check_media_access, configured_token
+from parley.security.twilio_auth import TwilioGuard
 from parley.settings import Settings
 from parley.tracing import tracer_from_env
+from parley.transports.twilio_wire import TwilioWire
 from parley.transports.wire import AcsWire, MediaWire
+from parley.twilio.calls import TwilioCalls
+from parley.twilio.routes import twilio_router
+from parley.twilio.stream import call_control_attacher, socket_authenticator
 
 if TYPE_CHECKING:
     from parley.acs.service import CallAutomation
@@ -64,6 +69,9 @@ class MediaChannel:
     name: str
     wire: Callable[[WebSocket], MediaWire]
     attach: Callable[[MediaHandler, WebSocket], None] | None = None
+    # A channel with its own credentials (Twilio's signature): replaces the ACS token and call
+    # checks; False once it has refused the upgrade.
+    authenticate: Callable[[WebSocket], Awaitable[bool]] | None = None
 
 
 def create_app(
@@ -88,6 +96,8 @@ def create_app(
             settings.host,
         )
     call_automation = _call_automation(settings, registry, acs_client_options or {})
+    twilio_guard = TwilioGuard(settings)
+    twilio_guard.warn_at_startup()
     engines = engines if engines is not None else build_engines(settings)
     if call_automation is not None and engines.call_control is None:
         engines.call_control = call_automation  # the agents' Hangup / Transfer reach the phone call
@@ -230,11 +240,15 @@ def create_app(
     async def serve_media(websocket: WebSocket, channel: MediaChannel) -> None:
         # Before accept(): who may connect first (a refused ACS token or Origin, a call that is not
         # ours: HTTP 403), so an unauthenticated peer learns nothing about live calls or capacity.
-        if not await check_websocket(websocket, validator):
+        if channel.authenticate is not None:
+            if not await channel.authenticate(websocket):
+                return
+        elif not await check_websocket(websocket, validator):
             return
         if cluster is not None:  # the ACS call may have been answered by another instance
             await cluster.before_media(websocket)
-        if not await check_media_access(websocket, settings, call_automation):  # Origin; a call of ours
+        acs_calls = call_automation if channel.authenticate is None else None
+        if not await check_media_access(websocket, settings, acs_calls):  # Origin; a call of ours
             return
         # Then admission, with no await between it and accept() but the cluster's claim (made while
         # the slot is held): a refusal is an HTTP status (400, 409, 503); an admitted socket holds
@@ -288,6 +302,9 @@ def create_app(
     acs_media = media_endpoint(MediaChannel("acs", lambda _websocket: AcsWire()))
     app.add_api_websocket_route("/ws/acs", acs_media)
     app.add_api_websocket_route("/ws", acs_media)
+    # Twilio Media Streams (docs/twilio.md): the voice webhook's TwiML points calls at /ws/twilio.
+    app.add_api_websocket_route("/ws/twilio", media_endpoint(twilio_channel(settings, twilio_guard)))
+    app.include_router(twilio_router(settings, twilio_guard))
     if call_automation is not None:
         from parley.acs.routes import acs_router, redact_uvicorn_request_logs
 
@@ -296,6 +313,16 @@ def create_app(
     # Last, so it matches only what no route above did.
     app.add_api_websocket_route("/{path:path}", _unknown_websocket_path)
     return app
+
+
+def twilio_channel(settings: Settings, guard: TwilioGuard) -> MediaChannel:
+    """/ws/twilio: Twilio's wire, its signature instead of the ACS checks, its REST API for call control."""
+    return MediaChannel(
+        "twilio",
+        lambda _websocket: TwilioWire(),
+        attach=call_control_attacher(TwilioCalls.from_settings(settings)),
+        authenticate=socket_authenticator(settings, guard),
+    )
 
 
 def _cluster(

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import pydantic_settings
 from pydantic import BeforeValidator, Field, SecretStr, ValidationError, model_validator
@@ -512,6 +513,42 @@ class Settings(BaseSettings):
     acs_auth_jwks_max_age_s: float = Field(
         3600.0, gt=0, description="Refetch signing keys this old (a withdrawn key stops being trusted)."
     )
+
+    # --- Twilio Media Streams: /api/twilio/voice, /ws/twilio (docs/twilio.md) ----------------------
+    twilio_auth_token: SecretStr | None = Field(
+        None,
+        description="The Twilio account's auth token: checks X-Twilio-Signature on the voice webhook and"
+        " the media WebSocket, and (with twilio_account_sid) authenticates hang-up and transfer requests.",
+    )
+    twilio_account_sid: str | None = Field(
+        None, description="AC...: with the auth token, the agents' hang-up and transfer reach the Twilio call."
+    )
+    twilio_public_url: str | None = Field(
+        None,
+        description="The https:// URL Twilio reaches this server at (e.g. an ngrok tunnel): the Stream"
+        " URL in the TwiML and the URL signatures are checked against. Unset: the request's own URL.",
+    )
+    twilio_api_base: str = Field("https://api.twilio.com", description="Twilio's REST API (tests: a fake).")
+    twilio_api_timeout_s: float = Field(10.0, gt=0, le=120, description="Timeout of one Twilio REST request.")
+    twilio_allow_unsigned: bool = Field(
+        False,
+        description="Without twilio_auth_token, serve Twilio's endpoints on a non-loopback bind anyway"
+        " (unauthenticated: anyone can start calls; never in production).",
+    )
+
+    @property
+    def twilio_calls_configured(self) -> bool:
+        """Hang-up and transfer of Twilio calls through Twilio's REST API are possible."""
+        return bool(self.twilio_account_sid) and self.twilio_auth_token is not None
+
+    @model_validator(mode="after")
+    def _check_twilio(self) -> Settings:
+        url = self.twilio_public_url
+        if url is not None:
+            parts = urlsplit(url.strip())
+            if parts.scheme not in ("https", "http") or not parts.netloc or parts.query or parts.fragment:
+                raise _problem("must be an http(s):// URL such as https://abc.ngrok.app", "twilio_public_url")
+        return self
 
     @property
     def acs_configured(self) -> bool:

@@ -49,6 +49,7 @@ from parley.media.turns import Pending, RouteTurnLoop, Turn, TurnInbox
 from parley.media.writer import OutboundWriter
 from parley.protocols import (
     CallContext,
+    CallControl,
     ExpectsDigits,
     Hangup,
     RecordsSpoken,
@@ -60,7 +61,15 @@ from parley.protocols import (
 )
 from parley.settings import Settings
 from parley.transports import acs
-from parley.transports.wire import AcsWire, MediaWire, Outbound, Played, StreamEnded, StreamStarted
+from parley.transports.wire import (
+    AcsWire,
+    MarksPlayout,
+    MediaWire,
+    Outbound,
+    Played,
+    StreamEnded,
+    StreamStarted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +97,11 @@ class MediaHandler:
     ) -> None:
         self.call_id = call_id
         self.wire: MediaWire = wire if wire is not None else AcsWire()
+        # Hang-up and transfer of the phone call: ACS Call Automation by default; a channel may set
+        # its own (Twilio's REST API). `control_call_id` is the id it knows the call by (Twilio's
+        # CallSid, from the stream's start).
+        self.call_control: CallControl | None = engines.call_control
+        self.control_call_id = call_id
         self.correlation_id = correlation_id
         self.settings = settings
         self.engines = engines
@@ -141,7 +155,7 @@ class MediaHandler:
     async def run(self, websocket: WebSocket) -> None:
         """Serve the call until the caller hangs up, the agent ends it, or the peer misbehaves."""
         self._start_limits(time.monotonic())
-        self.writer = OutboundWriter(_sender(websocket), self.events, self.wire.stop())
+        self.writer = OutboundWriter(_sender(websocket), self.events, self.wire.stop)
         self._spawn(self.writer.run(), "writer")
         self._spawn(self._watch_deadlines(), "deadlines")
         self.events.emit("call_started", correlation_id=self.correlation_id)
@@ -343,7 +357,9 @@ class MediaHandler:
             return
         if isinstance(message, acs.AudioFrame):
             self._on_audio(message, arrival_t)
-        elif isinstance(message, acs.AudioMetadata | StreamStarted):
+        elif isinstance(message, StreamStarted):
+            self._on_stream_started(message)
+        elif isinstance(message, acs.AudioMetadata):
             self._on_metadata(message.format)
         elif isinstance(message, acs.Dtmf):
             self._on_dtmf(message.digits)
@@ -366,8 +382,23 @@ class MediaHandler:
         self.recognition.submit(frame.pcm, arrival_t)
 
     def on_played(self, name: str, arrival_t: float) -> None:
-        """The far end reports it has played up to the mark `name` (wires that mark playout)."""
-        log.debug("call %s: far end played up to mark %s", self.call_id, name)
+        """The far end reports it has played up to the mark `name` (wires that mark playout): what
+        the caller heard (history truncation, the resume point) follows it from now on."""
+        if self.player is None or not self.player.played(name, arrival_t):
+            log.debug("call %s: mark %s says nothing new about playout", self.call_id, name)
+
+    def _on_stream_started(self, started: StreamStarted) -> None:
+        """The channel's handshake: the call's own id (Twilio's CallSid) goes into the events and
+        addresses call control; the parameters are named, not logged (they carry phone numbers)."""
+        if started.call_id:
+            self.control_call_id = started.call_id
+        self.events.emit(
+            "stream_started",
+            channel=self.wire.name,
+            channel_call_id=started.call_id,
+            parameters=sorted(started.parameters),
+        )
+        self._on_metadata(started.format)
 
     def _on_metadata(self, audio_format: acs.AudioFormat) -> None:
         if self.format is None:
@@ -398,6 +429,7 @@ class MediaHandler:
             self.settings.playout_lead_ms,
             self.echo_reference,
             encode=self.wire.audio,
+            mark=self.wire.mark if isinstance(self.wire, MarksPlayout) else None,
         )
         self.reply = ReplyProducer(
             call_id=self.call_id,
@@ -719,18 +751,18 @@ class MediaHandler:
 
     def _hang_up(self, hangup: Hangup) -> None:
         """End the call: for everyone through Call Automation when configured, and the media here."""
-        control = self.engines.call_control
+        control = self.call_control
         if control is not None:
-            self._request(control.hang_up(self.call_id), "hang up")
+            self._request(control.hang_up(self.control_call_id), "hang up")
         self.end_call(hangup.reason)
 
     def _transfer(self, transfer: Transfer) -> None:
         """The media socket cannot move a call: Call Automation does (the media stream then ends
         and the socket closes). Without it the call ends here, saying why."""
         self.events.emit("transfer_requested", target=transfer.target, reason=transfer.reason)
-        control = self.engines.call_control
+        control = self.call_control
         if control is not None:
-            self._request(control.transfer(self.call_id, transfer.target), "transfer")
+            self._request(control.transfer(self.control_call_id, transfer.target), "transfer")
             return
         log.warning(
             "call %s: the agent asked to transfer to %s, but no call control (ACS Call "
@@ -751,17 +783,20 @@ class MediaHandler:
         except Exception as exc:  # noqa: BLE001 - a failed request must not take the call down
             log.error("call %s: %s failed: %s", self.call_id, what, exc)
             self.events.emit("input_error", error=f"{what} failed: {exc}")
-            control = self.engines.call_control
+            control = self.call_control
             if what == "transfer" and control is not None:
                 # Closing the media socket alone would leave the caller on a silent line.
-                self._request(control.hang_up(self.call_id), "hang up")
+                self._request(control.hang_up(self.control_call_id), "hang up")
             self.end_call(f"{what}_failed")
 
 
 def _sender(websocket: WebSocket) -> Callable[[Outbound], Awaitable[None]]:
-    """Text messages as text frames, bytes as binary ones."""
+    """Text messages as text frames, bytes as binary ones; an empty message is nothing to send (a
+    wire's message it could not address, e.g. Twilio's before its stream started)."""
 
     async def send(message: Outbound) -> None:
+        if not message:
+            return
         if isinstance(message, str):
             await websocket.send_text(message)
         else:

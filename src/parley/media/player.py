@@ -6,6 +6,10 @@ has at most `lead` of audio queued to flush) and lets us know what the caller ac
 A reply can be paused (a possible barge-in: StopAudio, nothing more is sent) and later resumed
 (it was a cough or an "uh-huh"): the track keeps its frames, and playout restarts at the start of
 the clause the caller was hearing, so they hear whole words again rather than a word cut in two.
+
+Where the far end reports what it has played (Twilio echoes named marks), the player sends a mark
+every `mark_every` frames and what the caller heard follows the far end's confirmed position, not
+only our clock: a far end that plays late, or slower than real time, has been heard less.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from parley.transports.acs import FRAME_MS, audio_data_message
 from parley.transports.wire import Outbound
 
 _FRAME_S = FRAME_MS / 1000
+MARK_EVERY = 10  # frames (200 ms) between two playout marks, on wires that mark playout
 
 
 @dataclass
@@ -49,6 +54,14 @@ class Track:
     segments: list[Segment] = field(default_factory=list)
     paused_at_ms: float | None = None  # where the caller stopped hearing it, while paused
     furthest_ms: float = 0.0  # the furthest the caller ever heard (a resume replays from before it)
+    # Marks (wires that mark playout): the far end's confirmed position (a frame index: everything
+    # before it has played) and when that was learnt. `epoch` changes at each cut (a pause, a stop):
+    # a flushed far end echoes its pending marks at once, and those say nothing about playout.
+    epoch: int = 0
+    confirmed_frame: int | None = None
+    confirmed_t: float | None = None
+    marked_frame: tuple[int, int] | None = None  # (epoch, frame) of the last mark sent
+    confirm_slack_s: float = 2 * MARK_EVERY * _FRAME_S  # how far past its last mark the far end may be
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # pause/resume wake the pump
     waiter: asyncio.Future[bool] | None = None  # the pump's timed wait for a change (see _wait_changed)
 
@@ -80,7 +93,27 @@ class Track:
         if self.start_t is None:
             return self.origin_frame * FRAME_MS
         played = min(self.next_frame - self.origin_frame, max(0.0, (now - self.start_t) / _FRAME_S))
-        return (self.origin_frame + played) * FRAME_MS
+        clock_ms = (self.origin_frame + played) * FRAME_MS
+        if self.confirmed_frame is None or self.confirmed_t is None:
+            return clock_ms
+        # The far end has played up to its last mark, and at best in real time since (bounded: a far
+        # end that stalled sends no more marks).
+        since_s = min(max(0.0, now - self.confirmed_t), self.confirm_slack_s)
+        return min(clock_ms, self.confirmed_frame * FRAME_MS + since_s * 1000)
+
+    def mark_name(self) -> str:
+        """The mark after the frames sent so far: turn, epoch, frame index."""
+        return f"{self.turn_id}:{self.epoch}:{self.next_frame}"
+
+    def confirm(self, epoch: int, frame: int, now: float) -> bool:
+        """The far end has played every frame before `frame` (a mark came back). False if the mark
+        is stale (from before a cut, or not beyond what is known)."""
+        if epoch != self.epoch or self.paused or frame > self.next_frame:
+            return False
+        if self.confirmed_frame is not None and frame <= self.confirmed_frame:
+            return False
+        self.confirmed_frame, self.confirmed_t = frame, now
+        return True
 
     def heard_text(self, now: float) -> str:
         """The reply text the caller has heard so far (cut at a word inside the current segment),
@@ -121,9 +154,13 @@ class Player:
         lead_ms: int,
         echo_reference: EchoReference | None = None,
         encode: Callable[[bytes], Outbound] = audio_data_message,
+        mark: Callable[[str], Outbound] | None = None,
+        mark_every: int = MARK_EVERY,
     ) -> None:
         self._writer = writer
         self._encode = encode  # the wire's frame message
+        self._mark = mark  # the wire's playout mark, if its far end echoes marks
+        self._mark_every = mark_every
         self._frame_bytes = frame_bytes
         self._lead_s = lead_ms / 1000
         self._echo_reference = echo_reference
@@ -148,11 +185,25 @@ class Player:
         track.frames.extend(track.framer.push(pcm))
         await self._pump(track)
 
+    def played(self, name: str, now: float) -> bool:
+        """A mark came back: the far end has played up to it. False for a mark that tells nothing
+        (another turn's, from before a cut, or not one of ours)."""
+        track = self.current
+        try:
+            turn_id, epoch, frame = (int(part) for part in name.split(":"))
+        except ValueError:
+            return False
+        if track is None or track.turn_id != turn_id:
+            return False
+        return track.confirm(epoch, frame, now)
+
     async def finish(self, track: Track) -> None:
         """Send the padded tail frame and wait until the caller has heard everything."""
         track.frames.extend(track.framer.flush())
         while True:
             await self._pump(track)
+            if not track.paused:
+                self._send_mark(track)  # after the tail: when it comes back, all was heard
             end = track.end_t
             if end is None or time.monotonic() >= end:
                 return
@@ -189,6 +240,14 @@ class Player:
             track.next_frame += 1
             track.frames_sent += 1
             self._playout_end_t = max(self._playout_end_t, play_t + _FRAME_S)
+            if track.next_frame % self._mark_every == 0:
+                self._send_mark(track)
+
+    def _send_mark(self, track: Track) -> None:
+        if self._mark is None or track.marked_frame == (track.epoch, track.next_frame):
+            return
+        track.marked_frame = (track.epoch, track.next_frame)
+        self._writer.send_mark(track.turn_id, self._mark(track.mark_name()))
 
     def pause(self, track: Track, now: float) -> float:
         """StopAudio was sent for `track`: stop sending, remember what was heard. Returns it (ms)."""
@@ -208,12 +267,15 @@ class Player:
         track.origin_frame = track.next_frame = min(len(track.frames), int(restart_ms // FRAME_MS))
         track.start_t = None
         track.paused_at_ms = None
+        track.confirmed_frame = track.confirmed_t = None  # marks of the new epoch confirm from here
         track.notify_changed()
         return track.origin_frame * FRAME_MS
 
     def cut(self, now: float | None = None) -> None:
         """StopAudio was sent: the caller's queue is flushed, nothing is playing any more."""
         self._playout_end_t = time.monotonic() if now is None else now
+        if self.current is not None:
+            self.current.epoch += 1  # the marks the far end flushes say nothing about playout
         if self._echo_reference is not None:
             self._echo_reference.cut(self._playout_end_t)
 

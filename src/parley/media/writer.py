@@ -12,6 +12,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Literal
 
 from parley.media.events import EventLog
 from parley.transports.acs import stop_audio_message
@@ -20,14 +21,19 @@ from parley.transports.wire import Outbound
 log = logging.getLogger(__name__)
 
 Send = Callable[[Outbound], Awaitable[None]]
+Kind = Literal["audio", "stop", "mark"]
 
 
 class OutboundWriter:
-    def __init__(self, send: Send, events: EventLog, stop_message: Outbound | None = None) -> None:
+    def __init__(
+        self, send: Send, events: EventLog, stop_message: Outbound | Callable[[], Outbound] | None = None
+    ) -> None:
         self._send = send
         self._events = events
-        self._stop_message = stop_audio_message() if stop_message is None else stop_message  # the wire's
-        self._pending: deque[tuple[int, Outbound, bool]] = deque()  # (turn_id, message, is_stop)
+        # The wire's stop: a message, or a function making it when needed (Twilio's `clear` names
+        # the stream, known only once the call's media have started).
+        self._stop_message = stop_audio_message() if stop_message is None else stop_message
+        self._pending: deque[tuple[int, Outbound, Kind]] = deque()  # (turn_id, message, kind)
         self._wakeup = asyncio.Event()
         self._cancelled: set[int] = set()
         self._audio_started: set[int] = set()
@@ -39,8 +45,19 @@ class OutboundWriter:
         if turn_id in self._cancelled or self.closed:
             self.frames_dropped += 1
             return
-        self._pending.append((turn_id, message, False))
+        self._pending.append((turn_id, message, "audio"))
         self._wakeup.set()
+
+    def send_mark(self, turn_id: int, message: Outbound) -> None:
+        """A playout mark (Twilio's `mark`): in order with `turn_id`'s audio and dropped with it,
+        not counted as audio."""
+        if turn_id in self._cancelled or self.closed:
+            return
+        self._pending.append((turn_id, message, "mark"))
+        self._wakeup.set()
+
+    def _stop(self) -> Outbound:
+        return self._stop_message() if callable(self._stop_message) else self._stop_message
 
     def stop_audio(self, turn_id: int, *, send_stop: bool = True) -> None:
         """Cancel `turn_id`'s audio and send StopAudio ahead of anything still queued.
@@ -49,16 +66,16 @@ class OutboundWriter:
         """
         self._cancelled.add(turn_id)
         if send_stop:
-            self._pending.appendleft((turn_id, self._stop_message, True))
+            self._pending.appendleft((turn_id, self._stop(), "stop"))
         self._wakeup.set()
 
     def pause_audio(self, turn_id: int) -> None:
         """Send StopAudio ahead of everything and drop `turn_id`'s frames not yet written, but keep
         accepting its audio: a paused reply may resume (the player re-sends from where it was)."""
-        kept = deque(item for item in self._pending if item[0] != turn_id or item[2])
-        self.frames_dropped += len(self._pending) - len(kept)
+        kept = deque(item for item in self._pending if item[0] != turn_id or item[2] == "stop")
+        self.frames_dropped += sum(1 for item in self._pending if item[0] == turn_id and item[2] == "audio")
         self._pending = kept
-        self._pending.appendleft((turn_id, self._stop_message, True))
+        self._pending.appendleft((turn_id, self._stop(), "stop"))
         self._wakeup.set()
 
     def is_cancelled(self, turn_id: int) -> bool:
@@ -70,11 +87,21 @@ class OutboundWriter:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending and not self.closed:
-                turn_id, message, is_stop = self._pending.popleft()
-                if not is_stop and turn_id in self._cancelled:
-                    self.frames_dropped += 1
+                turn_id, message, kind = self._pending.popleft()
+                if kind != "stop" and turn_id in self._cancelled:
+                    self.frames_dropped += kind == "audio"
                     continue
-                await self._write(turn_id, message, is_stop)
+                if kind == "mark":
+                    await self._write_mark(message)
+                else:
+                    await self._write(turn_id, message, kind == "stop")
+
+    async def _write_mark(self, message: Outbound) -> None:
+        try:
+            await self._send(message)
+        except Exception as exc:  # noqa: BLE001 - socket gone: the receive side ends the call
+            log.info("outbound socket closed: %s", exc)
+            self.closed = True
 
     async def _write(self, turn_id: int, message: Outbound, is_stop: bool) -> None:
         try:
