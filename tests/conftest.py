@@ -154,6 +154,7 @@ TIERS: dict[str, str | frozenset[str]] = {
     "test_bargein_e2e.py": SLOW,
     "test_bench_smoke.py": SLOW,
     "test_caller.py": SLOW,  # real-time calls against local servers
+    "test_caller_twilio_e2e.py": SLOW,  # parley call --proto twilio against a real server
     "test_caller_twilio.py": frozenset(  # real-time calls against a fake Twilio app
         {
             "test_a_twilio_call_speaks_the_stream_echoes_marks_and_clears_on_barge_in",

@@ -25,12 +25,13 @@ def uplink_track(frames: Sequence[tuple[int, bytes]], samples_per_frame: int, le
     return track
 
 
-def write_stereo_wav(path: Path, left: np.ndarray, right: np.ndarray, sample_rate: int) -> None:
+def write_stereo_wav(path: Path | str, left: np.ndarray, right: np.ndarray, sample_rate: int) -> None:
     """A 16-bit stereo WAV; the shorter channel is padded with silence."""
     length = max(left.size, right.size)
     both = np.zeros((length, 2), dtype="<i2")
     both[: left.size, 0] = left
     both[: right.size, 1] = right
+    path = Path(path)  # a str from a script works too
     path.parent.mkdir(parents=True, exist_ok=True)
     with wave.open(str(path), "wb") as wav:
         wav.setnchannels(2)
