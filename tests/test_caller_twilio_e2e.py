@@ -76,3 +76,21 @@ def test_a_twilio_barge_in_is_a_clear_with_no_media_after_it(
     onset = report["utterances"][0]["onset_ms"]
     assert heard[ms(start) : ms(cut)].any() and said[ms(onset) : ms(onset) + 1600].any()
     assert not said[: ms(start)].any()  # the caller was silent until it barged in
+
+
+def test_a_server_with_a_twilio_auth_token_takes_only_signed_calls(
+    hours_pcm: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clip = tmp_path / "hours.wav"
+    write_wav(clip, hours_pcm[:8000], 16000)
+    settings = load_settings(
+        host="127.0.0.1", port=0, event_log=False, engines="plumbing", greeting="", twilio_auth_token="tw-secret"
+    )
+    monkeypatch.delenv("PARLEY_TWILIO_AUTH_TOKEN", raising=False)
+    with BackgroundServer(settings) as server:
+        argv = ["call", str(clip), "--url", f"127.0.0.1:{server.port}", "--proto", "twilio", "--max-wait", "1"]
+        unsigned = runner.invoke(app, [*argv, "--quiet"])
+        assert unsigned.exit_code == 2 and "HTTP 403" in unsigned.output, unsigned.output
+        monkeypatch.setenv("PARLEY_TWILIO_AUTH_TOKEN", "tw-secret")  # signs the upgrade as Twilio would
+        signed = runner.invoke(app, [*argv, "--quiet"])
+    assert signed.exit_code == 0, signed.output

@@ -43,6 +43,10 @@ class CallOptions:
     # The server's token (PARLEY_API_TOKEN, read from this process's environment by default): sent as
     # `Authorization: Bearer` on the media WebSocket's upgrade and to the events API.
     api_token: str | None = field(default_factory=lambda: os.environ.get("PARLEY_API_TOKEN") or None, repr=False)
+    # Twilio's auth token (PARLEY_TWILIO_AUTH_TOKEN by default): a Twilio call signs its upgrade with it.
+    twilio_auth_token: str | None = field(
+        default_factory=lambda: os.environ.get("PARLEY_TWILIO_AUTH_TOKEN") or None, repr=False
+    )
     end_after_stop_s: float | None = None  # hang up this long after a StopAudio (barge-in trials)
     end_after_answer_s: float | None = None  # hang up this long after the answer starts (latency trials)
     # A speakerphone: every uplink frame also carries the agent audio that played echo_delay_ms

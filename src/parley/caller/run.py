@@ -96,7 +96,9 @@ def _wire(options: CallOptions, fmt: AudioFormat, correlation_id: str) -> Caller
     """The far end this call plays: ACS media streaming or Twilio Media Streams (call id: a CallSid)."""
     if options.proto == "twilio":
         parameters = {"agent": options.agent} if options.agent is not None else {}
-        return TwilioCallerWire(options.call_id or twilio_sid("CA"), custom_parameters=parameters)
+        return TwilioCallerWire(
+            options.call_id or twilio_sid("CA"), custom_parameters=parameters, auth_token=options.twilio_auth_token
+        )
     return AcsCallerWire(fmt, options.call_id or str(uuid.uuid4()), correlation_id)
 
 
@@ -146,10 +148,10 @@ async def run_call(options: CallOptions) -> CallReport:
     clip = ClipFrames.from_pcm(pcm, samples_per_frame)
     correlation_id = options.correlation_id or str(uuid.uuid4())
     wire = _wire(options, fmt, correlation_id)
-    headers = wire.headers()
+    url = with_query(with_agent(options.url, options.agent), wire.url_params())
+    headers = wire.headers(url)
     if options.api_token:
         headers["Authorization"] = f"Bearer {options.api_token}"
-    url = with_query(with_agent(options.url, options.agent), wire.url_params())
     async with await _dial(url, headers) as ws:
         state, script, log, end = await _converse(ws, options, clip, wire, fmt)
         close_code, close_reason = ws.close_code, ws.close_reason

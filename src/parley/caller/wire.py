@@ -18,6 +18,7 @@ from typing import Final, Protocol, TypeAlias
 
 import numpy as np
 
+from parley.security.twilio_auth import SIGNATURE_HEADER, signature
 from parley.transports import acs, twilio
 from parley.transports.twilio_resample import Downsampler, Upsampler
 
@@ -68,7 +69,9 @@ class CallerWire(Protocol):
     stop_name: str  # how the protocol calls a stop, for the report: "StopAudio", "clear"
     call_id: str  # the id the server files the call under (its events API)
 
-    def headers(self) -> dict[str, str]: ...
+    def headers(self, url: str) -> dict[str, str]:
+        """Headers for the WebSocket upgrade to `url` (the final one, query included)."""
+        ...
 
     def url_params(self) -> dict[str, str]:
         """Query parameters for the media URL."""
@@ -100,7 +103,7 @@ class AcsCallerWire:
         self.call_id = call_id
         self._correlation_id = correlation_id
 
-    def headers(self) -> dict[str, str]:
+    def headers(self, url: str) -> dict[str, str]:
         return {"x-ms-call-connection-id": self.call_id, "x-ms-call-correlation-id": self._correlation_id}
 
     def url_params(self) -> dict[str, str]:
@@ -159,16 +162,22 @@ class TwilioCallerWire:
         *,
         stream_sid: str | None = None,
         custom_parameters: dict[str, str] | None = None,
+        auth_token: str | None = None,
     ) -> None:
         self.call_id = call_sid
+        self._auth_token = auth_token
         self.stream_sid = stream_sid or twilio_sid("MZ")
         self._parameters = dict(custom_parameters or {})
         self._up = Downsampler()  # the caller's 16 kHz -> the wire's 8 kHz
         self._down = Upsampler()  # the wire's 8 kHz -> 16 kHz for the playout and the recording
         self._chunk = 0
 
-    def headers(self) -> dict[str, str]:
-        return {}
+    def headers(self, url: str) -> dict[str, str]:
+        # Twilio signs the upgrade (HMAC-SHA1 of the URL with the account's auth token); a server
+        # with PARLEY_TWILIO_AUTH_TOKEN refuses an unsigned one.
+        if self._auth_token is None:
+            return {}
+        return {SIGNATURE_HEADER: signature(self._auth_token, url)}
 
     def url_params(self) -> dict[str, str]:
         # Twilio names the call only in `start`, after the server has filed it: `callId` on the URL
