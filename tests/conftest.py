@@ -142,6 +142,7 @@ TIERS: dict[str, str | frozenset[str]] = {
     "test_twilio_wire.py": FAST,
     "test_twilio_marks.py": FAST,
     "test_twilio_auth.py": FAST,  # signatures; a fake Twilio REST API on loopback
+    "test_twilio_e2e.py": SLOW,  # a parley server, Twilio-like calls at real time
     "test_cluster_acs.py": SLOW,  # two parleys with the fake ACS over TLS, the real SDK, on one Redis
     "test_cluster.py": frozenset(  # a `parley serve` subprocess killed, and waits for TTLs and timeouts
         {

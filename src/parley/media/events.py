@@ -52,6 +52,7 @@ EVENT_NAMES = frozenset(
         "transfer_requested",
         "control_deferred",  # a goodbye's hang-up (or a transfer) waits: the caller talked over it
         "acs_event",  # a Call Automation callback about this call (CallConnected, ...)
+        "stream_started",  # a channel's handshake (Twilio's start): its own call id, parameter names
         "call_ended",
     }
 )
