@@ -667,3 +667,17 @@ def test_summary_names_the_pause_when_the_server_paused() -> None:
     assert "server, barge-in decision -> StopAudio sent: 0 ms" in _summary_lines(report)
     paused = replace(report, events=[{"event": "barge_in_paused", "t": 0.4}, *report.events])
     assert "server, barge-in pause -> StopAudio sent: 0 ms" in _summary_lines(paused)
+
+
+async def test_a_say_timeline_attributes_each_stop_to_its_utterance() -> None:
+    agent = FakeAgent(greeting_s=3.0, reply_s=0.2)  # stops on the first speech only
+    clip = speech_clip(16000, lead_s=0.1, speech_s=0.3)
+    report = await call(agent, say=[(0.5, clip), (1.5, clip)], fetch_events=False, quiet_after_s=0.2, max_wait_s=0.5)
+    first, second = report.utterances
+    assert first["at_ms"] == pytest.approx(500, abs=25) and second["at_ms"] == pytest.approx(1500, abs=25)
+    assert first["onset_ms"] - first["at_ms"] == pytest.approx(100, abs=10)  # after the clip's lead silence
+    assert len(first["onset_to_stop_ms"]) == 1 and second["onset_to_stop_ms"] == []
+    assert report.onset_to_stop_ms == first["onset_to_stop_ms"]
+    # Frames between the utterances are digital silence, sent as such.
+    assert agent.problems == [] and report.speech_onset_t is not None
+    assert report.rel_ms(report.speech_end_t) == pytest.approx(second["end_ms"], abs=0.1)
