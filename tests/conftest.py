@@ -156,6 +156,20 @@ TIERS: dict[str, str | frozenset[str]] = {
     "test_bargein_e2e.py": SLOW,
     "test_bench_smoke.py": SLOW,
     "test_caller.py": SLOW,  # real-time calls against local servers
+    "test_caller_twilio_e2e.py": SLOW,  # parley call --proto twilio against a real server
+    "test_caller_twilio.py": frozenset(  # real-time calls against a fake Twilio app
+        {
+            "test_a_twilio_call_speaks_the_stream_echoes_marks_and_clears_on_barge_in",
+            "test_a_mark_comes_back_once_the_audio_before_it_has_played",
+            "test_media_after_clear_is_counted",
+        }
+    ),
+    "test_call_cli.py": frozenset(  # real-time calls against plumbing servers
+        {
+            "test_a_say_timeline_with_keys_is_two_utterances_and_a_stereo_recording",
+            "test_the_token_reaches_the_events_api",
+        }
+    ),
     "test_clauses.py": FAST,
     "test_cli.py": SLOW,
     "test_drain.py": SLOW,  # `parley serve` subprocesses drained with SIGTERM

@@ -61,6 +61,13 @@ def speech_clip(rate: int, lead_s: float = 0.1, speech_s: float = 0.3) -> np.nda
     return np.concatenate([np.zeros(round(lead_s * rate), np.int16), noise])
 
 
+def stereo(path: Path) -> np.ndarray:
+    """A `parley call --out` WAV as (n, 2) int16: caller left, agent right."""
+    with wave.open(str(path), "rb") as wav:
+        assert wav.getnchannels() == 2
+        return np.frombuffer(wav.readframes(wav.getnframes()), "<i2").reshape(-1, 2)
+
+
 def rms(pcm: bytes) -> float:
     samples = np.frombuffer(pcm, "<i2").astype(np.float64)
     return float(np.sqrt(np.mean(samples**2))) if samples.size else 0.0
@@ -251,10 +258,13 @@ async def test_barge_in_call_measures_stop_and_cuts_playout(tmp_path: Path) -> N
     assert all("t_ms" in e for e in report.events)
     json.dumps(report.to_dict())
 
-    # What the caller heard: the greeting up to the cut, silence, the reply.
+    # What the caller heard (the right channel): the greeting up to the cut, silence, the reply.
     with wave.open(str(out), "rb") as wav:
-        assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (16000, 1, 2)
-        heard = np.frombuffer(wav.readframes(wav.getnframes()), "<i2")
+        assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (16000, 2, 2)
+        both = np.frombuffer(wav.readframes(wav.getnframes()), "<i2").reshape(-1, 2)
+    said, heard = both[:, 0], both[:, 1]
+    # The left channel is the uplink as sent: every frame the fake server received, at its slot.
+    assert said.tobytes()[: len(b"".join(agent.uplink))] == b"".join(agent.uplink)
     assert heard.size == pytest.approx(report.duration_ms * 16, abs=2)
     ms = lambda v: round(v * 16)  # noqa: E731 - ms -> sample index
     assert np.any(heard[ms(cut_stretch[0]) : ms(cut_stretch[1])])
@@ -316,7 +326,7 @@ async def test_speakerphone_echo_and_background_reach_the_server(tmp_path: Path)
     )
     assert agent.problems == []  # includes: silent=true only on all-zero frames
     uplink = np.frombuffer(b"".join(agent.uplink), "<i2").astype(np.int64)
-    heard = read_wav(out, 16000).astype(np.float64)
+    heard = stereo(out)[:, 1].astype(np.float64)  # the agent, as the caller heard it
     # Frame i carries timeline samples [(i-1)*320, i*320): uplink sample k is timeline sample k - 320.
     timeline = np.arange(uplink.size) - 320
     delayed = timeline - 640  # 40 ms earlier
@@ -647,6 +657,9 @@ def test_summary_names_the_pause_when_the_server_paused() -> None:
         onset_to_stop_ms=[90.0],
         decision_to_stop_ms=[0.2],
         leaked_audio_ms=0.0,
+        media_after_clear=0,
+        proto="acs",
+        utterances=[],
         dtmf_sent=[],
         events=[{"event": "barge_in_decided", "t": 0.5}],
     )
@@ -654,3 +667,17 @@ def test_summary_names_the_pause_when_the_server_paused() -> None:
     assert "server, barge-in decision -> StopAudio sent: 0 ms" in _summary_lines(report)
     paused = replace(report, events=[{"event": "barge_in_paused", "t": 0.4}, *report.events])
     assert "server, barge-in pause -> StopAudio sent: 0 ms" in _summary_lines(paused)
+
+
+async def test_a_say_timeline_attributes_each_stop_to_its_utterance() -> None:
+    agent = FakeAgent(greeting_s=3.0, reply_s=0.2)  # stops on the first speech only
+    clip = speech_clip(16000, lead_s=0.1, speech_s=0.3)
+    report = await call(agent, say=[(0.5, clip), (1.5, clip)], fetch_events=False, quiet_after_s=0.2, max_wait_s=0.5)
+    first, second = report.utterances
+    assert first["at_ms"] == pytest.approx(500, abs=25) and second["at_ms"] == pytest.approx(1500, abs=25)
+    assert first["onset_ms"] - first["at_ms"] == pytest.approx(100, abs=10)  # after the clip's lead silence
+    assert len(first["onset_to_stop_ms"]) == 1 and second["onset_to_stop_ms"] == []
+    assert report.onset_to_stop_ms == first["onset_to_stop_ms"]
+    # Frames between the utterances are digital silence, sent as such.
+    assert agent.problems == [] and report.speech_onset_t is not None
+    assert report.rel_ms(report.speech_end_t) == pytest.approx(second["end_ms"], abs=0.1)

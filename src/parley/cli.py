@@ -18,6 +18,8 @@ from rich.markup import escape
 from parley.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from parley.records.sqlite import SqliteReader
     from parley.records.store import CallRecord, TurnRecord
     from parley.server import BackgroundServer
@@ -192,53 +194,91 @@ def _serve_workers(settings: Settings, count: int, origin: str) -> NoReturn:
 @app.command()
 def call(
     ctx: typer.Context,
-    audio: Path = typer.Argument(..., help="WAV file the simulated caller says (16-bit PCM)."),
-    url: str | None = typer.Option(None, help="ws://... of a running server.", show_default="start one in-process"),
-    out: Path | None = typer.Option(None, help="Write what the caller heard to this WAV."),
-    barge_in_at: float | None = typer.Option(None, help="Start speaking once the agent has talked this many seconds."),
+    audio: Path | None = typer.Argument(
+        None, help="WAV the caller says once, after the greeting (16-bit PCM or float); or give --say instead."
+    ),
+    say: list[str] = typer.Option(
+        None,
+        "--say",
+        help="Say a WAV at a time from call start: SECONDS:WAV (repeatable; overlaps are mixed),"
+        " e.g. --say 0.5:hello.wav --say 6:question.wav.",
+    ),
+    url: str | None = typer.Option(
+        None,
+        help="ws://... of a running server (no path: /ws/acs, or /ws/twilio with --proto twilio).",
+        show_default="start one in-process",
+    ),
+    proto: str = typer.Option(
+        "acs", "--proto", help="Call as acs (ACS media streaming) or twilio (Twilio Media Streams, mu-law 8 kHz)."
+    ),
+    token: str | None = typer.Option(
+        None,
+        "--token",
+        help="The server's API token: sent as Authorization: Bearer on the media WebSocket and to the events API.",
+        show_default="PARLEY_API_TOKEN",
+    ),
+    agent: str | None = typer.Option(
+        None,
+        help="Ask for this agent: ?agent=NAME on the media URL (twilio: also a customParameter);"
+        " without --url, also the in-process server's agent.",
+    ),
+    out: Path | None = typer.Option(
+        None, help="Write the call to this stereo WAV: the caller left (as sent), the agent right (as heard)."
+    ),
+    barge_in_at: float | None = typer.Option(
+        None, help="Say AUDIO once the agent has talked this many seconds (not with --say)."
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="Write the report as JSON here."),
     sample_rate: int = typer.Option(16000, help="Call sample rate: 16000 or 24000."),
-    agent: str | None = typer.Option(None, help="Agent of the in-process server."),
     dtmf: list[str] = typer.Option(
         None, "--dtmf", help="Press keys at a time into the call: SECONDS:DIGITS (repeatable), e.g. 6.5:1."
     ),
     max_wait: float = typer.Option(15.0, help="Seconds to wait for the agent's answer."),
     quiet: bool = typer.Option(False, help="Print only the summary."),
 ) -> None:
-    """Call a parley server as ACS would, speaking AUDIO; print a timeline and the barge-in timings."""
+    """Call a parley server as ACS (or Twilio) would: say AUDIO, or WAVs at set times (--say), press
+    keys (--dtmf); print a timeline and the barge-in timings, and record the call (--out)."""
     from parley import caller, logs
     from parley.audio import read_wav
 
     logs.configure("warning", events_to_console=False)
     ctx.call_on_close(logs.shutdown)  # also when the command runs in-process
+    if proto not in caller.PROTOCOLS:
+        _call_error(f"--proto {proto!r}: expected {' or '.join(caller.PROTOCOLS)}")
     if sample_rate not in (16000, 24000):
         _call_error("--sample-rate must be 16000 or 24000")
+    if proto == "twilio" and sample_rate != 16000:
+        _call_error("--proto twilio runs at --sample-rate 16000 (Twilio's 8 kHz, resampled 2:1)")
     if barge_in_at is not None and barge_in_at < 0:
         _call_error("--barge-in-at must be >= 0 seconds")
+    if audio is not None and say:
+        _call_error("give AUDIO (said once) or --say SECONDS:WAV (a timeline), not both")
+    if audio is None and not say:
+        _call_error("nothing to say: give AUDIO (a WAV) or --say SECONDS:WAV")
+    if say and barge_in_at is not None:
+        _call_error("--barge-in-at applies to AUDIO; --say times are seconds from call start")
     presses = _key_presses(dtmf or [])
-    # Read the clip before any model loads, so a wrong file fails at once.
+    # Read the clips before any model loads, so a wrong file fails at once.
+    timeline = _utterances(say or [], sample_rate)
     try:
-        pcm = read_wav(audio, sample_rate)
+        pcm = read_wav(audio, sample_rate) if audio is not None else None
     except ValueError as exc:
         _call_error(str(exc))
     if url is not None:
         try:
-            url = caller.media_url(url)
+            url = caller.media_url(url, caller.DEFAULT_PATHS[proto])
         except ValueError as exc:
             _call_error(f"--url {exc}")
-        if agent is not None:
-            console.print(
-                f"[yellow]warning:[/yellow] --agent applies only to the in-process server; {url} answers"
-                " with its own agent (parley serve --agent ...)",
-                soft_wrap=True,
-            )
     server = _in_process_server(agent) if url is None else None
     if server is not None:
-        url = server.url
+        url = f"ws://127.0.0.1:{server.port}{caller.DEFAULT_PATHS[proto]}"
     assert url is not None
     options = caller.CallOptions(
         url=url,
         pcm=pcm,
+        say=list(timeline),
+        proto=proto,
+        agent=agent,
         sample_rate=sample_rate,
         barge_in_at=barge_in_at,
         out=out,
@@ -246,7 +286,9 @@ def call(
         progress=sys.stderr.isatty(),
         dtmf=presses,
     )
-    if server is not None and server.settings.api_token is not None:  # e.g. from a .env file
+    if token is not None:
+        options.api_token = token
+    elif server is not None and server.settings.api_token is not None:  # e.g. from a .env file
         options.api_token = server.settings.api_token.get_secret_value()
     try:
         report = asyncio.run(caller.run_call(options))
@@ -261,6 +303,29 @@ def call(
         json_path.write_text(json.dumps(report.to_dict(), indent=2, default=str))
     if report.errors:
         raise typer.Exit(1)  # the call ran, but not as asked (the errors are printed above)
+
+
+def _utterances(values: list[str], sample_rate: int) -> list[tuple[float, np.ndarray]]:
+    """--say SECONDS:WAV values, each file read (at the call's rate) before dialling."""
+    from parley.audio import read_wav
+
+    timeline = []
+    for value in values:
+        at, colon, name = value.partition(":")
+        try:
+            seconds = float(at)
+        except ValueError:
+            seconds = -1.0
+        if not colon or not name.strip() or not 0 <= seconds < math.inf:
+            _call_error(f"--say {value!r}: the format is SECONDS:WAV, e.g. 2.5:hello.wav (say it 2.5 s into the call)")
+        try:
+            pcm = read_wav(Path(name.strip()), sample_rate)
+        except ValueError as exc:
+            _call_error(f"--say {value!r}: {exc}")
+        if pcm.size == 0:
+            _call_error(f"--say {value!r}: the WAV holds no audio")
+        timeline.append((seconds, pcm))
+    return timeline
 
 
 def _call_error(message: str) -> NoReturn:

@@ -3,6 +3,10 @@
 Each trial is one call: the caller waits until the agent has talked about 1 s (0.9-1.3 s, varied
 so the speech does not always land on the same point of the 20 ms / 32 ms grids), then speaks a
 real speech clip. With `--noise` it "speaks" noise beds instead and every StopAudio is a false stop.
+
+`--proto twilio` calls as Twilio Media Streams does (mu-law 8 kHz, to /ws/twilio): the stop is then
+Twilio's `clear`, reported under the same keys (`onset_to_stop_ms` is onset -> clear), and
+`media_after_clear` counts media of the cleared turn that still arrived after it (must be 0).
 """
 
 from __future__ import annotations
@@ -10,11 +14,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
 from parley.benchmarks.common import Clip, load_clips, machine_info
-from parley.caller import CallOptions, CallReport, run_call
+from parley.caller import DEFAULT_PATHS, CallOptions, CallReport, run_call
 from parley.stats import percentiles
 
 MISSED_AFTER_S = 2.0
@@ -43,7 +48,18 @@ def noise_beds(sample_rate: int = 16000, seconds: float = 2.5, seed: int = 3) ->
     ]
 
 
-async def run(url: str, trials: int, clips: list[Path] | None, noise: bool, seed: int = 7) -> dict[str, Any]:
+def proto_url(url: str, proto: str) -> str:
+    """The media URL of `proto` on the server of `url` (ws://host:port/ws/acs -> .../ws/twilio);
+    an ACS URL is used as given."""
+    if proto == "acs":
+        return url
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, DEFAULT_PATHS[proto], parts.query, ""))
+
+
+async def run(
+    url: str, trials: int, clips: list[Path] | None, noise: bool, seed: int = 7, proto: str = "acs"
+) -> dict[str, Any]:
     beds = noise_beds() if noise else load_clips(clips)
     rng = random.Random(seed)
     results = []
@@ -53,6 +69,7 @@ async def run(url: str, trials: int, clips: list[Path] | None, noise: bool, seed
         report = await run_call(
             CallOptions(
                 url=url,
+                proto=proto,
                 pcm=clip.pcm,
                 barge_in_at=barge_in_at,
                 end_after_stop_s=0.6,
@@ -61,7 +78,7 @@ async def run(url: str, trials: int, clips: list[Path] | None, noise: bool, seed
             )
         )
         results.append(_trial(index, clip, barge_in_at, report))
-    return _summary(results, noise)
+    return _summary(results, noise, proto)
 
 
 def _trial(index: int, clip: Clip, barge_in_at: float, report: CallReport) -> dict[str, Any]:
@@ -74,6 +91,7 @@ def _trial(index: int, clip: Clip, barge_in_at: float, report: CallReport) -> di
         "onset_to_stop_ms": in_time[0] if in_time else None,
         "decision_to_stop_ms": report.decision_to_stop_ms[0] if report.decision_to_stop_ms else None,
         "leaked_audio_ms": report.leaked_audio_ms,
+        "media_after_clear": report.media_after_clear,
         "stop_audio_count": report.stop_audio_count,
         "missed": not in_time,
         "errors": report.errors,
@@ -81,12 +99,13 @@ def _trial(index: int, clip: Clip, barge_in_at: float, report: CallReport) -> di
     }
 
 
-def _summary(results: list[dict[str, Any]], noise: bool) -> dict[str, Any]:
+def _summary(results: list[dict[str, Any]], noise: bool, proto: str = "acs") -> dict[str, Any]:
     onset = [r["onset_to_stop_ms"] for r in results if r["onset_to_stop_ms"] is not None]
     decision = [r["decision_to_stop_ms"] for r in results if r["decision_to_stop_ms"] is not None]
     summary: dict[str, Any] = {
         "benchmark": "bargein",
         "mode": "noise" if noise else "speech",
+        "proto": proto,
         "trials": len(results),
         "machine": machine_info(),
     }
@@ -101,6 +120,7 @@ def _summary(results: list[dict[str, Any]], noise: bool) -> dict[str, Any]:
             onset_to_stop_ms=percentiles(onset),
             decision_to_stop_ms=percentiles(decision),
             leaked_audio_ms=round(sum(r["leaked_audio_ms"] for r in results), 1),
+            media_after_clear=sum(r["media_after_clear"] for r in results),
             missed=sum(r["missed"] for r in results),
         )
     summary["errors"] = sum(len(r["errors"]) for r in results)
@@ -116,11 +136,14 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, object]]:
             ("by bed", result["false_stops_by_bed"]),
             ("errors", result["errors"]),
         ]
+    stop = "clear" if result.get("proto") == "twilio" else "StopAudio"
     return [
+        ("proto", result.get("proto", "acs")),
         ("trials", result["trials"]),
-        ("onset -> StopAudio", result["onset_to_stop_ms"]),
-        ("decision -> StopAudio", result["decision_to_stop_ms"]),
+        (f"onset -> {stop}", result["onset_to_stop_ms"]),
+        (f"decision -> {stop}", result["decision_to_stop_ms"]),
         ("leaked audio (ms, total)", result["leaked_audio_ms"]),
+        (f"media after {stop}", result.get("media_after_clear", 0)),
         ("missed", result["missed"]),
         ("errors", result["errors"]),
     ]

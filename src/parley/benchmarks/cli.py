@@ -32,15 +32,22 @@ def bargein(
     trials: int = typer.Option(20, min=1, help="Calls, one barge-in each."),
     clip: list[Path] = typer.Option(None, "--clip", help="WAV(s) to speak [default: the shipped LibriVox clips]."),
     noise: bool = typer.Option(False, "--noise", help="Barge in with noise beds instead: counts false stops."),
+    proto: str = typer.Option(
+        "acs", "--proto", help="Call as acs (stop = StopAudio) or twilio (Media Streams to /ws/twilio, stop = clear)."
+    ),
     url: str | None = UrlOption,
     server: str = ServerOption,
     json_path: Path | None = JsonOption,
 ) -> None:
-    """Speech onset -> StopAudio, decision -> StopAudio, leaked audio, missed (or false stops)."""
+    """Speech onset -> StopAudio (twilio: clear), decision -> stop, leaked audio and media after the
+    stop, missed (or false stops)."""
     from parley.benchmarks import bargein as module
 
+    if proto not in ("acs", "twilio"):
+        raise typer.BadParameter("--proto must be acs or twilio")
     with common.server_under_test(url, server) as sut:
-        result = asyncio.run(module.run(sut.url, trials, clip, noise))
+        # --url names the server; the path is the protocol's (a given ws://.../ws/acs calls /ws/twilio).
+        result = asyncio.run(module.run(module.proto_url(sut.url, proto), trials, clip, noise, proto=proto))
     _finish("parley bench bargein", result, module.summary_rows(result), json_path)
 
 

@@ -1,4 +1,4 @@
-"""A simulated ACS caller: dials a parley server the way Azure Communication Services does.
+"""A simulated caller: dials a parley server the way Azure Communication Services (or Twilio) does.
 
 `run_call` connects to a media-streaming WebSocket with the ACS upgrade headers, sends
 AudioMetadata and then one 20 ms AudioData frame every 20 ms on an absolute real-time schedule
@@ -13,7 +13,13 @@ Every timestamp is `time.monotonic()` seconds. The server logs its events on the
 machine), so caller-side times (speech onset, StopAudio received) and server-side events
 (barge-in decided, StopAudio sent) can be subtracted directly.
 
-The package, by concern: `options` (CallOptions, the clip in frames), `playout` (the ACS playout
+With `proto="twilio"` it speaks Twilio Media Streams instead (`wire`: connected/start, mu-law
+media at 8 kHz, marks echoed once played, `clear` flushing the playout like StopAudio).
+`say` replaces the one clip with a timeline of utterances; `out` is a stereo WAV (caller left,
+agent right, as heard).
+
+The package, by concern: `options` (CallOptions, the clip or timeline in frames), `wire` (ACS or
+Twilio, behind `CallerWire`), `recording` (the stereo WAV), `playout` (the ACS playout
 emulation), `script` (when to speak and hang up), `uplink` (echo and room noise), `live` (sender
 and receiver), `events` (the server's event log), `metrics` (barge-in and latency figures),
 `report` (CallReport, timeline, printing) and `run` (run_call). Import from `parley.caller`.
@@ -21,14 +27,21 @@ and receiver), `events` (the server's event log), `metrics` (barge-in and latenc
 
 from parley.caller.events import events_url, fetch_events
 from parley.caller.live import CallState, ClipProgress, Sender, SendLog
-from parley.caller.metrics import decision_to_stop_ms, leaked_audio_ms, onset_to_stop_ms, voice_to_voice_ms
-from parley.caller.options import CallOptions, ClipFrames, media_url
+from parley.caller.metrics import (
+    decision_to_stop_ms,
+    leaked_audio_ms,
+    media_after_clear,
+    onset_to_stop_ms,
+    voice_to_voice_ms,
+)
+from parley.caller.options import CallOptions, ClipFrames, Utterance, caller_audio, media_url, with_agent
 from parley.caller.playout import PlayoutEmulator, Stretch
 from parley.caller.report import CallReport, Timeline, print_report
 from parley.caller.run import DialError, run_call
 from parley.caller.script import (
     SILENCE,
     AnswerWatcher,
+    AtOnceTrigger,
     BargeInTrigger,
     GreetingOverTrigger,
     Phase,
@@ -36,18 +49,38 @@ from parley.caller.script import (
     SpeakTrigger,
 )
 from parley.caller.uplink import UplinkMix
+from parley.caller.wire import (
+    DEFAULT_PATHS,
+    PROTOCOLS,
+    AcsCallerWire,
+    AgentAudio,
+    AgentMark,
+    AgentStop,
+    CallerWire,
+    Ignored,
+    TwilioCallerWire,
+)
 
 __all__ = [
+    "DEFAULT_PATHS",
+    "PROTOCOLS",
     "SILENCE",
+    "AcsCallerWire",
+    "AgentAudio",
+    "AgentMark",
+    "AgentStop",
     "AnswerWatcher",
+    "AtOnceTrigger",
     "BargeInTrigger",
     "CallOptions",
     "CallReport",
     "CallState",
+    "CallerWire",
     "ClipFrames",
     "ClipProgress",
     "DialError",
     "GreetingOverTrigger",
+    "Ignored",
     "Phase",
     "PlayoutEmulator",
     "Script",
@@ -56,14 +89,19 @@ __all__ = [
     "SpeakTrigger",
     "Stretch",
     "Timeline",
+    "TwilioCallerWire",
     "UplinkMix",
+    "Utterance",
+    "caller_audio",
     "decision_to_stop_ms",
     "events_url",
     "fetch_events",
     "leaked_audio_ms",
+    "media_after_clear",
     "media_url",
     "onset_to_stop_ms",
     "print_report",
     "run_call",
     "voice_to_voice_ms",
+    "with_agent",
 ]

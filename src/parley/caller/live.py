@@ -6,7 +6,6 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Final
 
 import numpy as np
@@ -19,15 +18,7 @@ from parley.caller.options import ClipFrames
 from parley.caller.playout import PlayoutEmulator
 from parley.caller.script import SILENCE, Script
 from parley.caller.uplink import UplinkMix
-from parley.transports.acs import (
-    AcsProtocolError,
-    OutboundAudio,
-    OutboundStop,
-    UnknownMessage,
-    dtmf_message,
-    inbound_audio_message,
-    parse_outbound,
-)
+from parley.caller.wire import AgentAudio, AgentMark, AgentStop, CallerWire, Ignored
 
 FRAME_S: Final = 0.020
 """ACS sends one frame every 20 ms."""
@@ -39,7 +30,11 @@ class CallState:
 
     t0: float
     playout: PlayoutEmulator
-    received: list[tuple[float, int]] = field(default_factory=list)  # (receive time, samples)
+    wire: CallerWire
+    received: list[tuple[float, int]] = field(default_factory=list)  # (receive time, samples), per message
+    # Marks the server sent, (when the audio queued before it will have played, name), in arrival order.
+    marks: list[tuple[float, str]] = field(default_factory=list)
+    marks_echoed: int = 0
     stops: list[float] = field(default_factory=list)
     stop_flushed_s: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -53,18 +48,30 @@ class CallState:
     def on_message(self, message: str | bytes, at: float) -> None:
         """Apply one server message; anything malformed is recorded, never raised."""
         try:
-            parsed = parse_outbound(message)
-        except AcsProtocolError as exc:
+            parsed = self.wire.parse(message)
+        except ValueError as exc:  # AcsProtocolError, TwilioWireError
             self.error(at, f"malformed server message: {exc}")
             return
-        if isinstance(parsed, OutboundAudio):
+        if isinstance(parsed, AgentAudio):
             self.playout.receive(at, parsed.pcm)
             self.received.append((at, len(parsed.pcm) // 2))
-        elif isinstance(parsed, OutboundStop):
+        elif isinstance(parsed, AgentStop):
             self.stop_flushed_s.append(self.playout.stop(at))
             self.stops.append(at)
-        elif isinstance(parsed, UnknownMessage):
+            # Twilio echoes every pending mark when the buffer is cleared: nothing is left to play.
+            self.marks = [(min(due, at), name) for due, name in self.marks]
+        elif isinstance(parsed, AgentMark):
+            end = self.playout.playout_end
+            self.marks.append((at if end is None else max(at, end), parsed.name))
+        elif isinstance(parsed, Ignored):
             self.error(at, f"ignored server message of unknown kind {parsed.kind!r}")
+
+    def due_marks(self, now: float) -> list[str]:
+        """Names of the marks whose audio has played by `now`, in the order they came; forgets them."""
+        due = [name for at, name in self.marks if at <= now]
+        if due:
+            self.marks = [(at, name) for at, name in self.marks if at > now]
+        return due
 
 
 async def _receive(ws: ClientConnection, state: CallState) -> None:
@@ -111,6 +118,9 @@ class SendLog:
     onset: float | None = None
     speech_end: float | None = None
     dtmf: list[tuple[float, str]] = field(default_factory=list)
+    clip_sent: list[float] = field(default_factory=list)  # send time of each clip frame, in order
+    # With recording on: every frame sent, (schedule index, PCM16 at the call's rate), for the `out` WAV.
+    uplink: list[tuple[int, bytes]] = field(default_factory=list)
 
 
 class Sender:
@@ -129,9 +139,12 @@ class Sender:
         dtmf: Sequence[tuple[float, str]],
         progress: ClipProgress,
         mix: UplinkMix | None = None,
+        record: bool = False,
     ) -> None:
         self.log = SendLog()
         self._mix = mix
+        self._record = record
+        self._wire = state.wire
         self._ws = ws
         self._state = state
         self._clip = clip
@@ -154,6 +167,7 @@ class Sender:
             now = time.monotonic()
             self.log.lateness_max_s = max(self.log.lateness_max_s, now - deadline)
             await self._send_due_dtmf(now)
+            await self._echo_played_marks(now)
             frame = self._script.tick(now)
             if frame is None:
                 return
@@ -163,8 +177,18 @@ class Sender:
     async def _send_due_dtmf(self, now: float) -> None:
         while self._dtmf and self._state.t0 + self._dtmf[0][0] <= now:
             _, digits = self._dtmf.pop(0)
-            await self._ws.send(dtmf_message(digits))
+            for message in self._wire.dtmf(digits):
+                await self._ws.send(message)
             self.log.dtmf.append((now, digits))
+
+    async def _echo_played_marks(self, now: float) -> None:
+        """What Twilio does: a mark comes back once the audio sent before it has played (on this
+        20 ms tick, as Twilio's own playout is frame by frame)."""
+        for name in self._state.due_marks(now):
+            message = self._wire.mark_played(name)
+            if message is not None:
+                await self._ws.send(message)
+                self._state.marks_echoed += 1
 
     async def _send_frame(self, frame: int, index: int) -> None:
         if self._mix is not None:
@@ -176,21 +200,19 @@ class Sender:
             pcm, silent = self._silence, True
         else:
             pcm, silent = self._clip.frames[frame].tobytes(), bool(self._clip.zero[frame])
-        message = inbound_audio_message(pcm, timestamp=_acs_timestamp(), silent=silent)
+        message = self._wire.frame(pcm, silent)
         sent_at = time.monotonic()
         await self._ws.send(message)
         self.log.frames_sent += 1
+        if self._record:
+            self.log.uplink.append((index, pcm))
         if frame != SILENCE:
             self._note_clip_frame(frame, sent_at)
 
     def _note_clip_frame(self, frame: int, sent_at: float) -> None:
+        self.log.clip_sent.append(sent_at)
         if self._clip.loud[frame]:
             if self.log.onset is None:
                 self.log.onset = sent_at
             self.log.speech_end = sent_at
         self._progress.advance()
-
-
-def _acs_timestamp() -> str:
-    """Wall-clock time in ACS's format, e.g. 2024-11-15T19:16:12.925Z."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

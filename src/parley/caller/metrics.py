@@ -67,24 +67,39 @@ def _next_turn_audio(stop_at: float, events: Sequence[dict[str, Any]]) -> float:
     return math.inf
 
 
+def _leak_windows(stops: Sequence[float], events: Sequence[dict[str, Any]]) -> list[tuple[float, float]]:
+    """Per stop, (stop, limit): agent audio received in between still belonged to the stopped turn.
+
+    With server events, a leak lasts until the next turn's first_audio_sent; without them, audio
+    within LEAK_WINDOW_S of the stop counts. Each window also ends at the next stop.
+    """
+    windows = []
+    for k, stop_at in enumerate(stops):
+        limit = _next_turn_audio(stop_at, events) if events else stop_at + LEAK_WINDOW_S
+        if k + 1 < len(stops):
+            limit = min(limit, stops[k + 1])
+        windows.append((stop_at, limit))
+    return windows
+
+
 def leaked_audio_ms(
     stops: Sequence[float],
     received: Sequence[tuple[float, int]],
     events: Sequence[dict[str, Any]],
     sample_rate: int,
 ) -> float:
-    """Agent audio received after a StopAudio that still belonged to the turn it stopped.
-
-    With server events, a leak lasts until the next turn's first_audio_sent; without them, audio
-    within LEAK_WINDOW_S of the StopAudio counts. Each window also ends at the next StopAudio.
-    """
-    leaked = 0
-    for k, stop_at in enumerate(stops):
-        limit = _next_turn_audio(stop_at, events) if events else stop_at + LEAK_WINDOW_S
-        if k + 1 < len(stops):
-            limit = min(limit, stops[k + 1])
-        leaked += sum(n for at, n in received if stop_at < at < limit)
+    """Agent audio received after a StopAudio (or clear) that still belonged to the turn it stopped."""
+    windows = _leak_windows(stops, events)
+    leaked = sum(n for stop_at, limit in windows for at, n in received if stop_at < at < limit)
     return _ms(leaked / sample_rate)
+
+
+def media_after_clear(
+    stops: Sequence[float], received: Sequence[tuple[float, int]], events: Sequence[dict[str, Any]]
+) -> int:
+    """Agent media messages received after a clear (ACS: StopAudio) that belonged to the turn it cut."""
+    windows = _leak_windows(stops, events)
+    return sum(1 for stop_at, limit in windows for at, _ in received if stop_at < at < limit)
 
 
 def voice_to_voice_ms(speech_end: float | None, received: Sequence[tuple[float, int]]) -> float | None:

@@ -44,6 +44,7 @@ class CallReport:
     correlation_id: str
     url: str
     sample_rate: int
+    proto: str  # "acs" or "twilio": StopAudio figures are clear's for twilio
     t0: float
     duration_ms: float
     frames_sent: int
@@ -61,11 +62,16 @@ class CallReport:
     onset_to_stop_ms: list[float]
     decision_to_stop_ms: list[float]
     leaked_audio_ms: float
+    media_after_clear: int  # agent media of a cut turn received after its StopAudio / clear (must be 0)
     voice_to_voice_ms: float | None
     hung_up_by_server: bool
     close_code: int | None
     close_reason: str | None
     dtmf_sent: list[list[Any]]
+    marks_echoed: int  # Twilio marks echoed back once their audio had played (or was cleared)
+    # Per utterance: at_ms (when its first frame went out), onset_ms and end_ms (its speech),
+    # onset_to_stop_ms (stops before the next utterance), voice_to_voice_ms.
+    utterances: list[dict[str, Any]]
     events: list[dict[str, Any]]
     events_error: str | None
     errors: list[str]
@@ -76,6 +82,10 @@ class CallReport:
 
     def rel_ms(self, t: float | None) -> float | None:
         return None if t is None else _ms(t - self.t0)
+
+    @property
+    def stop_name(self) -> str:
+        return "clear" if self.proto == "twilio" else "StopAudio"
 
 
 class Timeline:
@@ -132,9 +142,14 @@ def _build_timeline(
     state: CallState,
     events: Sequence[dict[str, Any]],
     end: float,
+    utterances: Sequence[dict[str, Any]] = (),
 ) -> list[dict[str, Any]]:
     timeline = Timeline(t0)
+    stop_name = state.wire.stop_name
     timeline.add(script.clip_start, "caller", "starts sending the clip")
+    if len(utterances) > 1:
+        for number, utterance in enumerate(utterances, 1):
+            timeline.add(t0 + utterance["at_ms"] / 1000, "caller", f"utterance {number} starts")
     timeline.add(log.onset, "caller", f"speech onset (> {ONSET_DBFS:.0f} dBFS)")
     timeline.add(log.speech_end, "caller", "speech end (last frame above threshold)")
     timeline.add(script.clip_end, "caller", "clip finished")
@@ -142,10 +157,10 @@ def _build_timeline(
         timeline.add(at, "caller", f"DTMF {digits!r}")
     for stretch in state.playout.stretches:
         timeline.add(stretch.start, "agent", "audio starts playing")
-        how = "audio cut by StopAudio" if stretch.cut else "audio stops"
+        how = f"audio cut by {stop_name}" if stretch.cut else "audio stops"
         timeline.add(stretch.end, "agent", how)
     for at, flushed in zip(state.stops, state.stop_flushed_s, strict=True):
-        timeline.add(at, "server", f"StopAudio received ({_ms(flushed):.0f} ms queued audio flushed)")
+        timeline.add(at, "server", f"{stop_name} received ({_ms(flushed):.0f} ms queued audio flushed)")
     for event in events:
         if event["event"] in _SERVER_EVENTS_IN_TIMELINE:
             timeline.add(event["t"], "server", _describe_event(event))
@@ -178,6 +193,8 @@ def _summary_lines(report: CallReport) -> list[str]:
             f"caller spoke: clip {rel(report.clip_started_t)}-{rel(report.clip_ended_t)} ms, "
             f"speech {rel(report.speech_onset_t)}-{rel(report.speech_end_t)} ms"
         )
+    if len(report.utterances) > 1:
+        lines.extend(_utterance_lines(report))
     if report.dtmf_sent:
         lines.append("DTMF sent: " + ", ".join(f"{digits!r} at {at:.0f} ms" for at, digits in report.dtmf_sent))
     spans = ", ".join(f"{a:.0f}-{b:.0f}" for a, b in report.stretches) or "none"
@@ -185,22 +202,38 @@ def _summary_lines(report: CallReport) -> list[str]:
     stops = ", ".join(
         f"{s:.0f} ms (flushed {f:.0f} ms)" for s, f in zip(report.stops, report.stop_flushed_ms, strict=True)
     )
-    lines.append(f"StopAudio received: {stops or 'none'}")
-    lines.append(f"speech onset -> StopAudio: {_fmt_list(report.onset_to_stop_ms)}")
+    stop = report.stop_name
+    lines.append(f"{stop} received: {stops or 'none'}")
+    lines.append(f"speech onset -> {stop}: {_fmt_list(report.onset_to_stop_ms)}")
     # In the default pause mode the server stops the audio when it pauses the turn, before it
     # decides on the barge-in: the figure is then the pause's, not the decision's.
     paused = any(event["event"] == "barge_in_paused" for event in report.events)
     lines.append(
-        f"server, barge-in {'pause' if paused else 'decision'} -> StopAudio sent: "
-        f"{_fmt_list(report.decision_to_stop_ms)}"
+        f"server, barge-in {'pause' if paused else 'decision'} -> {stop} sent: {_fmt_list(report.decision_to_stop_ms)}"
     )
-    lines.append(f"leaked audio after StopAudio: {report.leaked_audio_ms:.0f} ms")
+    lines.append(
+        f"leaked audio after {stop}: {report.leaked_audio_ms:.0f} ms ({report.media_after_clear} media messages)"
+    )
     if report.voice_to_voice_ms is not None:
         lines.append(f"voice-to-voice (caller's speech end -> agent's reply): {report.voice_to_voice_ms:.0f} ms")
     elif report.speech_end_t is not None:
         lines.append("voice-to-voice: none (no agent reply began after the caller's speech ended)")
     ended = "the server hung up" if report.hung_up_by_server else "the caller hung up"
     lines.append(f"{ended} (close code {report.close_code})")
+    return lines
+
+
+def _utterance_lines(report: CallReport) -> list[str]:
+    lines = []
+    for number, utterance in enumerate(report.utterances, 1):
+        speech = (
+            f"speech {utterance['onset_ms']:.0f}-{utterance['end_ms']:.0f} ms"
+            if utterance["onset_ms"] is not None
+            else "no speech in it"
+        )
+        v2v = utterance["voice_to_voice_ms"]
+        reply = f", reply after {v2v:.0f} ms" if v2v is not None else ""
+        lines.append(f"  utterance {number} at {utterance['at_ms']:.0f} ms: {speech}{reply}")
     return lines
 
 

@@ -18,6 +18,14 @@ class SpeakTrigger(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class AtOnceTrigger:
+    """Start at once: a `say` timeline runs from call start, each utterance at its own time."""
+
+    def ready(self, now: float, playout: PlayoutEmulator) -> bool:
+        return True
+
+
+@dataclass(frozen=True, slots=True)
 class BargeInTrigger:
     """Speak once the current stretch of agent playout has played `after_s` seconds."""
 
