@@ -156,7 +156,8 @@ TIERS: dict[str, str | frozenset[str]] = {
     "test_e2e.py": SLOW,
     "test_echo_gate.py": SLOW,  # Silero VAD and pocketsphinx on real-time audio
     "test_echo_search.py": FAST,  # the vectorised lag search against the loop it replaced
-    "test_handoff.py": FAST,  # the loop -> recognition thread frame queue
+    "test_handoff.py": FAST,
+    "test_web_routes.py": FAST,  # the pages' router in a small app (TestClient)  # the loop -> recognition thread frame queue
     "test_audio_levels.py": FAST,
     "test_engines.py": SLOW,  # loads every engine
     "test_extending.py": SLOW,  # the example agent on a real server, real calls

@@ -45,6 +45,7 @@ from parley.security.access import api_access, check_media_access, configured_to
 from parley.settings import Settings
 from parley.tracing import tracer_from_env
 from parley.transports.wire import AcsWire, MediaWire
+from parley.web import web_router
 
 if TYPE_CHECKING:
     from parley.acs.service import CallAutomation
@@ -218,6 +219,8 @@ def create_app(
         from parley.cluster.api import cluster_router
 
         app.include_router(cluster_router(cluster, dependencies=api_guard))
+    # The pages (/, /static/...) and GET /api/agents (docs/web.md).
+    app.include_router(web_router(settings, dependencies=api_guard))
 
     def media_endpoint(channel: MediaChannel) -> Callable[[WebSocket], Awaitable[None]]:
         """The WebSocket route of one channel: the same checks, admission and MediaHandler for all."""

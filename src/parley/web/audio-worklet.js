@@ -1,0 +1,1 @@
+// The talk page audio worklet (filled in by the next commit).

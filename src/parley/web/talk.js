@@ -1,0 +1,1 @@
+// The talk page (filled in by the next commit).
