@@ -13,6 +13,7 @@ Set PARLEY_WEB_SCREENSHOT=path.png to keep a screenshot of the page mid-conversa
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +28,7 @@ from parley.settings import load_settings
 from parley.testing.browser import FAKE_AUDIO_RATE, launch_chromium, require_browser
 from tests.conftest import HOURS_PHRASE, TEST_GREETING, make_server
 
+TOKEN = "talk-page-token_0123456789"
 LEAD_S = 1.2  # silence before the question: the greeting (~3 s) is playing when it starts
 ANSWER_S = 9.0  # silence after it, while the agent answers
 
@@ -159,5 +161,54 @@ def test_a_refused_socket_says_so_on_the_page(tmp_path: Path) -> None:
             assert "refused" in error
             assert page.get_attribute("#status", "data-state") == "error"
             assert page.evaluate("window.parley.state") == "idle"
+    finally:
+        srv.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_off_loopback_the_page_connects_with_the_token_it_was_given() -> None:
+    """A server on every interface with PARLEY_API_TOKEN and its own origin allowed: the page, given
+    the token once, lists the agents and opens the socket with the token as a subprotocol."""
+    require_browser()
+    port = free_port()
+    origin = f"http://127.0.0.1:{port}"
+    settings = load_settings(
+        host="0.0.0.0",
+        port=port,
+        event_log=False,
+        engines="plumbing",
+        engine_pool_warm=0,
+        greeting=TEST_GREETING,
+        api_token=TOKEN,
+        allowed_origins=[origin],
+    )
+    srv = BackgroundServer(settings).start()
+    try:
+        with launch_chromium() as browser:
+            page = browser.new_page()
+            page.goto(origin + "/")
+            wait_for(page, "document.querySelector('#agents-status').textContent.includes('401')", 10)
+            page.fill("#token", "wrong-token")
+            page.click("#token-form button")
+            page.click("#talk-button")
+            assert "refused" in wait_for(page, "window.parley.error", 15)
+
+            page.fill("#token", TOKEN)
+            page.click("#token-form button")
+            wait_for(page, "document.querySelector('#agent option[value=\"pizza\"]')", 10)
+            page.click("#talk-button")
+            wait_for(page, "window.parley.state === 'live'", 15)
+            wait_for(page, "window.parley.framesPlayed >= 10", 15)  # the greeting, played
+            page.click("#talk-button")
+            wait_for(page, "window.parley.state === 'idle'", 10)
+
+            page.reload()  # the token is kept for the tab
+            assert page.input_value("#token") == TOKEN
+            wait_for(page, "document.querySelector('#agent option[value=\"pizza\"]')", 10)
     finally:
         srv.stop()

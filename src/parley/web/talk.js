@@ -30,6 +30,7 @@ const ui = {
   bar: $("timeline-bar"),
   turns: $("turns"),
   level: document.querySelector("#level > span"),
+  announce: $("announce"), // what a screen reader reads: finals and the agent's text, not every partial
 };
 
 // Test hooks and a live view for the curious: what the page has sent, received, played, flushed.
@@ -338,7 +339,10 @@ function caption(event) {
   }
   line.querySelector(".text").textContent = event.text;
   line.className = `caller ${event.name}`;
-  if (event.name === "final") hooks.captions.push(event.text);
+  if (event.name === "final") {
+    hooks.captions.push(event.text);
+    ui.announce.textContent = `You: ${event.text}`;
+  }
 }
 
 function agentText(event) {
@@ -350,6 +354,7 @@ function agentText(event) {
   const text = line.querySelector(".text");
   text.textContent = text.textContent ? `${text.textContent} ${event.text}` : event.text;
   hooks.agentText.push(event.text);
+  ui.announce.textContent = `Agent: ${event.text}`;
 }
 
 function addCaption(kind, text) {
