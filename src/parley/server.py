@@ -473,6 +473,7 @@ class ParleyServer(uvicorn.Server):
         host = self.config.host
         host = f"[{host}]" if ":" in host else host
         log.info("media WebSocket: ws://%s:%d/ws/acs (ACS streams calls here; also /ws)", host, port)
+        log.info("talk page: http://%s:%d/ (browser calls on /ws/browser; docs/web.md)", host, port)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """uvicorn's own sets `should_exit`, after which its shutdown closes every media socket with
