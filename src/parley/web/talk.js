@@ -160,6 +160,7 @@ function sendFrame(buffer) {
 }
 
 function onMessage(data) {
+  if (!call) return; // after hanging up
   if (data instanceof ArrayBuffer) {
     hooks.framesReceived++;
     call.player.port.postMessage(data, [data]);
@@ -192,7 +193,10 @@ function hangUp() {
     ws.send(JSON.stringify({ type: "stop" }));
     setTimeout(() => ws.readyState !== WebSocket.CLOSED && ws.close(1000), 2000); // the server closes first
   } else {
-    if (ws) ws.close();
+    if (ws) {
+      ws.onclose = null; // hung up before it connected: not a refusal
+      ws.close();
+    }
     cleanup();
     setState("idle");
     setStatus("Call ended.");
