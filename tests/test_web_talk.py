@@ -204,6 +204,12 @@ def test_off_loopback_the_page_connects_with_the_token_it_was_given() -> None:
             page.click("#talk-button")
             wait_for(page, "window.parley.state === 'live'", 15)
             wait_for(page, "window.parley.framesPlayed >= 10", 15)  # the greeting, played
+            page.click("#keypad summary")  # a phone key, as the agents' menus ask
+            page.click("#keypad button[data-key='1']")
+            keys = wait_for(
+                page, "[...document.querySelectorAll('.captions .caller')].map(l => l.textContent).join()", 10
+            )
+            assert "Keys: •" in keys  # masked, as the call's records hold it
             page.click("#talk-button")
             wait_for(page, "window.parley.state === 'idle'", 10)
 

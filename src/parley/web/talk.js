@@ -427,11 +427,23 @@ function onFigure(figure) {
   if (figure.name === "bargein_onset_to_stop") turnRow(figure.turn_id).stop.textContent = formatSeconds(figure.seconds);
 }
 
+// Phone keys, as a caller on a phone would press them (the agents' menus: "press 1 for...").
+function pressKey(key) {
+  const ws = call && call.ws;
+  if (!ws || ws.readyState !== WebSocket.OPEN) return;
+  ws.send(JSON.stringify({ type: "dtmf", digits: key }));
+  hooks.keysSent = (hooks.keysSent || 0) + 1;
+}
+
 // --- wiring --------------------------------------------------------------------------------------
 
 ui.button.addEventListener("click", () => {
   if (call) hangUp();
   else start();
+});
+document.querySelector("#keypad .keys").addEventListener("click", (event) => {
+  const key = event.target.closest("button[data-key]");
+  if (key) pressKey(key.dataset.key);
 });
 bindTokenForm($("token-form"), $("token"), loadAgents);
 if (!window.AudioWorkletNode || !navigator.mediaDevices) {
