@@ -1,5 +1,6 @@
 """The web pages' routes (parley.web): only the listed files, with their content types and no-cache,
-and GET /api/agents behind the API guard. A small app around the router, over real HTTP (TestClient)."""
+and GET /api/agents behind the API guard. A small app around the router, over real HTTP (TestClient).
+Also the browser tests' helper (parley.testing.browser): its flags, and skipping or failing without one."""
 
 from __future__ import annotations
 
@@ -70,3 +71,34 @@ def test_agents_is_guarded_like_the_other_apis():
     assert guarded.get("/").status_code == 200
     open_bind = client(host="0.0.0.0")
     assert open_bind.get("/api/agents").status_code == 403
+
+
+def test_without_a_browser_the_page_tests_skip_saying_why_and_fail_under_ci(monkeypatch, tmp_path):
+    from parley.testing import browser
+
+    monkeypatch.setenv("PARLEY_CHROMIUM", str(tmp_path / "no-such-chromium"))
+    assert browser.chromium_path() is None
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no Chromium"):
+        browser.require_browser()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI is set"):
+        browser.require_browser()
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception):
+        browser.require_browser()
+    with pytest.raises(RuntimeError, match="no Chromium"):
+        browser.launch_chromium().__enter__()
+
+
+def test_the_fake_microphone_flags():
+    from pathlib import Path
+
+    from parley.testing.browser import chromium_args
+
+    args = chromium_args(Path("/tmp/caller.wav"))
+    assert "--use-fake-ui-for-media-stream" in args and "--use-fake-device-for-media-stream" in args
+    assert "--use-file-for-fake-audio-capture=/tmp/caller.wav" in args
+    assert "--autoplay-policy=no-user-gesture-required" in args
+    assert chromium_args(Path("/tmp/c.wav"), loop_audio=False)[-1].endswith("/tmp/c.wav%noloop")
+    assert not any("fake-audio-capture" in arg for arg in chromium_args())
