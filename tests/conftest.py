@@ -176,7 +176,11 @@ TIERS: dict[str, str | frozenset[str]] = {
     "test_e2e.py": SLOW,
     "test_echo_gate.py": SLOW,  # Silero VAD and pocketsphinx on real-time audio
     "test_echo_search.py": FAST,  # the vectorised lag search against the loop it replaced
-    "test_handoff.py": FAST,  # the loop -> recognition thread frame queue
+    "test_handoff.py": FAST,
+    "test_browser_channel.py": SLOW,  # /ws/browser on real servers: refusals and a call
+    "test_browser_wire.py": FAST,  # the browser channel's codec, its events and access rules
+    "test_web_routes.py": FAST,
+    "test_web_talk.py": SLOW,  # a real Chromium talking to a real server (Piper's voice as the microphone)  # the pages' router in a small app (TestClient)  # the loop -> recognition thread frame queue
     "test_audio_levels.py": FAST,
     "test_engines.py": SLOW,  # loads every engine
     "test_extending.py": SLOW,  # the example agent on a real server, real calls

@@ -41,15 +41,19 @@ from parley.security import (
     build_acs_validator,
     check_websocket,
 )
-from parley.security.access import api_access, check_media_access, configured_token
+from parley.security.access import api_access, browser_media_refusal, check_media_access, configured_token
 from parley.security.twilio_auth import TwilioGuard
 from parley.settings import Settings
 from parley.tracing import tracer_from_env
+from parley.transports.browser import SUBPROTOCOL as BROWSER_SUBPROTOCOL
+from parley.transports.browser import BrowserWire
 from parley.transports.twilio_wire import TwilioWire
 from parley.transports.wire import AcsWire, MediaWire
 from parley.twilio.calls import TwilioCalls
 from parley.twilio.routes import twilio_router
 from parley.twilio.stream import call_control_attacher, socket_authenticator
+from parley.web import web_router
+from parley.web.channel import forward_events
 
 if TYPE_CHECKING:
     from parley.acs.service import CallAutomation
@@ -64,7 +68,9 @@ SHUTDOWN_TIMEOUT_S = 10  # uvicorn's wait for open connections once it shuts dow
 
 @dataclass(frozen=True)
 class MediaChannel:
-    """A media WebSocket route: its wire (one per call, from the socket) and what it adds to a call."""
+    """A media WebSocket route: its wire (one per call, from the socket) and what it adds to a call.
+    `access`: the channel's own access rule (a refusal's reason, or None), in place of ACS's token and
+    call checks; `subprotocol`: accepted when the client offers it (a browser insists on one)."""
 
     name: str
     wire: Callable[[WebSocket], MediaWire]
@@ -72,6 +78,9 @@ class MediaChannel:
     # A channel with its own credentials (Twilio's signature): replaces the ACS token and call
     # checks; False once it has refused the upgrade.
     authenticate: Callable[[WebSocket], Awaitable[bool]] | None = None
+    # A channel with its own access rule (the browser's, docs/web.md): replaces the ACS checks.
+    access: Callable[[WebSocket, Settings], str | None] | None = None
+    subprotocol: str | None = None
 
 
 def create_app(
@@ -228,6 +237,8 @@ def create_app(
         from parley.cluster.api import cluster_router
 
         app.include_router(cluster_router(cluster, dependencies=api_guard))
+    # The pages (/, /static/...) and GET /api/agents (docs/web.md).
+    app.include_router(web_router(settings, dependencies=api_guard))
 
     def media_endpoint(channel: MediaChannel) -> Callable[[WebSocket], Awaitable[None]]:
         """The WebSocket route of one channel: the same checks, admission and MediaHandler for all."""
@@ -240,16 +251,21 @@ def create_app(
     async def serve_media(websocket: WebSocket, channel: MediaChannel) -> None:
         # Before accept(): who may connect first (a refused ACS token or Origin, a call that is not
         # ours: HTTP 403), so an unauthenticated peer learns nothing about live calls or capacity.
-        if channel.authenticate is not None:
+        if channel.authenticate is not None:  # its own credentials (Twilio's signature), then Origin
             if not await channel.authenticate(websocket):
                 return
-        elif not await check_websocket(websocket, validator):
-            return
-        if cluster is not None:  # the ACS call may have been answered by another instance
-            await cluster.before_media(websocket)
-        acs_calls = call_automation if channel.authenticate is None else None
-        if not await check_media_access(websocket, settings, acs_calls):  # Origin; a call of ours
-            return
+            if not await check_media_access(websocket, settings, None):
+                return
+        elif channel.access is not None:  # the channel's own rule (the browser's: docs/web.md)
+            if not await check_media_access(websocket, settings, None, channel.access):
+                return
+        else:
+            if not await check_websocket(websocket, validator):
+                return
+            if cluster is not None:  # the ACS call may have been answered by another instance
+                await cluster.before_media(websocket)
+            if not await check_media_access(websocket, settings, call_automation):  # Origin; a call of ours
+                return
         agent_name = websocket.query_params.get("agent", "")
         if agent_name and not engines.has_agent(agent_name):
             log.warning("media socket refused: it asks for agent %r, which this server does not load", agent_name[:64])
@@ -286,7 +302,8 @@ def create_app(
         # Who is calling is not part of ACS media streaming: whoever answered the call (Call
         # Automation, a test caller) may pass it in the URL for the agents' prompts.
         caller_id = websocket.query_params.get("callerId", "")[:64]
-        await websocket.accept()
+        offered = websocket.scope.get("subprotocols") or ()
+        await websocket.accept(subprotocol=channel.subprotocol if channel.subprotocol in offered else None)
         log.info("call %s connected (correlation %s)", call_id, correlation_id or "-")
         handler = MediaHandler(
             call_id=call_id,
@@ -312,6 +329,17 @@ def create_app(
     # Twilio Media Streams (docs/twilio.md): the voice webhook's TwiML points calls at /ws/twilio.
     app.add_api_websocket_route("/ws/twilio", media_endpoint(twilio_channel(settings, twilio_guard)))
     app.include_router(twilio_router(settings, twilio_guard))
+    # The talk page's calls (parley.transports.browser, docs/web.md).
+    browser_media = media_endpoint(
+        MediaChannel(
+            "browser",
+            lambda _websocket: BrowserWire(),
+            attach=forward_events,
+            access=browser_media_refusal,
+            subprotocol=BROWSER_SUBPROTOCOL,
+        )
+    )
+    app.add_api_websocket_route("/ws/browser", browser_media)
     if call_automation is not None:
         from parley.acs.routes import acs_router, redact_uvicorn_request_logs
 
@@ -483,6 +511,7 @@ class ParleyServer(uvicorn.Server):
         host = self.config.host
         host = f"[{host}]" if ":" in host else host
         log.info("media WebSocket: ws://%s:%d/ws/acs (ACS streams calls here; also /ws)", host, port)
+        log.info("talk page: http://%s:%d/ (browser calls on /ws/browser; docs/web.md)", host, port)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """uvicorn's own sets `should_exit`, after which its shutdown closes every media socket with
