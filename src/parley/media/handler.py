@@ -89,6 +89,7 @@ class MediaHandler:
         self.call_id = call_id
         self.wire: MediaWire = wire if wire is not None else AcsWire()
         self.correlation_id = correlation_id
+        self.caller_id = caller_id  # for the calls console (masked there): GET /api/calls/live
         self.settings = settings
         self.engines = engines
         self.registry = registry
