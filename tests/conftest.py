@@ -157,6 +157,7 @@ TIERS: dict[str, str | frozenset[str]] = {
     "test_echo_gate.py": SLOW,  # Silero VAD and pocketsphinx on real-time audio
     "test_echo_search.py": FAST,  # the vectorised lag search against the loop it replaced
     "test_handoff.py": FAST,
+    "test_web_calls.py": SLOW,  # the calls console: real-time calls, a real Chromium
     "test_web_routes.py": FAST,  # the pages' router in a small app (TestClient)  # the loop -> recognition thread frame queue
     "test_audio_levels.py": FAST,
     "test_engines.py": SLOW,  # loads every engine
