@@ -187,19 +187,23 @@ def test_the_console_shows_a_live_call_then_its_timeline_with_the_barge_in(
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.goto(f"{console_server.http_url}/calls")
     page.wait_for_selector("#live-empty:visible")
+    timeline = page.locator("#timeline")
     with CallInBackground(console_server, hours_pcm) as call:
-        live_row = page.wait_for_selector("#live tbody tr", timeout=WAIT_S * 1000)
+        live_row = page.locator("#live tbody tr").first
+        live_row.wait_for(timeout=WAIT_S * 1000)
         assert "+15•••••••67" in live_row.inner_text()
         call_id = live_row.get_attribute("data-call-id")
+        live_row.click()  # its timeline while it is live...
+        timeline.locator('li[data-event="turn_started"]').first.wait_for(timeout=WAIT_S * 1000)
         report = call.join()
     assert report.stop_audio_count >= 1
+    # ...follows it to its end (the events after the last one shown).
+    timeline.locator('li[data-event="call_ended"]').wait_for(timeout=WAIT_S * 1000)
+    assert timeline.locator('li[data-event="call_started"]').count() == 1
     # Ended: it leaves the live list and is in the recent calls, with how it ended.
     page.wait_for_selector("#live-empty:visible", timeout=WAIT_S * 1000)
-    recent = page.wait_for_selector(f'#recent tbody tr[data-call-id="{call_id}"]:has-text("caller_hangup")')
-    assert recent is not None
-    recent.click()
-    timeline = page.locator("#timeline")
-    timeline.locator('li[data-event="call_ended"]').wait_for(timeout=WAIT_S * 1000)
+    page.wait_for_selector(f'#recent tbody tr.selected[data-call-id="{call_id}"]:has-text("caller_hangup")')
+    page.wait_for_selector('#call-facts:has-text("caller_hangup")')  # the facts of the ended call
     # The barge-in: the pause highlighted, the StopAudio with its onset-to-stop figure.
     paused = timeline.locator('li[data-event="barge_in_paused"]').first
     assert "bargein" in (paused.get_attribute("class") or "")
@@ -210,7 +214,7 @@ def test_the_console_shows_a_live_call_then_its_timeline_with_the_barge_in(
     assert "voice to voice" in timeline.locator('li[data-event="first_audio_sent"]').nth(1).inner_text()
     assert timeline.locator('li[data-event="agent_text"]').count() >= 2
     turns = page.locator("#turns tbody tr")
-    assert turns.count() == 2
+    page.wait_for_function("document.querySelectorAll('#turns tbody tr').length === 2")
     assert "barge-in" in turns.nth(0).inner_text()
     assert page.locator("#raw-events").get_attribute("href") == f"/api/calls/{call_id}/events"
     assert page.locator("#call-facts").inner_text().count("caller_hangup") == 1

@@ -13,7 +13,7 @@ const $ = (id) => document.getElementById(id);
 const state = {
   eventsApi: true,
   selected: null, // call id shown in the timeline
-  call: null, // { id, t0, lastSeq, live, figures: {turn_id: {...}}, stopShown: Set, firstAudioShown: Set }
+  call: null, // the timeline shown: { id, t0, lastSeq, live }
   polling: null,
   blocked: false, // a 401/403: wait for a token before asking again
   rows: new Map(), // call id -> its row in the recent calls (the timeline's facts)
@@ -161,6 +161,7 @@ async function refreshLists() {
   }
   const recent = await apiJson(`/api/calls?limit=${encodeURIComponent($("recent-limit").value)}`);
   renderRecent(recent.calls);
+  if (state.call && state.rows.has(state.selected)) facts(state.rows.get(state.selected), state.call.live);
   notice("");
 }
 
@@ -219,41 +220,54 @@ function renderTurns(turns) {
   );
 }
 
-// The call's row, turns, and the events not shown yet (all pages of them).
+// The events not shown yet (all pages of them), then the turns: their figures cover every event
+// shown, and are put on the rows they measure.
 async function refreshCall() {
   const callId = state.selected;
   if (!callId) return;
   const path = `/api/calls/${encodeURIComponent(callId)}`;
-  let turns;
-  try {
-    turns = await apiJson(`${path}/turns`);
-  } catch (error) {
-    if (error.status === 404) {
-      $("timeline").replaceChildren(el("li", { class: "status", text: "This call is not in the call records (yet)." }));
+  if (!state.call) state.call = { id: callId, t0: null, lastSeq: 0, live: true };
+  const call = state.call;
+  let after = call.lastSeq;
+  for (;;) {
+    let page;
+    try {
+      page = await apiJson(`${path}/events?after=${after}&limit=${EVENTS_PAGE}`);
+    } catch (error) {
+      if (error.status !== 404) throw error;
+      $("timeline").replaceChildren(el("li", { class: "status", text: "This call is not in the call records." }));
+      call.live = false; // nothing to follow
       return;
     }
-    throw error;
+    if (state.selected !== callId) return;
+    appendEvents(call, page.events);
+    call.lastSeq = page.last_seq;
+    call.live = page.live;
+    if (page.next_after === null) break;
+    after = page.next_after;
   }
+  const turns = await apiJson(`${path}/turns`);
   if (state.selected !== callId) return;
-  if (!state.call) {
-    state.call = { id: callId, t0: null, lastSeq: 0, live: true, figures: {}, stopShown: new Set(), audioShown: new Set() };
-  }
-  const call = state.call;
-  call.figures = Object.fromEntries(turns.turns.map((turn) => [turn.turn_id, turn.figures]));
   renderTurns(turns.turns);
-  if (call.live || turns.live) {
-    let after = call.lastSeq;
-    for (;;) {
-      const page = await apiJson(`${path}/events?after=${after}&limit=${EVENTS_PAGE}`);
-      if (state.selected !== callId) return;
-      appendEvents(call, page.events);
-      call.lastSeq = page.last_seq;
-      call.live = page.live;
-      if (page.next_after === null) break;
-      after = page.next_after;
+  annotate(turns.turns);
+  facts(state.rows.get(callId) || { call_id: callId }, call.live);
+}
+
+// Each turn's figures on the rows they end at: voice to voice on its first audio frame, onset to
+// stop on the StopAudio that followed its first barge-in (a StopAudio that ends a call is no barge-in).
+function annotate(turns) {
+  for (const turn of turns) {
+    const rows = [...$("timeline").querySelectorAll(`li[data-turn="${turn.turn_id}"]`)];
+    const audio = rows.find((row) => row.dataset.event === "first_audio_sent");
+    if (audio && turn.figures.voice_to_voice !== undefined) {
+      audio.querySelector(".extra").textContent = `voice to voice ${ms(turn.figures.voice_to_voice)}`;
+    }
+    const bargeIn = rows.findIndex((row) => /^barge_in_(paused|decided)$/.test(row.dataset.event));
+    const stop = bargeIn < 0 ? null : rows.slice(bargeIn).find((row) => row.dataset.event === "stop_audio_sent");
+    if (stop && turn.figures.bargein_onset_to_stop !== undefined) {
+      stop.querySelector(".extra").textContent = `onset to stop ${ms(turn.figures.bargein_onset_to_stop)}`;
     }
   }
-  if (state.selected === callId) facts(state.rows.get(callId) || { call_id: callId }, call.live);
 }
 
 // ---------------------------------------------------------------- the timeline
@@ -296,7 +310,7 @@ function fieldsOf(event) {
 }
 
 // What a row says of an event: its key fields, the caller's and agent's words quoted.
-function describe(event, call) {
+function describe(event) {
   const turn = event.turn_id !== undefined ? `turn ${event.turn_id}` : "";
   switch (event.event) {
     case "partial":
@@ -311,20 +325,8 @@ function describe(event, call) {
       return [`${turn} completed`, `${event.audio_ms ?? "–"} ms of audio`];
     case "turn_cancelled":
       return [`${turn} cancelled${event.heard_text ? `, heard ${quoted(event.heard_text)}` : ""}`, `heard ${ms(event.heard_ms ?? 0)}`];
-    case "first_audio_sent": {
-      const figures = call.figures[event.turn_id] || {};
-      const first = !call.audioShown.has(event.turn_id);
-      call.audioShown.add(event.turn_id);
-      const v2v = first && figures.voice_to_voice !== undefined ? `voice to voice ${ms(figures.voice_to_voice)}` : "";
-      return [turn, v2v];
-    }
-    case "stop_audio_sent": {
-      const figures = call.figures[event.turn_id] || {};
-      const first = !call.stopShown.has(event.turn_id);
-      call.stopShown.add(event.turn_id);
-      const stop = first && figures.bargein_onset_to_stop !== undefined ? `onset to stop ${ms(figures.bargein_onset_to_stop)}` : "";
-      return [`StopAudio, ${turn}`, stop];
-    }
+    case "stop_audio_sent":
+      return [`StopAudio, ${turn}`, ""];
     case "barge_in_paused":
     case "barge_in_pending":
       return [turn, event.heard_ms !== null && event.heard_ms !== undefined ? `heard ${ms(event.heard_ms)}` : ""];
@@ -351,12 +353,12 @@ function appendEvents(call, events) {
   const rows = [];
   for (const event of events) {
     if (call.t0 === null) call.t0 = event.t;
-    const [main, extra] = describe(event, call);
+    const [main, extra] = describe(event);
     const kind = KIND[event.event] || (event.event.startsWith("barge_in_") ? "bargein" : "");
     rows.push(
       el(
         "li",
-        { class: `ev ${kind}`, "data-event": event.event, "data-seq": String(event.seq) },
+        { class: `ev ${kind}`, "data-event": event.event, "data-seq": String(event.seq), "data-turn": String(event.turn_id ?? "") },
         el("span", { class: "at", text: offset(event.t - call.t0) }),
         el("span", { class: "name", text: event.event }),
         el("span", { class: "main", text: main }),
