@@ -15,6 +15,8 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -22,7 +24,7 @@ import numpy as np
 import pytest
 
 from parley.caller import CallOptions, CallReport, run_call
-from parley.records.live import masked_caller
+from parley.records.live import call_state, masked_caller
 from parley.server import BackgroundServer
 from parley.testing.browser import launch_chromium, require_browser
 from tests.conftest import TEST_GREETING, make_server
@@ -89,6 +91,31 @@ def test_a_callers_number_is_masked_keeping_its_length() -> None:
     assert masked_caller("") == ""
     assert masked_caller("8:acs:1234567890abcdef") == "8:acs:123456…"
     assert masked_caller("alice") == "alice"
+
+
+def fake_session(*, media: bool = True, turn: Any = None, playing: bool = False) -> SimpleNamespace:
+    """What call_state reads of a MediaHandler: its deadlines, its turn loop, its player."""
+    track = SimpleNamespace(start_t=1.0 if playing else None)
+    return SimpleNamespace(
+        deadlines=SimpleNamespace(media_started=media),
+        route=SimpleNamespace(current=turn),
+        player=SimpleNamespace(track_of=lambda _turn_id: track),
+    )
+
+
+def a_turn(*, cancelled: bool = False, pending: bool = False) -> SimpleNamespace:
+    return SimpleNamespace(id=7, cancelled=cancelled, interruption_pending=pending)
+
+
+def test_every_live_state_is_told_apart() -> None:
+    assert call_state(fake_session(media=False)) == ("connecting", None)
+    assert call_state(fake_session()) == ("listening", None)
+    assert call_state(fake_session(turn=a_turn())) == ("thinking", 7)
+    assert call_state(fake_session(turn=a_turn(), playing=True)) == ("speaking", 7)
+    assert call_state(fake_session(turn=a_turn(pending=True), playing=True)) == ("interrupted", 7)
+    assert call_state(fake_session(turn=a_turn(cancelled=True), playing=True)) == ("stopping", 7)
+    # A session without those parts (another LiveCall) is just listening.
+    assert call_state(SimpleNamespace(call_id="x")) == ("listening", None)
 
 
 def test_live_calls_list_a_call_with_its_state_then_its_turns_have_figures(
@@ -278,3 +305,44 @@ def test_a_page_of_another_origin_cannot_read_the_calls(
         assert outcome == "blocked"
         wait_for("the refusal in the log", lambda: "a page of origin 'http://localhost:" in caplog.text)
     page.close()
+
+
+def test_the_console_says_what_it_cannot_read(console_server: BackgroundServer, browser: Any) -> None:
+    """A call the records do not have; then a server gone: said, and asked again (no token box)."""
+    server = make_server(engines="plumbing", store="memory")
+    page = browser.new_page()
+    try:
+        page.goto(f"{server.http_url}/calls#call=no-such-call")
+        page.wait_for_selector('#timeline:has-text("not in the call records")')
+    finally:
+        server.stop()
+    notice = page.wait_for_selector("#notice:visible", timeout=WAIT_S * 1000)
+    assert "Could not read the calls" in notice.inner_text()
+    assert "Trying again" in notice.inner_text()
+    assert page.locator("#access").is_hidden()
+    page.close()
+
+
+def test_with_a_token_the_raw_json_link_opens_the_calls_events(browser: Any, hours_pcm: np.ndarray) -> None:
+    """A plain link cannot carry the token: the page fetches the JSON with it and opens that."""
+    server = make_server(engines="plumbing", store="memory", api_token=TOKEN)
+    try:
+        options = CallOptions(url=server.url, pcm=hours_pcm, max_wait_s=3.0, api_token=TOKEN)
+        with ThreadPoolExecutor(1) as thread:  # Playwright's sync API holds this thread's event loop
+            report = thread.submit(asyncio.run, run_call(options)).result(60)
+        assert report.errors == []
+        context = browser.new_context()
+        context.add_init_script(f"sessionStorage.setItem('parley.token', {TOKEN!r})")
+        page = context.new_page()
+        page.goto(f"{server.http_url}/calls")
+        page.locator("#recent tbody tr").first.click()
+        page.locator('#timeline li[data-event="call_ended"]').wait_for(timeout=WAIT_S * 1000)
+        with context.expect_page() as opened:
+            page.click("#raw-events")
+        raw = opened.value
+        raw.wait_for_load_state()
+        wait_for("the JSON in the new tab", lambda: '"call_started"' in raw.inner_text("body"))
+        assert '"events"' in raw.inner_text("body")
+        context.close()
+    finally:
+        server.stop()

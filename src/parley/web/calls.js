@@ -17,6 +17,8 @@ const state = {
   polling: null,
   blocked: false, // a 401/403: wait for a token before asking again
   rows: new Map(), // call id -> its row in the recent calls (the timeline's facts)
+  generation: 0, // of the poll chain
+  refreshing: Promise.resolve(), // the timeline's reads, one after the other
 };
 
 // ---------------------------------------------------------------- formatting
@@ -188,7 +190,14 @@ function select(callId) {
     $("detail-empty").textContent = "No timeline: call records are off on this server (PARLEY_EVENTS_API=false).";
     return;
   }
-  refreshCall().catch((error) => failed(error, "the call"));
+  refreshSelected().catch((error) => failed(error, "the call"));
+}
+
+// The timeline's reads run one after the other (a click and a poll must not append the same events).
+function refreshSelected() {
+  const next = state.refreshing.catch(() => {}).then(refreshCall);
+  state.refreshing = next;
+  return next;
 }
 
 function facts(call, live) {
@@ -239,7 +248,7 @@ async function refreshCall() {
       call.live = false; // nothing to follow
       return;
     }
-    if (state.selected !== callId) return;
+    if (state.selected !== callId || state.call !== call) return; // another call (or a restart) since
     appendEvents(call, page.events);
     call.lastSeq = page.last_seq;
     call.live = page.live;
@@ -247,7 +256,7 @@ async function refreshCall() {
     after = page.next_after;
   }
   const turns = await apiJson(`${path}/turns`);
-  if (state.selected !== callId) return;
+  if (state.selected !== callId || state.call !== call) return;
   renderTurns(turns.turns);
   annotate(turns.turns);
   facts(state.rows.get(callId) || { call_id: callId }, call.live);
@@ -393,20 +402,23 @@ function rawLink(anchor) {
 
 // ---------------------------------------------------------------- polling
 
-async function poll() {
+// One chain of polls at a time: a restart (a token saved, another limit) starts a new generation,
+// and a poll of an older one schedules no next.
+async function poll(generation) {
   if (!state.blocked && !document.hidden) {
     try {
       await refreshLists();
-      if (state.selected && state.eventsApi && (!state.call || state.call.live)) await refreshCall();
+      if (state.selected && state.eventsApi && (!state.call || state.call.live)) await refreshSelected();
       hideAccess();
     } catch (error) {
       failed(error, "the calls");
     }
   }
-  state.polling = setTimeout(poll, POLL_MS);
+  if (generation === state.generation) state.polling = setTimeout(() => poll(generation), POLL_MS);
 }
 
 function restart() {
+  state.generation += 1;
   clearTimeout(state.polling);
   hideAccess();
   if (state.selected) {
@@ -414,7 +426,7 @@ function restart() {
     state.selected = null;
     setTimeout(() => select(id), 0);
   }
-  poll();
+  return poll(state.generation);
 }
 
 function start() {
@@ -432,7 +444,7 @@ function start() {
   rawLink($("raw-events"));
   rawLink($("raw-turns"));
   const wanted = new URLSearchParams(location.hash.slice(1)).get("call");
-  poll().then(() => {
+  restart().then(() => {
     if (wanted) select(wanted);
   });
 }
