@@ -157,6 +157,8 @@ TIERS: dict[str, str | frozenset[str]] = {
     "test_echo_gate.py": SLOW,  # Silero VAD and pocketsphinx on real-time audio
     "test_echo_search.py": FAST,  # the vectorised lag search against the loop it replaced
     "test_handoff.py": FAST,
+    "test_browser_channel.py": SLOW,  # /ws/browser on real servers: refusals and a call
+    "test_browser_wire.py": FAST,  # the browser channel's codec, its events and access rules
     "test_web_calls.py": SLOW,  # the calls console: real-time calls, a real Chromium
     "test_web_routes.py": FAST,  # the pages' router in a small app (TestClient)  # the loop -> recognition thread frame queue
     "test_audio_levels.py": FAST,

@@ -42,11 +42,14 @@ from parley.security import (
     build_acs_validator,
     check_websocket,
 )
-from parley.security.access import api_access, check_media_access, configured_token
+from parley.security.access import api_access, browser_media_refusal, check_media_access, configured_token
 from parley.settings import Settings
 from parley.tracing import tracer_from_env
+from parley.transports.browser import SUBPROTOCOL as BROWSER_SUBPROTOCOL
+from parley.transports.browser import BrowserWire
 from parley.transports.wire import AcsWire, MediaWire
 from parley.web import web_router
+from parley.web.channel import forward_events
 
 if TYPE_CHECKING:
     from parley.acs.service import CallAutomation
@@ -61,11 +64,15 @@ SHUTDOWN_TIMEOUT_S = 10  # uvicorn's wait for open connections once it shuts dow
 
 @dataclass(frozen=True)
 class MediaChannel:
-    """A media WebSocket route: its wire (one per call, from the socket) and what it adds to a call."""
+    """A media WebSocket route: its wire (one per call, from the socket) and what it adds to a call.
+    `access`: the channel's own access rule (a refusal's reason, or None), in place of ACS's token and
+    call checks; `subprotocol`: accepted when the client offers it (a browser insists on one)."""
 
     name: str
     wire: Callable[[WebSocket], MediaWire]
     attach: Callable[[MediaHandler, WebSocket], None] | None = None
+    access: Callable[[WebSocket, Settings], str | None] | None = None
+    subprotocol: str | None = None
 
 
 def create_app(
@@ -236,12 +243,16 @@ def create_app(
     async def serve_media(websocket: WebSocket, channel: MediaChannel) -> None:
         # Before accept(): who may connect first (a refused ACS token or Origin, a call that is not
         # ours: HTTP 403), so an unauthenticated peer learns nothing about live calls or capacity.
-        if not await check_websocket(websocket, validator):
-            return
-        if cluster is not None:  # the ACS call may have been answered by another instance
-            await cluster.before_media(websocket)
-        if not await check_media_access(websocket, settings, call_automation):  # Origin; a call of ours
-            return
+        if channel.access is not None:  # the channel's own rule (the browser's: docs/web.md)
+            if not await check_media_access(websocket, settings, None, channel.access):
+                return
+        else:
+            if not await check_websocket(websocket, validator):
+                return
+            if cluster is not None:  # the ACS call may have been answered by another instance
+                await cluster.before_media(websocket)
+            if not await check_media_access(websocket, settings, call_automation):  # Origin; a call of ours
+                return
         # Then admission, with no await between it and accept() but the cluster's claim (made while
         # the slot is held): a refusal is an HTTP status (400, 409, 503); an admitted socket holds
         # its slot until its call has ended.
@@ -272,7 +283,8 @@ def create_app(
         # Who is calling is not part of ACS media streaming: whoever answered the call (Call
         # Automation, a test caller) may pass it in the URL for the agents' prompts.
         caller_id = websocket.query_params.get("callerId", "")[:64]
-        await websocket.accept()
+        offered = websocket.scope.get("subprotocols") or ()
+        await websocket.accept(subprotocol=channel.subprotocol if channel.subprotocol in offered else None)
         log.info("call %s connected (correlation %s)", call_id, correlation_id or "-")
         handler = MediaHandler(
             call_id=call_id,
@@ -294,6 +306,17 @@ def create_app(
     acs_media = media_endpoint(MediaChannel("acs", lambda _websocket: AcsWire()))
     app.add_api_websocket_route("/ws/acs", acs_media)
     app.add_api_websocket_route("/ws", acs_media)
+    # The talk page's calls (parley.transports.browser, docs/web.md).
+    browser_media = media_endpoint(
+        MediaChannel(
+            "browser",
+            lambda _websocket: BrowserWire(),
+            attach=forward_events,
+            access=browser_media_refusal,
+            subprotocol=BROWSER_SUBPROTOCOL,
+        )
+    )
+    app.add_api_websocket_route("/ws/browser", browser_media)
     if call_automation is not None:
         from parley.acs.routes import acs_router, redact_uvicorn_request_logs
 

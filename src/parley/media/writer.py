@@ -3,6 +3,10 @@
 Every outbound message goes through here, tagged with the turn it belongs to. Cancelling a turn
 (`stop_audio`) marks it dead *before* StopAudio is queued, and a dead turn's frames are dropped at
 the moment of writing, so no AudioData of a cancelled turn can ever follow its StopAudio.
+
+A channel may also send messages that are not audio (the browser's live captions, `send_info`):
+they belong to no turn, are written in order with the rest and are bounded, so a slow peer costs
+dropped captions, never memory.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ log = logging.getLogger(__name__)
 
 Send = Callable[[Outbound], Awaitable[None]]
 
+INFO_TURN = -1  # the "turn" of a message that is no audio (turn ids start at 1): never cancelled
+MAX_INFO_PENDING = 256  # info messages queued and not yet written, beyond which new ones are dropped
+
 
 class OutboundWriter:
     def __init__(self, send: Send, events: EventLog, stop_message: Outbound | None = None) -> None:
@@ -34,6 +41,9 @@ class OutboundWriter:
         self.closed = False
         self.frames_sent = 0
         self.frames_dropped = 0
+        self._info_pending = 0
+        self.info_sent = 0
+        self.info_dropped = 0
 
     def send_audio(self, turn_id: int, message: Outbound) -> None:
         if turn_id in self._cancelled or self.closed:
@@ -41,6 +51,17 @@ class OutboundWriter:
             return
         self._pending.append((turn_id, message, False))
         self._wakeup.set()
+
+    def send_info(self, message: Outbound) -> bool:
+        """Queue a message that is not audio, after everything queued so far; False (dropped) when
+        the socket is closed or `MAX_INFO_PENDING` such messages are still waiting to be written."""
+        if self.closed or self._info_pending >= MAX_INFO_PENDING:
+            self.info_dropped += 1
+            return False
+        self._info_pending += 1
+        self._pending.append((INFO_TURN, message, False))
+        self._wakeup.set()
+        return True
 
     def stop_audio(self, turn_id: int, *, send_stop: bool = True) -> None:
         """Cancel `turn_id`'s audio and send StopAudio ahead of anything still queued.
@@ -71,10 +92,23 @@ class OutboundWriter:
             self._wakeup.clear()
             while self._pending and not self.closed:
                 turn_id, message, is_stop = self._pending.popleft()
+                if turn_id == INFO_TURN:
+                    self._info_pending -= 1
+                    await self._write_info(message)
+                    continue
                 if not is_stop and turn_id in self._cancelled:
                     self.frames_dropped += 1
                     continue
                 await self._write(turn_id, message, is_stop)
+
+    async def _write_info(self, message: Outbound) -> None:
+        try:
+            await self._send(message)
+        except Exception as exc:  # noqa: BLE001 - as in _write: the receive side ends the call
+            log.info("outbound socket closed: %s", exc)
+            self.closed = True
+            return
+        self.info_sent += 1
 
     async def _write(self, turn_id: int, message: Outbound, is_stop: bool) -> None:
         try:

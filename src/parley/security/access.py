@@ -18,6 +18,19 @@ none); with ACS Call Automation configured, the socket must belong to a call par
 under its public name (a tunnel, a load balancer), and a browser page that would use DNS rebinding
 sends its own Origin, which is refused.
 
+The browser channel (`/ws/browser`, the talk page: `browser_media_refusal`) has rules of its own,
+for a socket a browser opens:
+
+- on a loopback bind, the page's own origin is allowed (its Origin's host:port is the request's
+  `Host`, and that is a loopback name: a DNS-rebinding page has its own name, and is refused), as
+  is an origin in `PARLEY_ALLOWED_ORIGINS` and a client sending no Origin (not a browser);
+- on any other bind, `PARLEY_API_TOKEN` is required, AND a browser's Origin must be in
+  `PARLEY_ALLOWED_ORIGINS`. A browser cannot set headers on a WebSocket, so the token travels as a
+  subprotocol entry `bearer.<token>` (`Sec-WebSocket-Protocol`), never in the URL, which access
+  logs, proxies and the browser's history keep. A token presented must be the right one.
+
+No ACS token and no ACS call are asked of it: a browser call is not an ACS call.
+
 This module imports no settings at run time (parley.settings imports parley.security).
 """
 
@@ -191,10 +204,59 @@ def media_refusal(websocket: WebSocket, settings: Settings, calls: CallMembershi
     return None
 
 
-async def check_media_access(websocket: WebSocket, settings: Settings, calls: CallMembership | None) -> bool:
+BEARER_PROTOCOL_PREFIX = "bearer."  # a subprotocol entry `bearer.<token>`: the browser channel's token
+
+
+def subprotocol_token(websocket: WebSocket) -> str | None:
+    """The token a browser offered as a subprotocol `bearer.<token>` (None: it offered none)."""
+    for protocol in websocket.scope.get("subprotocols") or ():
+        if isinstance(protocol, str) and protocol.startswith(BEARER_PROTOCOL_PREFIX):
+            return protocol[len(BEARER_PROTOCOL_PREFIX) :]
+    return None
+
+
+def same_origin(origin: str, host: str) -> bool:
+    """The page that opened the socket was served by this server, under the name it was asked for."""
+    try:
+        parts = urlsplit(origin.strip())
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(host) and parts.netloc.lower() == host.strip().lower()
+
+
+def browser_media_refusal(websocket: WebSocket, settings: Settings) -> str | None:
+    """Why a browser-channel socket is refused (None: admitted); the rules are in the module docstring."""
+    expected = configured_token(settings)
+    presented = subprotocol_token(websocket)
+    if expected is not None and presented is not None and not same_secret(presented, expected):
+        return "wrong token"
+    origin = websocket.headers.get("origin")
+    if is_loopback(settings.host):
+        if origin is None or origin_allowed(origin, settings.allowed_origins):
+            return None
+        host = websocket.headers.get("host", "")
+        if same_origin(origin, host) and is_loopback_host_header(host):
+            return None
+        return f"Origin {shown(origin)} is neither this server's page nor in PARLEY_ALLOWED_ORIGINS"
+    if expected is None:
+        return f"the browser channel on {settings.host} needs PARLEY_API_TOKEN (or bind to 127.0.0.1)"
+    if presented is None:
+        return "missing token: offer the subprotocol bearer.<PARLEY_API_TOKEN>"
+    if origin is not None and not origin_allowed(origin, settings.allowed_origins):
+        return f"Origin {shown(origin)} is not in PARLEY_ALLOWED_ORIGINS"
+    return None
+
+
+async def check_media_access(
+    websocket: WebSocket,
+    settings: Settings,
+    calls: CallMembership | None,
+    rule: Callable[[WebSocket, Settings], str | None] | None = None,
+) -> bool:
     """Call before `accept()`: False (after refusing the upgrade with HTTP 403, logged) when the
-    socket may not open a call."""
-    reason = media_refusal(websocket, settings, calls)
+    socket may not open a call. `rule`: a channel's own (e.g. `browser_media_refusal`), in place
+    of `media_refusal`."""
+    reason = media_refusal(websocket, settings, calls) if rule is None else rule(websocket, settings)
     if reason is None:
         return True
     log.warning(
@@ -217,10 +279,12 @@ async def refuse_websocket(websocket: WebSocket, status: int, message: str) -> N
 
 
 __all__ = [
+    "BEARER_PROTOCOL_PREFIX",
     "FORWARDING_HEADERS",
     "CallMembership",
     "api_access",
     "bearer_token",
+    "browser_media_refusal",
     "check_api_access",
     "check_media_access",
     "configured_token",
@@ -229,5 +293,7 @@ __all__ = [
     "normalize_origin",
     "origin_allowed",
     "refuse_websocket",
+    "same_origin",
     "same_secret",
+    "subprotocol_token",
 ]
