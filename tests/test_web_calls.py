@@ -275,8 +275,8 @@ def test_the_console_asks_for_the_token_with_the_servers_words_and_uses_it(brows
         server.stop()
 
 
-def test_the_console_says_when_call_records_are_off(browser: Any) -> None:
-    server = make_server(engines="plumbing", store="memory", events_api=False)
+def test_the_console_says_when_call_records_are_off(browser: Any, hours_pcm: np.ndarray) -> None:
+    server = make_server(engines="plumbing", greeting=TEST_GREETING, store="memory", events_api=False)
     try:
         page = browser.new_page()
         page.goto(f"{server.http_url}/calls")
@@ -284,6 +284,10 @@ def test_the_console_says_when_call_records_are_off(browser: Any) -> None:
         assert "PARLEY_EVENTS_API=false" in notice.inner_text()
         assert page.locator("#recent-card").is_hidden()
         assert page.locator("#access").is_hidden()
+        with CallInBackground(server, hours_pcm):  # still listed live; no timeline, and why
+            page.locator("#live tbody tr").first.click(timeout=WAIT_S * 1000)
+            page.wait_for_selector('#detail-empty:has-text("call records are off")')
+            assert page.locator("#detail-body").is_hidden()
         page.close()
     finally:
         server.stop()
@@ -292,16 +296,21 @@ def test_the_console_says_when_call_records_are_off(browser: Any) -> None:
 def test_a_page_of_another_origin_cannot_read_the_calls(
     console_server: BackgroundServer, browser: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """http://localhost:PORT is another origin than http://127.0.0.1:PORT: its fetch carries an
-    Origin the server refuses (403), and the page learns nothing (no CORS headers either)."""
+    """http://localhost:PORT is another origin than http://127.0.0.1:PORT. The console served there
+    works: its same-origin GETs carry no Origin (an Origin of localhost would be refused, since
+    PARLEY_ALLOWED_ORIGINS does not list it). Its fetch of http://127.0.0.1:PORT carries its Origin:
+    the server refuses it (403, logged), and the page learns nothing (no CORS headers either).
+    (Playwright does not report the Origin Chromium adds, so the server's log is the witness.)"""
     page = browser.new_page()
-    page.goto(f"http://localhost:{console_server.port}/calls")
-    page.wait_for_selector("#live-empty:visible")  # same origin there: the console works
     with caplog.at_level(logging.WARNING, logger="parley.security.access"):
-        outcome = page.evaluate(
-            "url => fetch(url).then(r => 'read ' + r.status, () => 'blocked')",
-            f"{console_server.http_url}/api/calls/live",
+        page.goto(f"http://localhost:{console_server.port}/calls")
+        page.wait_for_selector("#live-empty:visible")
+        page.wait_for_function(  # the recent calls answered too
+            "document.querySelector('#recent tbody tr') || !document.querySelector('#recent-empty').hidden"
         )
+        assert "refused" not in caplog.text
+        foreign = f"{console_server.http_url}/api/calls/live"
+        outcome = page.evaluate("url => fetch(url).then(r => 'read ' + r.status, () => 'blocked')", foreign)
         assert outcome == "blocked"
         wait_for("the refusal in the log", lambda: "a page of origin 'http://localhost:" in caplog.text)
     page.close()
