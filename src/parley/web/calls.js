@@ -229,14 +229,31 @@ function renderTurns(turns) {
   );
 }
 
+// Events that change a turn row or its figures: the turns are read again only after one of these
+// (the server derives them from all of the call's events: not on every poll of a long call).
+const TURN_EVENTS = new Set([
+  "turn_started",
+  "first_audio_sent",
+  "stop_audio_sent",
+  "turn_completed",
+  "turn_cancelled",
+  "turn_failed",
+  "call_ended",
+]);
+
+function changesTurns(events) {
+  return events.some((event) => TURN_EVENTS.has(event.event) || event.event.startsWith("barge_in_"));
+}
+
 // The events not shown yet (all pages of them), then the turns: their figures cover every event
 // shown, and are put on the rows they measure.
 async function refreshCall() {
   const callId = state.selected;
   if (!callId) return;
   const path = `/api/calls/${encodeURIComponent(callId)}`;
-  if (!state.call) state.call = { id: callId, t0: null, lastSeq: 0, live: true };
+  if (!state.call) state.call = { id: callId, t0: null, lastSeq: 0, live: true, turnsRead: false };
   const call = state.call;
+  let turnsChanged = !call.turnsRead;
   let after = call.lastSeq;
   for (;;) {
     let page;
@@ -250,16 +267,19 @@ async function refreshCall() {
     }
     if (state.selected !== callId || state.call !== call) return; // another call (or a restart) since
     appendEvents(call, page.events);
+    turnsChanged = turnsChanged || changesTurns(page.events);
     call.lastSeq = page.last_seq;
     call.live = page.live;
     if (page.next_after === null) break;
     after = page.next_after;
   }
+  facts(state.rows.get(callId) || { call_id: callId }, call.live);
+  if (!turnsChanged) return;
   const turns = await apiJson(`${path}/turns`);
   if (state.selected !== callId || state.call !== call) return;
+  call.turnsRead = true;
   renderTurns(turns.turns);
   annotate(turns.turns);
-  facts(state.rows.get(callId) || { call_id: callId }, call.live);
 }
 
 // Each turn's figures on the rows they end at: voice to voice on its first audio frame, onset to
