@@ -240,6 +240,9 @@ def test_the_console_shows_a_live_call_then_its_timeline_with_the_barge_in(
     assert "plumbing test utterance" in timeline.locator('li[data-event="final"]').first.inner_text()
     assert "voice to voice" in timeline.locator('li[data-event="first_audio_sent"]').nth(1).inner_text()
     assert timeline.locator('li[data-event="agent_text"]').count() >= 2
+    # One event a line (the talk page's styles name their own timeline: no rule of theirs lays ours out).
+    lefts = page.evaluate("[...new Set([...document.querySelectorAll('#timeline li')].map(li => li.offsetLeft))]")
+    assert len(lefts) == 1
     turns = page.locator("#turns tbody tr")
     page.wait_for_function("document.querySelectorAll('#turns tbody tr').length === 2")
     assert "barge-in" in turns.nth(0).inner_text()
