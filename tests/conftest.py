@@ -179,6 +179,7 @@ TIERS: dict[str, str | frozenset[str]] = {
     "test_handoff.py": FAST,
     "test_browser_channel.py": SLOW,  # /ws/browser on real servers: refusals and a call
     "test_browser_wire.py": FAST,  # the browser channel's codec, its events and access rules
+    "test_web_calls.py": SLOW,  # the calls console: real-time calls, a real Chromium
     "test_web_routes.py": FAST,
     "test_web_talk.py": SLOW,  # a real Chromium talking to a real server (Piper's voice as the microphone)  # the pages' router in a small app (TestClient)  # the loop -> recognition thread frame queue
     "test_audio_levels.py": FAST,

@@ -35,6 +35,7 @@ from parley.media.handler import MediaHandler
 from parley.metrics import Metrics, metrics_router
 from parley.records import build_store
 from parley.records.api import records_router
+from parley.records.live import live_calls_router
 from parley.security import (
     AcsTokenValidator,
     JwksError,
@@ -231,7 +232,9 @@ def create_app(
     if metrics is not None:  # GET /metrics
         app.include_router(metrics_router(metrics, api_guard))
 
-    if settings.events_api:  # GET /api/calls, /api/calls/{call_id}/events
+    # GET /api/calls/live: the calls console's live list, and whether the records below are served.
+    app.include_router(live_calls_router(registry, events_api=settings.events_api, dependencies=api_guard))
+    if settings.events_api:  # GET /api/calls, /api/calls/{call_id}/events, /api/calls/{call_id}/turns
         app.include_router(records_router(store, dependencies=api_guard))
     if cluster is not None:  # hang up / transfer a call wherever it runs; GET /api/cluster
         from parley.cluster.api import cluster_router

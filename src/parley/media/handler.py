@@ -106,6 +106,7 @@ class MediaHandler:
         self._channel_control_set = False
         self.control_call_id = call_id
         self.correlation_id = correlation_id
+        self.caller_id = caller_id  # for the calls console (masked there): GET /api/calls/live
         self.settings = settings
         self.engines = engines
         self.registry = registry

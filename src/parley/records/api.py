@@ -1,4 +1,5 @@
-"""The records routes: `GET /api/calls` and `GET /api/calls/{call_id}/events` (paginated).
+"""The records routes: `GET /api/calls`, `GET /api/calls/{call_id}/events` (paginated) and
+`GET /api/calls/{call_id}/turns` (the turn rows with their latency figures).
 
 Both read the store on a worker thread (after a `sync`, so a live call's events so far are there)
 and encode the JSON there too: a long call costs the event loop nothing.
@@ -15,6 +16,7 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.params import Depends
 from fastapi.responses import Response
 
+from parley.figures import CallFigures
 from parley.records.store import CallStore, RecordsUnavailable
 
 DEFAULT_EVENTS_PAGE = 1000
@@ -71,7 +73,41 @@ def records_router(store: CallStore, *, dependencies: Sequence[Depends] = ()) ->
             raise HTTPException(404, f"no call {call_id!r} in the call records")
         return _response(body)
 
+    @router.get("/api/calls/{call_id}/turns")
+    async def call_turns(call_id: str) -> Response:
+        """The call's turn rows (as `parley calls show` prints them), each with `figures`: its
+        latencies in ms (voice_to_voice, bargein_onset_to_stop, ...) as the metrics measure them."""
+
+        def read() -> bytes | None:
+            store.sync(SYNC_TIMEOUT_S)
+            call = store.call(call_id)
+            if call is None:
+                return None
+            figures = turn_figures(store.events(call_id))
+            turns = [turn.to_dict() | {"figures": figures.get(turn.turn_id, {})} for turn in store.turns(call_id)]
+            return _json({"call_id": call_id, "live": call.live, "turns": turns})
+
+        body = await _reading(read)
+        if body is None:
+            raise HTTPException(404, f"no call {call_id!r} in the call records")
+        return _response(body)
+
     return router
+
+
+def turn_figures(events: Sequence[dict[str, Any]]) -> dict[int, dict[str, float]]:
+    """Turn id -> {figure name: ms} from a call's events, by the code the metrics and traces use
+    (parley.figures), so the console shows the figures the histograms hold. A figure a turn has
+    twice (two barge-ins) keeps the first."""
+    figures = CallFigures()
+    by_turn: dict[int, dict[str, float]] = {}
+    for record in events:
+        if not isinstance(record.get("t"), (int, float)) or not isinstance(record.get("event"), str):
+            continue  # not an event the figures can place (a hand-made record in a test store)
+        for figure in figures.feed(record):
+            if figure.turn_id is not None:
+                by_turn.setdefault(figure.turn_id, {}).setdefault(figure.name, round(figure.seconds * 1000, 1))
+    return by_turn
 
 
 async def _reading(read: Callable[[], T]) -> T:

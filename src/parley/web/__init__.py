@@ -2,6 +2,7 @@
 nothing fetched from a CDN), served by `web_router`.
 
 - `/`            the talk page: talk to an agent from the browser (docs/web.md)
+- `/calls`       the calls console: live and recent calls, a call's event timeline (docs/web.md)
 - `/static/NAME` the pages' scripts and styles: only the files named in `STATIC_FILES`
 - `/api/agents`  the agents this server loaded (the talk page's picker), guarded like the other APIs
 
@@ -23,9 +24,11 @@ if TYPE_CHECKING:
     from parley.settings import Settings
 
 # Route path -> the HTML file it serves.
-PAGES: dict[str, str] = {"/": "index.html"}
+PAGES: dict[str, str] = {"/": "index.html", "/calls": "calls.html"}
 # Files under /static/ (the only ones: a name not listed is 404, so no path can reach other files).
-STATIC_FILES: frozenset[str] = frozenset({"common.js", "style.css", "talk.js", "audio-worklet.js"})
+STATIC_FILES: frozenset[str] = frozenset(
+    {"common.js", "style.css", "talk.js", "audio-worklet.js", "calls.js", "calls.css"}
+)
 
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
