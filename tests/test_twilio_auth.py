@@ -107,13 +107,28 @@ def test_without_a_token_only_a_loopback_bind_or_an_explicit_choice_is_unsigned(
     assert "non-loopback" in (public.refusal(URL, [], headers) or "")
     allowed = TwilioGuard(_settings(host="0.0.0.0", twilio_allow_unsigned=True))
     assert allowed.refusal(URL, [], headers) is None
-    with caplog.at_level("WARNING"):
+    caplog.clear()  # (the loopback guard's request above was warned about: tested below)
+    with caplog.at_level("INFO", logger="parley.security.twilio_auth"):
         public.warn_at_startup()
         TwilioGuard(_settings(host="127.0.0.1")).warn_at_startup()
         TwilioGuard(_settings(twilio_auth_token=TOKEN)).warn_at_startup()
-    assert [r.getMessage().split(" ")[0] for r in caplog.records] == ["PARLEY_TWILIO_AUTH_TOKEN"] * 2
-    assert "refuse every request" in caplog.records[0].getMessage()
-    assert "NOT authenticated" in caplog.records[1].getMessage()
+        allowed.warn_at_startup()
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in said] == ["INFO", "INFO", "WARNING"]  # a server that never sees Twilio stays quiet
+    assert "refuse every request" in said[0][1]
+    assert "loopback bind" in said[1][1]
+    assert "NOT authenticated" in said[2][1]
+
+
+def test_the_first_unsigned_request_served_is_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:
+    guard = TwilioGuard(_settings(host="127.0.0.1"))
+    with caplog.at_level("WARNING", logger="parley.security.twilio_auth"):
+        assert guard.refusal(URL, [], {}) is None
+        assert guard.refusal(URL, [], {}) is None
+    assert [r.getMessage() for r in caplog.records if "unsigned Twilio request" in r.getMessage()] == [
+        caplog.records[0].getMessage()
+    ]
+    assert len(caplog.records) == 1
 
 
 def test_with_a_token_every_request_must_be_signed() -> None:

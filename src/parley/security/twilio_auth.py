@@ -10,7 +10,7 @@ Which URL? The one Twilio used, which behind a tunnel or proxy is not the one th
 and Host header are used, which is right only when the proxy passes them through (see docs/twilio.md).
 
 Without a token nothing can be checked: on a loopback bind that is allowed for local development,
-with a warning at startup (mind that a tunnel such as ngrok on the same host makes a loopback-bound
+with a warning when the first unsigned request is served (mind that a tunnel such as ngrok on the same host makes a loopback-bound
 server reachable by anyone who knows its URL); on any other bind the Twilio endpoints refuse every
 request unless `PARLEY_TWILIO_ALLOW_UNSIGNED=true`.
 """
@@ -104,20 +104,29 @@ class TwilioGuard:
         token = settings.twilio_auth_token.get_secret_value().strip() if settings.twilio_auth_token else ""
         self.token = token or None
         self.unsigned_allowed = is_loopback(settings.host) or settings.twilio_allow_unsigned
+        self._served_unsigned = False  # warned once, at the first unsigned request served
 
     def warn_at_startup(self) -> None:
+        """Most servers never see a Twilio request: without a token this is said at INFO here (a
+        WARNING only when unsigned requests were allowed on purpose off loopback), and at WARNING
+        when the first unsigned Twilio request is actually served (see `refusal`)."""
         if self.token is not None:
             return
-        if self.unsigned_allowed:
+        if self.settings.twilio_allow_unsigned and not is_loopback(self.settings.host):
             log.warning(
-                "PARLEY_TWILIO_AUTH_TOKEN is not set: Twilio requests (/api/twilio/voice, /ws/twilio) are"
-                " NOT authenticated%s (docs/twilio.md)",
-                " (PARLEY_TWILIO_ALLOW_UNSIGNED)" if self.settings.twilio_allow_unsigned else " (loopback bind)",
+                "PARLEY_TWILIO_ALLOW_UNSIGNED: Twilio requests (/api/twilio/voice, /ws/twilio) on %s are NOT"
+                " authenticated; set PARLEY_TWILIO_AUTH_TOKEN (docs/twilio.md)",
+                self.settings.host,
+            )
+        elif self.unsigned_allowed:
+            log.info(
+                "Twilio: PARLEY_TWILIO_AUTH_TOKEN is not set; unsigned Twilio requests are served on this"
+                " loopback bind (a tunnel makes it public: set the token then; docs/twilio.md)"
             )
         else:
-            log.warning(
-                "PARLEY_TWILIO_AUTH_TOKEN is not set while listening on %s: /api/twilio/voice and /ws/twilio"
-                " refuse every request until it is (docs/twilio.md)",
+            log.info(
+                "Twilio: PARLEY_TWILIO_AUTH_TOKEN is not set while listening on %s: /api/twilio/voice and"
+                " /ws/twilio refuse every request until it is (docs/twilio.md)",
                 self.settings.host,
             )
 
@@ -125,6 +134,12 @@ class TwilioGuard:
         """None if the request may proceed, else why not (for the log; the peer gets a plain 403)."""
         if self.token is None:
             if self.unsigned_allowed:
+                if not self._served_unsigned:
+                    self._served_unsigned = True
+                    log.warning(
+                        "serving an unsigned Twilio request: PARLEY_TWILIO_AUTH_TOKEN is not set, so anyone"
+                        " who reaches this server can open Twilio calls (docs/twilio.md)"
+                    )
                 return None
             return "PARLEY_TWILIO_AUTH_TOKEN is not set on a non-loopback bind"
         presented = headers.get(SIGNATURE_HEADER)
