@@ -128,18 +128,23 @@ def one_line_error(output: str, exit_code: int) -> str:
     return output.strip()
 
 
-def test_call_accepts_an_http_url_and_says_agent_is_the_servers(
+def test_call_accepts_an_http_url(plumbing_server: BackgroundServer, speech_dir: Path) -> None:
+    url = f"http://127.0.0.1:{plumbing_server.port}"  # no path: /ws/acs
+    result = runner.invoke(app, ["call", str(speech_dir / "hours_16000.wav"), "--url", url, "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "voice-to-voice (caller's speech end -> agent's reply)" in result.output
+
+
+def test_call_asking_for_an_agent_the_server_lacks_is_refused_in_one_line(
     plumbing_server: BackgroundServer, speech_dir: Path
 ) -> None:
-    url = f"http://127.0.0.1:{plumbing_server.port}"  # no path: /ws/acs
-    args = ["call", str(speech_dir / "hours_16000.wav"), "--url", url, "--agent", "bank", "--quiet"]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    assert (
-        f"warning: --agent applies only to the in-process server; ws://127.0.0.1:{plumbing_server.port}/ws/acs"
-        " answers with its own agent" in result.output
+    url = f"http://127.0.0.1:{plumbing_server.port}"
+    result = runner.invoke(app, ["call", str(speech_dir / "hours_16000.wav"), "--url", url, "--agent", "bank"])
+    line = one_line_error(result.output.splitlines()[-1] + "\n", result.exit_code)
+    assert line == (
+        f"error: the server refused the media WebSocket: ws://127.0.0.1:{plumbing_server.port}/ws/acs?agent=bank"
+        f" (HTTP 400: unknown_agent: this server loads {plumbing_server.settings.agent} (PARLEY_AGENTS))"
     )
-    assert "voice-to-voice (caller's speech end -> agent's reply)" in result.output
 
 
 def test_call_to_a_wrong_path_is_a_404_in_one_line(plumbing_server: BackgroundServer, speech_dir: Path) -> None:

@@ -53,6 +53,12 @@ class DialError(ConnectionError):
         return str(self.args[0])
 
 
+def _first_line(body: bytes | bytearray | None, limit: int = 160) -> str:
+    """The server's reason (parley answers a refusal with one text line, e.g. `unknown_agent: ...`)."""
+    text = (body or b"").decode("utf-8", errors="replace").strip()
+    return text.splitlines()[0][:limit] if text else ""
+
+
 async def _dial(url: str, headers: dict[str, str]) -> ClientConnection:
     """Open the media WebSocket, turning every way that can fail into a DialError."""
     parts = urlsplit(url)
@@ -66,7 +72,10 @@ async def _dial(url: str, headers: dict[str, str]) -> ClientConnection:
         status = exc.response.status_code
         if status == 404:
             raise DialError(f"no such endpoint: {url} (HTTP 404)", status) from exc
-        raise DialError(f"the server refused the media WebSocket: {url} (HTTP {status})", status) from exc
+        why = _first_line(exc.response.body)
+        raise DialError(
+            f"the server refused the media WebSocket: {url} (HTTP {status}{': ' + why if why else ''})", status
+        ) from exc
     except InvalidURI as exc:
         raise DialError(f"not a WebSocket URL: {url} (expected ws://host:port/ws/acs)") from exc
     except InvalidHandshake as exc:
