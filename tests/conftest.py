@@ -229,6 +229,8 @@ TIERS: dict[str, str | frozenset[str]] = {
         }
     ),
     "test_workers_redis.py": SLOW,  # `parley serve --workers 2` on a real redis-server
+    "test_turn_models.py": frozenset({"test_pip_download_from_a_local_index"}),  # runs pip (offline)
+    "test_turn_detection.py": SLOW,  # Smart Turn on Piper/espeak speech, real-time recognition threads
     "test_scenario.py": FAST,
     "test_scripted_agent.py": FAST,
     "test_settings.py": FAST,
