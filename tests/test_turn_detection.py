@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import pytest
 from parley.engines import recognizer_pool, vad_pool
 from parley.evaluation import variants
 from parley.media.bridge import Final, ThreadBridge
-from parley.media.recognition import RecognitionThread, SegmenterConfig
+from parley.media.recognition import FinalPass, RecognitionThread, SegmenterConfig, text_says_complete
 from parley.models import SMART_TURN, ModelError, fetch, model_path
 from parley.settings import Settings
 from parley.speech.pocketsphinx import PocketsphinxRecognizer
@@ -124,7 +124,19 @@ class ShutDown:
         raise RuntimeError("cannot schedule new futures after shutdown")
 
 
-async def finals_of(audio: np.ndarray, config: SegmenterConfig, real_time: bool = False) -> list[Final]:
+class Says:
+    """A second pass that always hears the same words."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def transcribe(self, pcm: bytes) -> str:
+        return self.text
+
+
+async def finals_of(
+    audio: np.ndarray, config: SegmenterConfig, real_time: bool = False, final_pass: FinalPass | None = None
+) -> list[Final]:
     """The finals of a recognition thread fed `audio` (then 2.5 s of silence), at once or in real time."""
     sink = RecordingSink()
     thread = RecognitionThread(
@@ -134,6 +146,7 @@ async def finals_of(audio: np.ndarray, config: SegmenterConfig, real_time: bool 
         recognizers=RECOGNIZERS,
         bridge=ThreadBridge(asyncio.get_running_loop(), sink),
         config=config,
+        final_pass=final_pass,
     )
     thread.start()
     frames = frames_of(np.concatenate([silence(0.3), audio, silence(2.5)]), RATE // 50)
@@ -204,3 +217,34 @@ async def test_smart_turn_keeps_a_filled_pause_and_ends_a_question(
         assert len(await finals_of(questions, config, real_time=True)) == 2
     finally:
         detector.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "model_says", "complete"),
+    [
+        ("My account number is", True, False),  # a fragment said with a falling voice
+        ("I need to book a table for", True, False),
+        ("I'd like to order a, uh", True, False),
+        ("Can I pay with a credit card?", False, True),  # a question the model missed
+        ("Can I get a?", False, False),  # a dangling word outweighs the question mark
+        ("Where is my nearest branch.", True, True),
+        ("Yes, I would like that.", False, False),
+        ("", True, True),
+    ],
+)
+def test_the_early_whisper_text_refines_the_verdict(text: str, model_says: bool, complete: bool) -> None:
+    assert text_says_complete(text, model_says) is complete
+
+
+async def test_a_complete_verdict_waits_for_the_early_text_and_yields_to_a_dangling_word(
+    say: variants.BlockingSynthesizer,
+) -> None:
+    executor = ThreadPoolExecutor(1)
+    try:
+        config = SegmenterConfig(endpoint_silence_ms=3000, turn_detector=Answers(0.9), turn_max_silence_ms=1500)
+        dangling = FinalPass(Says("I'd like to order a"), executor)
+        assert len(await finals_of(paused_speech(say), config, final_pass=dangling)) == 1
+        whole = FinalPass(Says("I'd like to order a pizza."), executor)
+        assert len(await finals_of(paused_speech(say), config, final_pass=whole)) == 2
+    finally:
+        executor.shutdown()

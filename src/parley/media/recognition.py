@@ -48,6 +48,25 @@ class FinalText:
     no_speech_prob: float | None = None
 
 
+# Words a finished English sentence does not end on: articles, possessives, prepositions and
+# conjunctions that need what follows, the copula, and fillers ("I'd like a ...", "my number is ...").
+_DANGLING = frozenset(
+    "a an the my your our their its to for of with from at and or but because if than is are was were uh um er erm".split()
+)
+
+
+def text_says_complete(text: str, model_says: bool) -> bool:
+    """Refine a turn verdict with the words heard: a dangling last word means more is coming; a
+    question mark means the question is asked. Otherwise the model's verdict stands."""
+    stripped = text.strip()
+    words = stripped.lower().replace(",", " ").replace(".", " ").replace("?", " ").replace("!", " ").split()
+    if words and words[-1].strip("'\"") in _DANGLING:
+        return False
+    if stripped.endswith("?"):
+        return True
+    return model_says
+
+
 class TurnDecider(Protocol):
     """Semantic end of turn (parley.speech.turn.TurnDetector): the probability that the caller's
     turn is over, from the utterance's last <= 8 s of 16 kHz PCM, decided off this thread."""
@@ -327,11 +346,28 @@ class SpeechSegmenter:
         if verdict is not None and verdict.done():
             failure = "cancelled" if verdict.cancelled() else verdict.exception()
             if failure is None:
-                return verdict.result() > _COMPLETE
+                return self._complete(verdict.result() > _COMPLETE)
             log.error("turn detection failed, this turn ends on silence: %s", failure)
             self._verdict = None
             self._verdict_failed = True
         return self._verdict_failed and self._silence >= self._end_windows
+
+    def _complete(self, model_says: bool) -> bool:
+        """The model's verdict, checked against the early Whisper text when there is one.
+
+        The model hears prosody, and a fragment spoken with a falling voice ("my account number
+        is") sounds finished; Whisper's words say it is not. A question mark says the opposite of
+        a low probability. The final waits for that text anyway, so waiting for it before ending
+        the utterance costs the answer nothing.
+        """
+        early = self._early
+        if early is None:  # no second pass (or it starts later): the model decides alone
+            return model_says
+        if not early.done():
+            return False  # asked again on the next frame
+        if early.cancelled() or early.exception() is not None:
+            return model_says
+        return text_says_complete(early.result().text, model_says)
 
     def _ask_turn(self, turn: TurnDecider) -> None:
         try:
