@@ -5,6 +5,7 @@ the test (pip runs offline against a local directory), so nothing is downloaded.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import zipfile
@@ -119,6 +120,17 @@ def test_smart_turn_chosen_without_its_model_stops_startup(tmp_path: Path) -> No
     with pytest.raises(ModelError, match="parley models fetch smart-turn"):
         _turn_detector(settings)
     assert _turn_detector(Settings(turn_detection="silence", models_dir=tmp_path)) is None
+
+
+def test_the_default_without_its_model_falls_back_to_silence_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PARLEY_TURN_DETECTION", raising=False)
+    settings = Settings(models_dir=tmp_path)
+    assert settings.turn_detection == "smart-turn"
+    with caplog.at_level(logging.WARNING, logger="parley.engines"):
+        assert _turn_detector(settings) is None
+    assert "parley models fetch smart-turn" in caplog.text and "500 ms of silence" in caplog.text
 
 
 def test_models_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

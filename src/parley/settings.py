@@ -332,13 +332,17 @@ class Settings(BaseSettings):
 
     # --- turn detection ---------------------------------------------------------------------------
     turn_detection: Literal["silence", "smart-turn"] = Field(
-        "silence",
+        "smart-turn",
         description="How a caller's turn ends: 'silence' after PARLEY_ENDPOINT_SILENCE_MS; 'smart-turn' asks"
         " the Smart Turn v3.2 model after PARLEY_TURN_SHORT_SILENCE_MS (complete: end now; else wait for"
-        " more speech up to PARLEY_TURN_MAX_SILENCE_MS). Needs `parley models fetch smart-turn`.",
+        " more speech up to PARLEY_TURN_MAX_SILENCE_MS). Needs `parley models fetch smart-turn` (`make"
+        " serve` runs it); without the model the default falls back to 'silence' with a warning.",
     )
     turn_short_silence_ms: int = Field(
-        200, ge=64, le=2000, description="smart-turn: silence after which the model is asked."
+        100,
+        ge=64,
+        le=2000,
+        description="smart-turn: silence after which the model is asked (and the Whisper pass starts).",
     )
     turn_max_silence_ms: int = Field(
         1500, ge=200, le=10000, description="smart-turn: silence that ends a turn the model judged incomplete."

@@ -119,7 +119,11 @@ def turns(
     try:
         chosen = turn_set.turns(limit)
         # The model first: a missing one fails in a second, not after the silence mode's calls.
-        model = module.model_figures(chosen, settings.models_dir) if "smart-turn" in modes else None
+        model = (
+            module.model_figures(chosen, settings.models_dir, settings.turn_short_silence_ms)
+            if "smart-turn" in modes
+            else None
+        )
     except (ModelError, ValueError) as exc:
         _progress_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None

@@ -41,8 +41,6 @@ MODES: Final = ("silence", "smart-turn")
 PAUSE_RANGE_S: Final = (0.5, 1.0)
 TARGET_V2V_P50_MS: Final = 450.0
 TARGET_CUT_RATE: Final = 0.05
-DECISION_SILENCE_S: Final = 0.2
-"""Trailing silence in the audio the model is scored on offline: the default turn_short_silence_ms."""
 
 COMPLETE: Final = (
     "What time do you close tonight?",
@@ -216,14 +214,15 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def model_figures(turns: Sequence[Turn], models_dir: Path, repeats: int = 3) -> dict[str, Any]:
+def model_figures(turns: Sequence[Turn], models_dir: Path, silence_ms: int, repeats: int = 3) -> dict[str, Any]:
     """Smart Turn's cost per decision (features + inference, one thread) and its verdicts on the
     audio it would hear: each question's end, and each hesitant turn up to its pause (both with
-    the default 200 ms of silence after them)."""
+    `silence_ms`, the turn_short_silence_ms, of silence after them). The model alone: without
+    the early Whisper text that the server also weighs."""
     from parley.speech.turn import SmartTurn
 
     model = SmartTurn(models_dir)
-    silence = np.zeros(round(DECISION_SILENCE_S * SAMPLE_RATE), dtype=np.int16)
+    silence = np.zeros(silence_ms * SAMPLE_RATE // 1000, dtype=np.int16)
     model.complete_probability(silence.tobytes())  # onnxruntime plans its buffers on the first run
     costs: list[float] = []
     verdicts = []

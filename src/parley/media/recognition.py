@@ -213,7 +213,11 @@ class SpeechSegmenter:
         window_ms = 1000 * vad.window_samples / vad.sample_rate
         self._start_windows = max(1, round(config.speech_start_ms / window_ms))
         self._end_windows = max(1, round(config.endpoint_silence_ms / window_ms))
-        self._early_windows = max(1, round(config.early_final_ms / window_ms))
+        early_ms = config.early_final_ms
+        if config.turn_detector is not None:
+            # The model may end the turn as soon as it is asked: the final must be on its way by then.
+            early_ms = min(early_ms, config.turn_short_silence_ms)
+        self._early_windows = max(1, round(early_ms / window_ms))
         self._long_windows = max(1, round(config.long_speech_ms / window_ms))
         self._turn = config.turn_detector
         self._short_windows = max(1, round(config.turn_short_silence_ms / window_ms))
