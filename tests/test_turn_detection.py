@@ -119,6 +119,16 @@ class Answers:
         return future
 
 
+class SurerWithSilence(Answers):
+    """Incomplete after a short silence, complete once it has heard 300 ms of it."""
+
+    def submit(self, pcm: bytes) -> Future[float]:
+        samples = np.frombuffer(pcm, dtype="<i2")
+        trailing = samples.size - int(np.flatnonzero(samples)[-1]) - 1 if samples.any() else samples.size
+        self.probability = 0.9 if trailing >= 0.3 * RATE else 0.1
+        return super().submit(pcm)
+
+
 class ShutDown:
     def submit(self, pcm: bytes) -> Future[float]:
         raise RuntimeError("cannot schedule new futures after shutdown")
@@ -185,6 +195,13 @@ async def test_incomplete_waits_through_the_pause_and_asks_again_after_it(say: v
     assert len(finals) == 1  # one utterance: the pause did not end it, the long silence after did
     assert len(decider.asked) >= 2  # in the pause, and again in the closing silence
     assert all(0 < size <= 8 * RATE * 2 for size in decider.asked)
+
+
+async def test_asked_again_where_the_silence_rule_would_end_the_turn(say: variants.BlockingSynthesizer) -> None:
+    decider = SurerWithSilence(None)
+    config = SegmenterConfig(**SILENCE_RULE, turn_detector=decider, turn_max_silence_ms=1500)
+    assert len(await finals_of(paused_speech(say), config)) == 2  # the second ask, at 400 ms, ends it
+    assert len(decider.asked) >= 3  # twice in the pause, at least once at the end
 
 
 async def test_complete_ends_the_utterance_at_the_short_silence(say: variants.BlockingSynthesizer) -> None:

@@ -51,7 +51,7 @@ class FinalText:
 # Words a finished English sentence does not end on: articles, possessives, prepositions and
 # conjunctions that need what follows, the copula, and fillers ("I'd like a ...", "my number is ...").
 _DANGLING = frozenset(
-    "a an the my your our their its to for of with from at and or but because if than is are was were uh um er erm".split()
+    "a an the my your our their its to for of with from at and or but because if than is are uh um er erm".split()
 )
 
 
@@ -222,6 +222,11 @@ class SpeechSegmenter:
         self._turn = config.turn_detector
         self._short_windows = max(1, round(config.turn_short_silence_ms / window_ms))
         self._max_windows = max(self._short_windows + 1, round(config.turn_max_silence_ms / window_ms))
+        # Asked again where the silence rule would end the turn: with more silence heard the model
+        # is surer, and a turn it first judged incomplete need not wait the whole maximum.
+        self._ask_windows = {self._short_windows}
+        if self._short_windows < self._end_windows < self._max_windows:
+            self._ask_windows.add(self._end_windows)
         self._verdict: Future[float] | None = None  # the model's answer for the current silence
         self._verdict_failed = False  # it failed: this silence ends by the silence rule
         self._window_s = window_ms / 1000
@@ -332,7 +337,7 @@ class SpeechSegmenter:
             self._silence += 1
             if self._silence == self._early_windows:
                 self._start_early_final()
-            if self._turn is not None and self._silence == self._short_windows:
+            if self._turn is not None and self._silence in self._ask_windows:
                 self._ask_turn(self._turn)
         too_long = time.monotonic() - started_t > self._config.max_utterance_s
         if too_long or self._turn_over():
@@ -374,6 +379,9 @@ class SpeechSegmenter:
         return text_says_complete(early.result().text, model_says)
 
     def _ask_turn(self, turn: TurnDecider) -> None:
+        if self._verdict_failed:
+            return  # this silence ends by the silence rule
+        self._forget_verdict()  # a second ask: the first said incomplete (or has not answered yet)
         try:
             self._verdict = turn.submit(bytes(self._audio[-_TURN_AUDIO_BYTES:]))
         except RuntimeError as exc:  # its executor shut down: the silence rule still ends the turn
