@@ -94,7 +94,7 @@ class SegmenterConfig:
     # incomplete waits for more speech up to `turn_max_silence_ms`. If the model fails, the
     # silence rule decides.
     turn_detector: TurnDecider | None = None
-    turn_short_silence_ms: int = 200
+    turn_short_silence_ms: int = 100
     turn_max_silence_ms: int = 1500
 
     @property
