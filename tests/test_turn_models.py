@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from parley.cli import app
-from parley.engines import _turn_detector
+from parley.engines import _turn_detector, build_engines
 from parley.models import (
     SMART_TURN,
     ModelError,
@@ -120,6 +120,15 @@ def test_smart_turn_chosen_without_its_model_stops_startup(tmp_path: Path) -> No
     with pytest.raises(ModelError, match="parley models fetch smart-turn"):
         _turn_detector(settings)
     assert _turn_detector(Settings(turn_detection="silence", models_dir=tmp_path)) is None
+
+
+def test_the_plumbing_profile_keeps_the_silence_rule(tmp_path: Path) -> None:
+    # No model in tmp_path: an explicit smart-turn would stop an embedded server, not this one.
+    engines = build_engines(Settings(engines="plumbing", turn_detection="smart-turn", models_dir=tmp_path))
+    try:
+        assert engines.turn_detector is None
+    finally:
+        engines.close()
 
 
 def test_the_default_without_its_model_falls_back_to_silence_and_says_so(

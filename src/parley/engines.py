@@ -328,8 +328,10 @@ def plumbing_engines(settings: Settings) -> Engines:
 
 def build_engines(settings: Settings) -> Engines:
     native_memory.limit_arenas()  # before the engines' threads allocate (see parley.native_memory)
+    if settings.engines == "plumbing":
+        return plumbing_engines(settings)  # measures the server's plumbing: the silence rule, no model
     turn_detector = _turn_detector(settings)  # first: a missing model stops startup before the big loads
-    engines = plumbing_engines(settings) if settings.engines == "plumbing" else embedded_engines(settings)
+    engines = embedded_engines(settings)
     engines.turn_detector = turn_detector
     return engines
 
