@@ -253,6 +253,9 @@ TIERS: dict[str, str | frozenset[str]] = {
         }
     ),
     "test_workers_redis.py": SLOW,  # `parley serve --workers 2` on a real redis-server
+    "test_turn_models.py": frozenset({"test_pip_download_from_a_local_index"}),  # runs pip (offline)
+    "test_turn_detection.py": SLOW,  # Smart Turn on Piper/espeak speech, real-time recognition threads
+    "test_turn_eval.py": frozenset({"test_eval_turns_smoke"}),  # real calls to two in-process servers
     "test_scenario.py": FAST,
     "test_scripted_agent.py": FAST,
     "test_scripted_listening.py": FAST,  # slots, scoring, facts, handoffs: the packaged scenarios

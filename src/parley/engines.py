@@ -23,6 +23,7 @@ from parley.voice.guarded import GuardedSynthesizer, SynthesisLimits
 
 if TYPE_CHECKING:
     from parley.speech.azure import AzureSpeechOptions
+    from parley.speech.turn import TurnDetector
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class Engines:
     reaper: PoolReaper | None = None  # shrinks the pools after bursts; started by `warm`
     # Every agent a call may ask for by name (`?agent=`, the called number); `agent_factory` is the default.
     agent_factories: dict[str, AgentFactory] = field(default_factory=dict)
+    turn_detector: TurnDetector | None = None  # semantic end of turn (None: the silence rule)
 
     def factory_for(self, agent: str | None) -> AgentFactory:
         """The named agent's factory (None or '': the default). KeyError for an agent not loaded."""
@@ -59,6 +61,8 @@ class Engines:
         if self.final_pass is not None:
             # CTranslate2 allocates its buffers on the first pass: ~100 ms the first caller would pay.
             self.final_pass.transcriber.transcribe(bytes(2 * 16000))
+        if self.turn_detector is not None:
+            self.turn_detector.warm()
         if self.reaper is None:
             self.reaper = PoolReaper([self.vads, self.recognizers])
             self.reaper.start()
@@ -72,6 +76,8 @@ class Engines:
             executor.shutdown(wait=False, cancel_futures=True)
         for close in self.closers:
             close()
+        if self.turn_detector is not None:
+            self.turn_detector.close()
 
 
 def vad_pool(create: Callable[[], Vad], max_idle: int, warm: int = 0, idle_s: float = 60.0) -> EnginePool[Vad]:
@@ -322,4 +328,27 @@ def plumbing_engines(settings: Settings) -> Engines:
 
 def build_engines(settings: Settings) -> Engines:
     native_memory.limit_arenas()  # before the engines' threads allocate (see parley.native_memory)
-    return plumbing_engines(settings) if settings.engines == "plumbing" else embedded_engines(settings)
+    if settings.engines == "plumbing":
+        return plumbing_engines(settings)  # measures the server's plumbing: the silence rule, no model
+    turn_detector = _turn_detector(settings)  # first: a missing model stops startup before the big loads
+    engines = embedded_engines(settings)
+    engines.turn_detector = turn_detector
+    return engines
+
+
+def _turn_detector(settings: Settings) -> TurnDetector | None:
+    """Smart Turn when PARLEY_TURN_DETECTION=smart-turn. Its model is fetched at setup (`parley
+    models fetch smart-turn`): chosen explicitly, a missing model is a startup error naming that
+    command; as the default, the server falls back to the silence rule and says so."""
+    if settings.turn_detection != "smart-turn":
+        return None
+    from parley.models import ModelError
+    from parley.speech.turn import SmartTurn, TurnDetector
+
+    try:
+        return TurnDetector(SmartTurn(settings.models_dir))
+    except ModelError as exc:
+        if "turn_detection" in settings.model_fields_set:
+            raise
+        log.warning("turn detection: %s; ending turns on %d ms of silence instead", exc, settings.endpoint_silence_ms)
+        return None

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from parley.acs import config as acs_config
 from parley.media.bargein import DEFAULT_BACKCHANNELS
+from parley.models import default_models_dir
 from parley.security.acs_auth import ACS_ISSUER, ACS_JWKS_URL, AcsAuthConfig
 
 if TYPE_CHECKING:
@@ -330,6 +331,28 @@ class Settings(BaseSettings):
     )
     partial_interval_ms: int = Field(100, ge=20, le=2000, description="How often partials update.")
 
+    # --- turn detection ---------------------------------------------------------------------------
+    turn_detection: Literal["silence", "smart-turn"] = Field(
+        "smart-turn",
+        description="How a caller's turn ends: 'silence' after PARLEY_ENDPOINT_SILENCE_MS; 'smart-turn' asks"
+        " the Smart Turn v3.2 model after PARLEY_TURN_SHORT_SILENCE_MS (complete: end now; else wait for"
+        " more speech up to PARLEY_TURN_MAX_SILENCE_MS). Needs `parley models fetch smart-turn` (`make"
+        " serve` runs it); without the model the default falls back to 'silence' with a warning.",
+    )
+    turn_short_silence_ms: int = Field(
+        100,
+        ge=64,
+        le=2000,
+        description="smart-turn: silence after which the model is asked (and the Whisper pass starts).",
+    )
+    turn_max_silence_ms: int = Field(
+        1500, ge=200, le=10000, description="smart-turn: silence that ends a turn the model judged incomplete."
+    )
+    models_dir: Path = Field(
+        default_factory=default_models_dir,
+        description="Where `parley models fetch` stores models (default $XDG_CACHE_HOME/parley/models).",
+    )
+
     # --- synthesis and playout -------------------------------------------------------------------
     tts: Literal["piper", "espeak", "azure"] = Field(
         "piper", description="Text-to-speech engine ('azure': Azure AI Speech, cloud)."
@@ -626,6 +649,14 @@ class Settings(BaseSettings):
                     f"must be shorter than PARLEY_ENDPOINT_SILENCE_MS ({self.early_final_ms} ms >="
                     f" {self.endpoint_silence_ms} ms)",
                     "early_final_ms",
+                )
+            )
+        if self.turn_short_silence_ms >= self.turn_max_silence_ms:
+            problems.append(
+                SettingsProblem(
+                    f"must be shorter than PARLEY_TURN_MAX_SILENCE_MS ({self.turn_short_silence_ms} ms >="
+                    f" {self.turn_max_silence_ms} ms)",
+                    "turn_short_silence_ms",
                 )
             )
         if self.llm_provider == "compatible" and not self.llm_base_url:

@@ -12,7 +12,7 @@ from rich.console import Console
 evaluate = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Evaluations: recognition accuracy (stt) and barge-in decisions (bargein).",
+    help="Evaluations: recognition accuracy (stt), barge-in decisions (bargein) and end of turn (turns).",
 )
 _progress_console = Console(stderr=True)
 
@@ -88,5 +88,50 @@ def bargein(
     # A server we start gets a greeting long enough to outlast trigger + stimulus + listening.
     with server_under_test(url, server, greeting=module.LONG_GREETING) as sut:
         result = asyncio.run(module.run(sut.url, scenarios, trials, seed, _progress(quiet)))
+    write_json(json_path, result)
+    module.print_result(result)
+
+
+@evaluate.command()
+def turns(
+    mode_list: str = typer.Option("silence,smart-turn", "--modes", help="Comma-separated turn detections to compare."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Use only the first N turns of each kind."),
+    seed: int = typer.Option(7, help="Seed for the pauses' lengths."),
+    server: str = typer.Option("subprocess", "--server", help="Where to start the servers: subprocess or inprocess."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress lines."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the results as JSON here."),
+) -> None:
+    """End of turn: voice-to-voice on complete questions, cuts at mid-sentence pauses, per mode."""
+    from parley.benchmarks.common import server_under_test, write_json
+    from parley.evaluation import turns as module
+    from parley.models import ModelError
+    from parley.settings import Settings
+
+    modes = _split(mode_list)
+    unknown = [name for name in modes if name not in module.MODES]
+    if unknown or not modes:
+        _progress_console.print(
+            f"[red]error:[/red] unknown mode(s) {', '.join(unknown) or '(none given)'}; use {', '.join(module.MODES)}"
+        )
+        raise typer.Exit(2)
+    settings = Settings()
+    turn_set = module.TurnSet(seed=seed)
+    try:
+        chosen = turn_set.turns(limit)
+        # The model first: a missing one fails in a second, not after the silence mode's calls.
+        model = (
+            module.model_figures(chosen, settings.models_dir, settings.turn_short_silence_ms)
+            if "smart-turn" in modes
+            else None
+        )
+    except (ModelError, ValueError) as exc:
+        _progress_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    records = {}
+    for mode in modes:
+        with server_under_test(None, server, greeting="", turn_detection=mode) as sut:
+            records[mode] = asyncio.run(module.run_mode(sut.url, chosen, _progress(quiet), mode))
+    knobs = ("endpoint_silence_ms", "early_final_ms", "turn_short_silence_ms", "turn_max_silence_ms")
+    result = module.result(records, turn_set, model, {knob: getattr(settings, knob) for knob in knobs})
     write_json(json_path, result)
     module.print_result(result)

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -35,6 +35,8 @@ FRAME_S = 0.02  # one inbound frame
 _WAKE_SLACK_SAMPLES = 32
 _MAX_RESTARTS = 3  # engines replaced after a failure, per call
 _RESTART_PAUSE_S = 0.25  # before the first replacement; doubled each time
+_COMPLETE = 0.5  # Smart Turn's own threshold: above it the turn is complete
+_TURN_AUDIO_BYTES = 8 * 16000 * 2  # what the model hears: the utterance's last 8 s
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,32 @@ class FinalText:
     text: str
     avg_logprob: float | None = None
     no_speech_prob: float | None = None
+
+
+# Words a finished English sentence does not end on: articles, possessives, prepositions and
+# conjunctions that need what follows, the copula, and fillers ("I'd like a ...", "my number is ...").
+_DANGLING = frozenset(
+    "a an the my your our their its to for of with from at and or but because if than is are uh um er erm".split()
+)
+
+
+def text_says_complete(text: str, model_says: bool) -> bool:
+    """Refine a turn verdict with the words heard: a dangling last word means more is coming; a
+    question mark means the question is asked. Otherwise the model's verdict stands."""
+    stripped = text.strip()
+    words = stripped.lower().replace(",", " ").replace(".", " ").replace("?", " ").replace("!", " ").split()
+    if words and words[-1].strip("'\"") in _DANGLING:
+        return False
+    if stripped.endswith("?"):
+        return True
+    return model_says
+
+
+class TurnDecider(Protocol):
+    """Semantic end of turn (parley.speech.turn.TurnDetector): the probability that the caller's
+    turn is over, from the utterance's last <= 8 s of 16 kHz PCM, decided off this thread."""
+
+    def submit(self, pcm: bytes) -> Future[float]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +89,13 @@ class SegmenterConfig:
     early_final_ms: int = 200
     # Voiced speech this long within one utterance is "more than a backchannel" (SpeechContinues).
     long_speech_ms: int = 600
+    # Semantic end of turn (None: `endpoint_silence_ms` of silence ends every utterance). With a
+    # detector it is asked after `turn_short_silence_ms`: complete ends the utterance then;
+    # incomplete waits for more speech up to `turn_max_silence_ms`. If the model fails, the
+    # silence rule decides.
+    turn_detector: TurnDecider | None = None
+    turn_short_silence_ms: int = 100
+    turn_max_silence_ms: int = 1500
 
     @property
     def release_threshold(self) -> float:
@@ -151,7 +186,9 @@ class SpeechSegmenter:
     """Turns VAD windows into utterances and drives the recognizer. Runs on the recognition thread.
 
     An utterance starts after `speech_start_ms` of consecutive speech windows (that run, plus a
-    pre-roll, is what the recognizer hears first) and ends after `endpoint_silence_ms` of silence.
+    pre-roll, is what the recognizer hears first) and ends after `endpoint_silence_ms` of silence,
+    or with a turn detector when the model judges the turn complete after a short silence (see
+    SegmenterConfig).
     The streaming recognizer gives partials; with a `final_pass` its text is only the fallback
     and the final comes from the accurate pass over the whole utterance. A recognizer that returns
     a Future from `end` (a cloud service) gives the final itself, delivered when it resolves.
@@ -176,8 +213,22 @@ class SpeechSegmenter:
         window_ms = 1000 * vad.window_samples / vad.sample_rate
         self._start_windows = max(1, round(config.speech_start_ms / window_ms))
         self._end_windows = max(1, round(config.endpoint_silence_ms / window_ms))
-        self._early_windows = max(1, round(config.early_final_ms / window_ms))
+        early_ms = config.early_final_ms
+        if config.turn_detector is not None:
+            # The model may end the turn as soon as it is asked: the final must be on its way by then.
+            early_ms = min(early_ms, config.turn_short_silence_ms)
+        self._early_windows = max(1, round(early_ms / window_ms))
         self._long_windows = max(1, round(config.long_speech_ms / window_ms))
+        self._turn = config.turn_detector
+        self._short_windows = max(1, round(config.turn_short_silence_ms / window_ms))
+        self._max_windows = max(self._short_windows + 1, round(config.turn_max_silence_ms / window_ms))
+        # Asked again where the silence rule would end the turn: with more silence heard the model
+        # is surer, and a turn it first judged incomplete need not wait the whole maximum.
+        self._ask_windows = {self._short_windows}
+        if self._short_windows < self._end_windows < self._max_windows:
+            self._ask_windows.add(self._end_windows)
+        self._verdict: Future[float] | None = None  # the model's answer for the current silence
+        self._verdict_failed = False  # it failed: this silence ends by the silence rule
         self._window_s = window_ms / 1000
         self._silence_power = 10 ** (config.silence_floor_dbfs / 10)  # mean square of a float window
         self._samples = np.zeros(0, dtype=np.float32)
@@ -207,8 +258,8 @@ class SpeechSegmenter:
         """How many more frames of `frame_samples` it takes before there is anything to decide:
         one while in an utterance with a streaming recognizer (its partials come from every
         frame), else enough to complete the next VAD window."""
-        if self.in_utterance and not isinstance(self._recognizer, NoPartials):
-            return 1
+        if self.in_utterance and (not isinstance(self._recognizer, NoPartials) or self._verdict is not None):
+            return 1  # partials, or a turn decision to pick up as soon as it is made
         missing = self._vad.window_samples - self._samples.size - _WAKE_SLACK_SAMPLES
         return max(1, -(-missing // frame_samples))
 
@@ -228,6 +279,9 @@ class SpeechSegmenter:
             self._samples = self._samples[size:]
             self._samples_t += self._window_s
             self._on_window(probability, window_t)
+        if self._verdict is not None and self._verdict.done() and self._turn_over():
+            # Decided between two windows: end now rather than up to a window later.
+            self._end_utterance(self._last_speech_t)
 
     def _probability(self, window: np.ndarray, window_t: float) -> float:
         power = float(np.dot(window, window)) / window.size
@@ -255,6 +309,7 @@ class SpeechSegmenter:
             self._utterance_started_t = None
             self._audio.clear()
             self._discard_early_final()
+            self._forget_verdict()
             self._in_order.abandon(self._utterance_id)
 
     def use_engines(self, vad: Vad, recognizer: Recognizer) -> None:
@@ -275,15 +330,69 @@ class SpeechSegmenter:
             self._last_speech_t = window_t + self._window_s
             self._voiced += 1
             self._discard_early_final()
+            self._forget_verdict()  # the caller went on: this silence's decision no longer applies
             if self._voiced == self._long_windows:
                 self._bridge.schedule_barge_in(SpeechContinues(self._utterance_id, time.monotonic()))
         else:
             self._silence += 1
             if self._silence == self._early_windows:
                 self._start_early_final()
+            if self._turn is not None and self._silence in self._ask_windows:
+                self._ask_turn(self._turn)
         too_long = time.monotonic() - started_t > self._config.max_utterance_s
-        if self._silence >= self._end_windows or too_long:
+        if too_long or self._turn_over():
             self._end_utterance(self._last_speech_t)
+
+    def _turn_over(self) -> bool:
+        """Has the silence so far ended the caller's turn?"""
+        if self._turn is None:
+            return self._silence >= self._end_windows
+        if self._silence == 0:
+            return False
+        if self._silence >= self._max_windows:
+            return True  # judged incomplete (or still undecided), and the caller did not go on
+        verdict = self._verdict
+        if verdict is not None and verdict.done():
+            failure = "cancelled" if verdict.cancelled() else verdict.exception()
+            if failure is None:
+                return self._complete(verdict.result() > _COMPLETE)
+            log.error("turn detection failed, this turn ends on silence: %s", failure)
+            self._verdict = None
+            self._verdict_failed = True
+        return self._verdict_failed and self._silence >= self._end_windows
+
+    def _complete(self, model_says: bool) -> bool:
+        """The model's verdict, checked against the early Whisper text when there is one.
+
+        The model hears prosody, and a fragment spoken with a falling voice ("my account number
+        is") sounds finished; Whisper's words say it is not. A question mark says the opposite of
+        a low probability. The final waits for that text anyway, so waiting for it before ending
+        the utterance costs the answer nothing.
+        """
+        early = self._early
+        if early is None:  # no second pass (or it starts later): the model decides alone
+            return model_says
+        if not early.done():
+            return False  # asked again on the next frame
+        if early.cancelled() or early.exception() is not None:
+            return model_says
+        return text_says_complete(early.result().text, model_says)
+
+    def _ask_turn(self, turn: TurnDecider) -> None:
+        if self._verdict_failed:
+            return  # this silence ends by the silence rule
+        self._forget_verdict()  # a second ask: the first said incomplete (or has not answered yet)
+        try:
+            self._verdict = turn.submit(bytes(self._audio[-_TURN_AUDIO_BYTES:]))
+        except RuntimeError as exc:  # its executor shut down: the silence rule still ends the turn
+            log.error("turn detection unavailable, this turn ends on silence: %s", exc)
+            self._verdict_failed = True
+
+    def _forget_verdict(self) -> None:
+        self._verdict_failed = False
+        if self._verdict is not None:
+            self._verdict.cancel()  # a no-op once it runs; its answer is simply not used
+            self._verdict = None
 
     def _on_idle_window(self, probability: float, window_t: float) -> None:
         if probability < self._config.threshold:
@@ -316,6 +425,7 @@ class SpeechSegmenter:
         endpoint_t = time.monotonic()
         result = self._recognizer.end()
         self._utterance_started_t = None
+        self._forget_verdict()
         final = _FinalOf(self._utterance_id, speech_end_t, endpoint_t, round(self._voiced * self._window_s * 1000))
         self._in_order.expect(self._utterance_id)
         if isinstance(result, Future):  # the recognizer finalizes itself (a cloud service)
@@ -324,6 +434,7 @@ class SpeechSegmenter:
             self._deliver_when_done(result, "", final)
             return
         if self._final_pass is None:
+            self._audio.clear()  # kept for the turn detector only
             self._in_order.ready(final.made(FinalText(result)))
             return
         future = self._early or self._final_pass.submit(bytes(self._audio))
@@ -362,7 +473,7 @@ class SpeechSegmenter:
             self._early = None
 
     def _feed_recognizer(self, pcm: bytes) -> None:
-        if self._final_pass is not None:
+        if self._final_pass is not None or self._turn is not None:
             self._audio += pcm
         partial = self._recognizer.feed(pcm)
         if partial:
