@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from parley.cli import app
 from parley.media.events import CallRegistry, EventLog
 from parley.records import CallRecord, CallStore, MemoryStore
-from parley.records.sqlite import SqliteReader, SqliteStore, db_path
+from parley.records.sqlite import SqliteReader, SqliteStore, _enable_wal, db_path
 from parley.server import BackgroundServer
 from parley.transports import acs
 from tests.conftest import make_server
@@ -187,6 +187,46 @@ def test_a_new_store_marks_calls_of_a_gone_server_lost_and_applies_retention(tmp
     assert [(t.turn_id, t.outcome) for t in third.turns("mid-call")] == [(1, "completed"), (2, "unfinished")]
     assert third.call("old") is None  # past retention
     third.close()
+
+
+def _lock_for(db_file: Path, seconds: float) -> threading.Thread:
+    """Another process's exclusive lock on a rollback-journal database, released after `seconds`."""
+    holder = sqlite3.connect(db_file, check_same_thread=False)
+    holder.execute("CREATE TABLE IF NOT EXISTS t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+
+    def release() -> None:
+        time.sleep(seconds)
+        holder.rollback()
+        holder.close()
+
+    thread = threading.Thread(target=release)
+    thread.start()
+    return thread
+
+
+def test_switching_to_wal_waits_for_a_database_another_process_holds(tmp_path: Path) -> None:
+    # sqlite can answer "locked" at once, without its busy timeout, when two workers open a new
+    # database together (seen in CI); a zero busy timeout gives that answer on purpose here.
+    db_file = tmp_path / "calls.db"
+    release = _lock_for(db_file, 0.3)
+    connection = sqlite3.connect(db_file, timeout=0)
+    started = time.monotonic()
+    _enable_wal(connection)
+    assert time.monotonic() - started >= 0.25
+    assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    connection.close()
+    release.join()
+
+
+def test_switching_to_wal_gives_up_when_the_lock_outlasts_the_wait(tmp_path: Path) -> None:
+    db_file = tmp_path / "calls.db"
+    release = _lock_for(db_file, 1.0)
+    connection = sqlite3.connect(db_file, timeout=0)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        _enable_wal(connection, within_s=0.2)
+    connection.close()
+    release.join()
 
 
 def test_retention_runs_periodically(tmp_path: Path) -> None:

@@ -86,11 +86,31 @@ WRITE_BUSY_TIMEOUT_S = 15.0
 def _connect(path: Path, *, write: bool) -> sqlite3.Connection:
     connection = sqlite3.connect(path, timeout=WRITE_BUSY_TIMEOUT_S if write else 5.0, check_same_thread=False)
     if write:
-        connection.execute("PRAGMA journal_mode=WAL")
+        _enable_wal(connection)
         connection.execute("PRAGMA synchronous=NORMAL")
     else:
         connection.execute("PRAGMA query_only=1")
     return connection
+
+
+def _enable_wal(connection: sqlite3.Connection, *, within_s: float = WRITE_BUSY_TIMEOUT_S) -> None:
+    """Switch the database to WAL, retrying while another process holds it.
+
+    Two workers opening a new database at once can make sqlite answer "database is locked" at once,
+    without waiting for its busy timeout (each holds a lock the other's mode change needs), so the
+    wait is done here: the mode is stored in the file, whichever process wins, both go on in WAL.
+    """
+    deadline = time.monotonic() + within_s
+    pause_s = 0.01
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause_s > deadline:
+                raise
+        time.sleep(pause_s)
+        pause_s = min(pause_s * 2, 0.2)
 
 
 class SqliteReader:
