@@ -6,7 +6,7 @@ order the recognition thread produced them (a final never overtakes its own part
 Drop policy (written down because queues must be bounded):
 - partials: at most one undelivered partial per call; a newer one replaces it (only the latest
   hypothesis matters, and under load stale partials are worthless); a final discards it;
-- speech_started and finals: never dropped;
+- onsets (and their loss), speech_started and finals: never dropped;
 - after `close()` everything is discarded (the call is over).
 """
 
@@ -20,6 +20,26 @@ from dataclasses import dataclass
 from typing import Protocol
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechOnset:
+    """The first VAD window over the threshold while the caller was silent: maybe speech, not yet
+    proof of it. `utterance_id` is the one it would start; `onset_t` when that window's audio arrived."""
+
+    utterance_id: int
+    onset_t: float
+    detected_t: float
+    cue: str = "vad"  # what showed it: "level" (a frame well above the line's floor) or "vad" (a window)
+
+
+@dataclass(frozen=True, slots=True)
+class OnsetLost:
+    """The windows after an onset fell below the threshold before they made an utterance: it was a
+    click, a breath or a burst of noise."""
+
+    utterance_id: int
+    t: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +81,10 @@ class Final:
 class SpeechSink(Protocol):
     """What the event loop side implements (the media handler). Called on the loop only."""
 
+    def on_speech_onset(self, event: SpeechOnset) -> None: ...
+
+    def on_onset_lost(self, event: OnsetLost) -> None: ...
+
     def on_speech_started(self, event: SpeechStarted) -> None: ...
 
     def on_speech_continues(self, event: SpeechContinues) -> None: ...
@@ -81,10 +105,14 @@ class ThreadBridge:
         self._closed = False
 
     # --- called on the recognition thread; never blocks ------------------------------------------
-    def schedule_barge_in(self, event: SpeechStarted | SpeechContinues) -> None:
-        """Speech onset (or sustained speech): hand it to the loop at once, where the barge-in
-        policy decides. Never dropped."""
-        if isinstance(event, SpeechStarted):
+    def schedule_barge_in(self, event: SpeechOnset | OnsetLost | SpeechStarted | SpeechContinues) -> None:
+        """Speech onset (or its loss, or sustained speech): hand it to the loop at once, where the
+        barge-in policy decides. Never dropped."""
+        if isinstance(event, SpeechOnset):
+            self._post(self._sink.on_speech_onset, event)
+        elif isinstance(event, OnsetLost):
+            self._post(self._sink.on_onset_lost, event)
+        elif isinstance(event, SpeechStarted):
             self._post(self._sink.on_speech_started, event)
         else:
             self._post(self._sink.on_speech_continues, event)

@@ -69,6 +69,11 @@ class EchoReference:
             inside = levels[times <= end]
             return float(inside.max()) if inside.size else None
 
+    def playing(self, now: float) -> bool:
+        """Is any agent audio playing (or queued to play) at `now`?"""
+        with self._lock:
+            return self._count > 0 and self._times[self._newest] + 0.02 >= now
+
     def _since(self, since: float) -> tuple[np.ndarray, np.ndarray]:
         """Views of the newest frames back to (not including) the newest one older than `since`
         (the lock held). Play times only grow, so this is every frame playing from `since` on."""
@@ -132,12 +137,20 @@ class EchoGate:
         if t >= self._next_update:
             self._next_update = t + self._config.update_every_s
             self._estimate()
-        if self.state is EchoState.NONE or level_db <= self._config.floor_db:
-            return False
-        predicted = self._predicted_echo_db(t, duration_s)
-        explained = level_db < predicted + self._config.margin_db
+        explained = self.would_explain(t, level_db, duration_s)
         self.suppressed += explained
         return explained
+
+    def would_explain(self, t: float, level_db: float, duration_s: float) -> bool:
+        """Whether echo explains audio at `level_db` from `t` on, without recording it (a single
+        frame judged between two windows must not weigh in the echo path's estimate)."""
+        if self.state is EchoState.NONE or level_db <= self._config.floor_db:
+            return False
+        return level_db < self._predicted_echo_db(t, duration_s) + self._config.margin_db
+
+    @property
+    def reference(self) -> EchoReference:
+        return self._reference
 
     # ---------------------------------------------------------------------------------------
     def _predicted_echo_db(self, t: float, duration_s: float) -> float:

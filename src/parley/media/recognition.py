@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import threading
 import time
 from collections import deque
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from parley.audio import SILENCE_DBFS, StreamResampler, pcm_to_float
-from parley.media.bridge import Final, Partial, SpeechContinues, SpeechStarted, ThreadBridge
+from parley.media.bridge import Final, OnsetLost, Partial, SpeechContinues, SpeechOnset, SpeechStarted, ThreadBridge
 from parley.media.echo import EchoGate
 from parley.media.handoff import FrameHandoff
 from parley.pool import EnginePool
@@ -37,6 +38,8 @@ _MAX_RESTARTS = 3  # engines replaced after a failure, per call
 _RESTART_PAUSE_S = 0.25  # before the first replacement; doubled each time
 _COMPLETE = 0.5  # Smart Turn's own threshold: above it the turn is complete
 _TURN_AUDIO_BYTES = 8 * 16000 * 2  # what the model hears: the utterance's last 8 s
+_FLOOR_FRAMES = 50  # the line's background is judged over the last second
+_FLOOR_HOLD_DECAY_DB = 0.02  # per frame (1 dB/s): how fast a rejected sound's level is forgotten
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,15 @@ class TurnDecider(Protocol):
 class SegmenterConfig:
     threshold: float = 0.5
     speech_start_ms: int = 64
+    # Report the first sign of speech (SpeechOnset) and, when no utterance follows, its loss
+    # (OnsetLost): the handler pauses the agent on the onset. A sign is a frame `onset_rise_db`
+    # louder than the line's floor (and than `onset_min_dbfs`) that the agent's echo does not
+    # explain, or a VAD window over the threshold. It is lost after `onset_lost_ms` of windows
+    # under the release threshold (the VAD, not the level, judges whether it was speech).
+    onset_events: bool = False
+    onset_rise_db: float = 25.0
+    onset_min_dbfs: float = -40.0
+    onset_lost_ms: int = 192
     endpoint_silence_ms: int = 500
     preroll_ms: int = 300
     max_utterance_s: float = 30.0
@@ -235,6 +247,16 @@ class SpeechSegmenter:
         self._samples_t = 0.0  # arrival time of the first buffered VAD sample
         self._preroll: deque[bytes] = deque(maxlen=max(1, config.preroll_ms // 20 + 1))
         self._run = 0  # consecutive speech windows while idle
+        self._onset_sent = False  # a SpeechOnset awaits its utterance or its loss
+        self._onset_quiet = 0  # windows under the threshold since then
+        self._onset_peak_db = SILENCE_DBFS  # the loudest frame since then
+        self._lost_windows = max(1, round(config.onset_lost_ms / window_ms))
+        # The line's background for level onsets (see _line_floor_db).
+        self._recent_levels: deque[float] = deque(maxlen=_FLOOR_FRAMES)
+        self._frames_seen = 0
+        self._floor_hold_db = SILENCE_DBFS  # the level of the last sound the VAD rejected ...
+        self._floor_hold_frame = 0  # ... and when (in frames seen)
+        self._playout = echo_gate.reference if echo_gate is not None else None
         self._run_start_t = 0.0
         self._silence = 0  # consecutive silent windows while in an utterance
         self._last_speech_t = 0.0
@@ -260,6 +282,8 @@ class SpeechSegmenter:
         frame), else enough to complete the next VAD window."""
         if self.in_utterance and (not isinstance(self._recognizer, NoPartials) or self._verdict is not None):
             return 1  # partials, or a turn decision to pick up as soon as it is made
+        if self._watching_level():
+            return 1  # a loud frame pauses the agent at once, not when its window is complete
         missing = self._vad.window_samples - self._samples.size - _WAKE_SLACK_SAMPLES
         return max(1, -(-missing // frame_samples))
 
@@ -271,7 +295,10 @@ class SpeechSegmenter:
             self._preroll.append(pcm)
         if self._samples.size == 0:
             self._samples_t = arrival_t
-        self._samples = np.concatenate((self._samples, pcm_to_float(pcm)))
+        frame = pcm_to_float(pcm)
+        if self._config.onset_events:
+            self._watch_level(frame, arrival_t)
+        self._samples = np.concatenate((self._samples, frame))
         size = self._vad.window_samples
         while self._samples.size >= size:
             window_t = self._samples_t
@@ -282,6 +309,44 @@ class SpeechSegmenter:
         if self._verdict is not None and self._verdict.done() and self._turn_over():
             # Decided between two windows: end now rather than up to a window later.
             self._end_utterance(self._last_speech_t)
+
+    def _watching_level(self) -> bool:
+        """Level onsets matter while the agent is playing (with no echo reference: always)."""
+        if not self._config.onset_events or self.in_utterance:
+            return False
+        return self._playout is None or self._playout.playing(time.monotonic())
+
+    def _watch_level(self, frame: np.ndarray, arrival_t: float) -> None:
+        """Track the line's background, and report a frame well above it as a speech onset."""
+        power = float(np.dot(frame, frame)) / max(1, frame.size)
+        level = 10 * math.log10(power) if power > 1e-12 else SILENCE_DBFS
+        self._recent_levels.append(level)
+        self._frames_seen += 1
+        if self._onset_sent:
+            self._onset_peak_db = max(self._onset_peak_db, level)
+            return
+        if self.in_utterance or level < self._config.onset_min_dbfs or len(self._recent_levels) < _FLOOR_FRAMES // 2:
+            return
+        if level - self._line_floor_db() < self._config.onset_rise_db or not self._watching_level():
+            return
+        gate = self._echo_gate
+        if gate is not None and gate.would_explain(arrival_t - FRAME_S, level, FRAME_S):
+            return
+        self._send_onset(arrival_t - FRAME_S, "level", level)
+
+    def _line_floor_db(self) -> float:
+        """The line's background: the median frame level of the last second (babble or a TV peaks
+        well above its quietest frames, not above its median), or the level of a sound the VAD
+        rejected, slowly forgotten (such a sound tends to come back at about that level)."""
+        held = self._floor_hold_db - _FLOOR_HOLD_DECAY_DB * (self._frames_seen - self._floor_hold_frame)
+        return max(statistics.median(self._recent_levels), held)
+
+    def _send_onset(self, onset_t: float, cue: str, level: float = SILENCE_DBFS) -> None:
+        self._onset_sent = True
+        self._onset_quiet = 0
+        self._onset_peak_db = level
+        self._bridge.schedule_barge_in(SpeechOnset(self._utterance_id + 1, onset_t, time.monotonic(), cue))
+        time.sleep(0)  # give up the GIL: the loop pauses the agent before this thread goes on
 
     def _probability(self, window: np.ndarray, window_t: float) -> float:
         power = float(np.dot(window, window)) / window.size
@@ -315,6 +380,7 @@ class SpeechSegmenter:
     def use_engines(self, vad: Vad, recognizer: Recognizer) -> None:
         """Go on with new engines after a failure; utterance ids go on counting."""
         self.abandon_utterance()
+        self._lose_onset()
         self._vad = vad
         self._recognizer = recognizer
         self._samples = np.zeros(0, dtype=np.float32)
@@ -396,13 +462,32 @@ class SpeechSegmenter:
 
     def _on_idle_window(self, probability: float, window_t: float) -> None:
         if probability < self._config.threshold:
+            if self._onset_sent:
+                # A voiced but soft start ("and", "had") hovers under the threshold for a few windows:
+                # only windows under the release threshold count towards losing the onset.
+                quiet = probability < self._config.release_threshold
+                self._onset_quiet = self._onset_quiet + 1 if quiet else 0
+                if self._onset_quiet >= self._lost_windows:
+                    self._lose_onset()
             self._run = 0
             return
+        self._onset_quiet = 0
         if self._run == 0:
             self._run_start_t = window_t
         self._run += 1
         if self._run >= self._start_windows:
+            self._onset_sent = False  # SpeechStarted confirms it
             self._start_utterance()
+        elif self._run == 1 and self._config.onset_events and not self._onset_sent:
+            self._send_onset(window_t, "vad")
+
+    def _lose_onset(self) -> None:
+        """What the onset heard was not speech: tell the handler at once. A level that loud with no
+        speech in it is the line's background now (a fan, a noise bed), not a new onset each time."""
+        if self._onset_sent:
+            self._onset_sent = False
+            self._floor_hold_db, self._floor_hold_frame = self._onset_peak_db, self._frames_seen
+            self._bridge.schedule_barge_in(OnsetLost(self._utterance_id + 1, time.monotonic()))
 
     def _start_utterance(self) -> None:
         now = time.monotonic()
