@@ -224,6 +224,7 @@ TIERS: dict[str, str | frozenset[str]] = {
         }
     ),
     "test_media_units.py": FAST,
+    "test_onset.py": FAST,  # the onset detector on real speech (Silero), its policy, pauses in the harness
     "test_metrics.py": FAST,  # metrics from event records; the endpoint through an ASGI client
     "test_metrics_e2e.py": SLOW,  # a plumbing server and a barge-in call; `parley serve` processes
     "test_piper.py": SLOW,  # the Piper voice model

@@ -56,7 +56,7 @@ class CallFigures:
     def feed(self, record: dict[str, Any]) -> tuple[Figure, ...]:
         name = record["event"]
         t = record["t"]
-        if name == "speech_started":
+        if name in ("speech_onset", "speech_started"):  # (an utterance's start repeats its onset's time)
             onset = record.get("onset_t")
             self.onset_t = onset if isinstance(onset, float | int) else t
             return _NONE

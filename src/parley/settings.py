@@ -302,6 +302,29 @@ class Settings(BaseSettings):
     bargein_confirm_ms: int = Field(
         600, ge=100, le=5000, description="Voiced speech this long confirms a barge-in (beyond a backchannel)."
     )
+    bargein_onset: bool = Field(
+        True,
+        description="Pause the agent at the first VAD window over the threshold (the speech onset) instead of"
+        " after speech_start_ms of sustained speech ('pause' and 'stop' modes); a pause that sustained speech"
+        " does not follow resumes where it stopped.",
+    )
+    onset_rise_db: float = Field(
+        25.0,
+        ge=6.0,
+        le=60.0,
+        description="A caller frame this much louder than the line's background (its median level over the last"
+        " second) is a speech onset while the agent talks (the VAD then confirms it or not).",
+    )
+    onset_min_dbfs: float = Field(
+        -40.0, ge=-70.0, le=0.0, description="...and at least this loud: quieter frames wait for the VAD."
+    )
+    onset_resume_ms: int = Field(
+        300,
+        ge=50,
+        le=2000,
+        description="A pause on a speech onset that no sustained speech follows resumes after at most this long,"
+        " where it stopped (a pause after sustained sound resumes at the start of the clause it cut).",
+    )
     resume_after_ms: int = Field(
         2000, ge=200, le=20000, description="A pending barge-in with no words after this long resumes the reply."
     )

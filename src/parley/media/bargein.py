@@ -1,18 +1,21 @@
 """Barge-in policy: what a caller signal does to the agent's turn. Pure; the handler acts.
 
-Signals, earliest first: the VAD's sustained-speech gate (`vad`, ~64 ms after onset), recognizer
-partials, `continues` (the utterance stayed voiced for `long_speech_ms`: more than a backchannel),
+Signals, earliest first: the first VAD window over the threshold (`onset`, and `onset_lost` when
+the next windows do not sustain it), the VAD's sustained-speech gate (`vad`, ~64 ms after onset),
+recognizer partials, `continues` (the utterance stayed voiced for `long_speech_ms`: more than a backchannel),
 the utterance's `final` text, a `timeout` of a pending interruption, and DTMF keys.
 
 Per agent state (the seeds treat every sound as an interruption; real phones need more care):
 - thinking (no audio out yet): `cancel` the turn (its input is answered with the new one) or `off`;
 - speaking, one of
-  - `pause` (default): StopAudio at the VAD gate, as fast as a hard stop, then wait for proof: more
-    speech or real words confirm (the turn is cancelled), while a backchannel ("uh-huh"), a cough,
-    our own echo or no words at all within `resume_after_ms` resume the reply where it was cut;
+  - `pause` (default): StopAudio at the first sign of speech (the onset window), as fast as a hard
+    stop, then wait for proof. An onset that the next window does not sustain (a click, a breath)
+    resumes at once, where the reply stopped. Sustained speech waits for more: more speech or
+    real words confirm (the turn is cancelled), while a backchannel ("uh-huh"), a cough, our own
+    echo or no words at all within `resume_after_ms` resume the reply at the clause it cut;
   - `confirm`: keep talking until the same proof arrives (backchannels never interrupt at all,
     at the cost of ~0.3-0.6 s slower real barge-ins);
-  - `stop`: the seeds' behaviour, any speech cancels at once;
+  - `stop`: the seeds' behaviour, any speech cancels at once (an onset pauses until it is speech);
   - `off`.
 Non-interruptible turns and clauses (a greeting, a legal notice) ignore every signal, DTMF included.
 """
@@ -23,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-Trigger = Literal["vad", "continues", "partial", "final", "timeout", "dtmf"]
+Trigger = Literal["onset", "onset_lost", "vad", "continues", "partial", "final", "timeout", "dtmf"]
 SpeakingMode = Literal["pause", "confirm", "stop", "off"]
 ThinkingMode = Literal["cancel", "off"]
 AgentState = Literal["thinking", "speaking"]
@@ -133,6 +136,7 @@ class ActiveTurn:
     source_utterance_id: int  # the newest caller utterance this turn answers
     state: AgentState = "speaking"
     pending: bool = False  # an interruption is waiting for proof (paused or held)
+    pending_onset: bool = False  # ... paused on an onset alone: no sustained speech yet
     recent_text: str = ""  # what the agent said in the last seconds (to recognise its echo)
     line_echo: bool = True  # False once the echo gate has ruled out any echo on this line
 
@@ -227,13 +231,28 @@ class BargeInPolicy:
         if signal.trigger == "dtmf":
             return Decision("cancel", "dtmf") if self.on_dtmf else Decision("none", "dtmf_disabled")
         if signal.trigger == "timeout":
-            return Decision("resume", "no_words") if turn.pending else Decision("none", "not_pending")
+            if not turn.pending:
+                return Decision("none", "not_pending")
+            return Decision("resume", "onset_not_sustained" if turn.pending_onset else "no_words")
         if signal.utterance_id <= turn.source_utterance_id:
             # A late signal of the very utterance this turn answers (the seeds' "turn guard").
             return Decision("none", "same_utterance")
+        if signal.trigger in ("onset", "onset_lost"):
+            return self._onset(signal, turn)
         if turn.state == "thinking":
             return self._while_thinking(signal)
         return self._while_speaking(signal, turn)
+
+    def _onset(self, signal: Signal, turn: ActiveTurn) -> Decision:
+        """A first sign of speech only ever pauses audio that is playing (nothing to pause while
+        thinking, and `confirm` keeps talking); its loss resumes a pause that nothing else backs."""
+        if signal.trigger == "onset_lost":
+            return Decision("resume", "onset_lost") if turn.pending_onset else Decision("none", "not_pending")
+        if turn.state == "thinking" or self.speaking not in ("pause", "stop"):
+            return Decision("none", "onset_not_used")
+        if turn.pending:
+            return Decision("none", "already_pending")
+        return Decision("pause", "onset")
 
     def _while_thinking(self, signal: Signal) -> Decision:
         if self.thinking == "off":
@@ -251,7 +270,7 @@ class BargeInPolicy:
         if signal.trigger == "vad":
             if mode == "stop":
                 return Decision("cancel", "vad")
-            if turn.pending:
+            if turn.pending and not turn.pending_onset:  # (sustained speech after an onset: wait for proof)
                 return Decision("none", "already_pending")
             return Decision("pause" if mode == "pause" else "hold", "vad")
         if signal.trigger == "continues":

@@ -26,6 +26,7 @@ EVENT_NAMES = frozenset(
     {
         "call_started",
         "agent_selected",  # the channel's handshake named the call's agent (Twilio's `start` parameters)
+        "speech_onset",  # a first sign of caller speech over a turn (it may pause the agent)
         "speech_started",
         "speech_ended",
         "partial",

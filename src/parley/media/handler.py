@@ -23,8 +23,10 @@ from parley.engines import Engines
 from parley.media.bargein import ActiveTurn, BargeInPolicy, Decision, Signal, SpeechEvidence, is_farewell
 from parley.media.bridge import (
     Final,
+    OnsetLost,
     Partial,
     SpeechContinues,
+    SpeechOnset,
     SpeechStarted,
     ThreadBridge,
 )
@@ -487,6 +489,9 @@ class MediaHandler:
             config=SegmenterConfig(
                 threshold=self.settings.vad_threshold,
                 speech_start_ms=self.settings.speech_start_ms,
+                onset_events=self.settings.bargein_onset and self.settings.bargein_speaking in ("pause", "stop"),
+                onset_rise_db=self.settings.onset_rise_db,
+                onset_min_dbfs=self.settings.onset_min_dbfs,
                 endpoint_silence_ms=self.settings.endpoint_silence_ms,
                 preroll_ms=self.settings.preroll_ms,
                 max_utterance_s=self.settings.max_utterance_s,
@@ -516,6 +521,20 @@ class MediaHandler:
         self.inbox.put(Pending("greeting", None, 0, interruptible, say=text))
 
     # ------------------------------------------------------------------ speech events (from the bridge)
+    def on_speech_onset(self, event: SpeechOnset) -> None:
+        if self.route.current is not None:  # only onsets over a turn are worth a record (they may pause it)
+            self.events.emit(
+                "speech_onset",
+                t=event.detected_t,
+                utterance_id=event.utterance_id,
+                onset_t=event.onset_t,
+                cue=event.cue,
+            )
+        self._consider_barge_in(Signal("onset", event.utterance_id))
+
+    def on_onset_lost(self, event: OnsetLost) -> None:
+        self._consider_barge_in(Signal("onset_lost", event.utterance_id))
+
     def on_speech_started(self, event: SpeechStarted) -> None:
         self._latest_utterance_id = max(self._latest_utterance_id, event.utterance_id)
         self.events.emit("speech_started", t=event.detected_t, utterance_id=event.utterance_id, onset_t=event.onset_t)
@@ -608,10 +627,10 @@ class MediaHandler:
         if decision.action == "cancel":
             self._barge_in(turn, decision.reason)
         elif decision.action in ("pause", "hold"):
-            self._hold(turn, now, pause=decision.action == "pause", utterance_id=signal.utterance_id)
+            self._hold(turn, now, pause=decision.action == "pause", signal=signal)
         elif decision.action == "resume":
             self._resume(turn, decision.reason)
-        elif signal.trigger not in ("partial", "final", "timeout"):
+        elif signal.trigger not in ("partial", "final", "timeout", "onset", "onset_lost"):
             self.events.emit("barge_in_ignored", turn_id=active.turn_id, reason=decision.reason, trigger=signal.trigger)
         return decision
 
@@ -629,6 +648,7 @@ class MediaHandler:
             turn.source_utterance_id,
             state="speaking" if speaking else "thinking",
             pending=turn.interruption_pending,
+            pending_onset=turn.pending_onset,
             recent_text=recent,
             line_echo=self._line_may_echo(),
         )
@@ -676,26 +696,32 @@ class MediaHandler:
         if isinstance(self.agent, TruncatesReplies) and turn.agent_started:
             self.agent.truncate_last_reply(turn.heard_text, forget_input=turn.heard_ms == 0 and turn.user is not None)
 
-    def _hold(self, turn: Turn, now: float, *, pause: bool, utterance_id: int) -> None:
-        """A possible barge-in: stop the audio at once (pause) or keep talking (hold) until proof."""
+    def _hold(self, turn: Turn, now: float, *, pause: bool, signal: Signal) -> None:
+        """A possible barge-in: stop the audio at once (pause) or keep talking (hold) until proof.
+
+        An onset pauses and waits only `onset_resume_ms` for sustained speech; sustained speech
+        (after an onset, or alone) waits `resume_after_ms` for words."""
         assert self.writer is not None and self.player is not None
+        onset = signal.trigger == "onset"
         turn.interruption_pending = True
+        turn.pending_onset = onset
         turn.pending_count += 1
-        heard = None
         track = self.player.track_of(turn.id)
-        if pause and track is not None:
-            self.writer.pause_audio(turn.id)
-            heard = round(self.player.pause(track, now), 1)
-        self.events.emit(
-            "barge_in_paused" if pause else "barge_in_pending",
-            t=now,
-            turn_id=turn.id,
-            utterance_id=utterance_id,
-            heard_ms=heard,
-        )
-        asyncio.get_running_loop().call_later(
-            self.settings.resume_after_ms / 1000, self._on_pending_timeout, turn, turn.pending_count
-        )
+        if not (track is not None and track.paused):  # (sustained speech after an onset: paused already)
+            heard = None
+            if pause and track is not None:
+                self.writer.pause_audio(turn.id)
+                heard = round(self.player.pause(track, now), 1)
+            self.events.emit(
+                "barge_in_paused" if pause else "barge_in_pending",
+                t=now,
+                turn_id=turn.id,
+                utterance_id=signal.utterance_id,
+                heard_ms=heard,
+                trigger=signal.trigger,
+            )
+        wait_ms = self.settings.onset_resume_ms if onset else self.settings.resume_after_ms
+        asyncio.get_running_loop().call_later(wait_ms / 1000, self._on_pending_timeout, turn, turn.pending_count)
 
     def _on_pending_timeout(self, turn: Turn, pending_count: int) -> None:
         if turn.cancelled or not turn.interruption_pending or turn.pending_count != pending_count:
@@ -717,11 +743,15 @@ class MediaHandler:
     def _resume(self, turn: Turn, reason: str) -> None:
         """A false interruption (no words, a backchannel, our echo): carry on with the reply."""
         assert self.player is not None
+        brief = turn.pending_onset
         turn.interruption_pending = False
+        turn.pending_onset = False
         track = self.player.track_of(turn.id)
         position = None
         if track is not None and track.paused:
-            position = round(self.player.resume(track), 1)
+            # A pause on an onset alone (at most onset_resume_ms) was barely a gap: go on where it
+            # stopped. After sustained sound the caller has lost the thread: replay the clause.
+            position = round(self.player.resume(track, replay_clause=not brief), 1)
         self.events.emit("barge_in_resumed", t=time.monotonic(), turn_id=turn.id, reason=reason, from_ms=position)
 
     # ------------------------------------------------------------------ one turn

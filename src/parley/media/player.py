@@ -6,6 +6,7 @@ has at most `lead` of audio queued to flush) and lets us know what the caller ac
 A reply can be paused (a possible barge-in: StopAudio, nothing more is sent) and later resumed
 (it was a cough or an "uh-huh"): the track keeps its frames, and playout restarts at the start of
 the clause the caller was hearing, so they hear whole words again rather than a word cut in two.
+A pause on a speech onset alone (a click; at most a few hundred ms) resumes where it stopped instead.
 
 Where the far end reports what it has played (Twilio echoes named marks), the player sends a mark
 every `mark_every` frames and what the caller heard follows the far end's confirmed position, not
@@ -258,12 +259,16 @@ class Player:
         track.notify_changed()
         return heard
 
-    def resume(self, track: Track) -> float:
-        """Play `track` again from the start of the clause the caller was hearing. Returns that (ms)."""
+    def resume(self, track: Track, *, replay_clause: bool = True) -> float:
+        """Play `track` again: from the start of the clause the caller was hearing, or (after a
+        pause too short to lose the thread) exactly where it stopped. Returns that position (ms)."""
         if track.paused_at_ms is None:
             return track.heard_ms(time.monotonic())
-        clause = track.segment_at(time.monotonic())  # paused: its position is frozen
-        restart_ms = clause.start_ms if clause is not None else track.paused_at_ms
+        restart_ms = track.paused_at_ms
+        if replay_clause:
+            clause = track.segment_at(time.monotonic())  # paused: its position is frozen
+            if clause is not None:
+                restart_ms = clause.start_ms
         track.origin_frame = track.next_frame = min(len(track.frames), int(restart_ms // FRAME_MS))
         track.start_t = None
         track.paused_at_ms = None

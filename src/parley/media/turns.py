@@ -33,6 +33,7 @@ class Turn:
     agent_started: bool = False  # the agent was asked (a greeting or fixed text is not)
     interruption_pending: bool = False  # paused or held, waiting for proof of a real barge-in
     pending_count: int = 0  # identifies the pending interruption a timeout belongs to
+    pending_onset: bool = False  # paused on a speech onset alone, not yet sustained speech
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     agent_task: asyncio.Task[None] | None = field(default=None, repr=False)  # reads the agent's output
     agent_error: Exception | None = field(default=None, repr=False)  # what the agent raised, if it did
