@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from parley.benchmarks.common import default_clips
+from parley.caller.metrics import brief_pauses
 from parley.cli import app
 from parley.evaluation import variants
 from parley.evaluation.bargein import outcome, summarize
@@ -243,6 +244,8 @@ def test_summaries_and_targets() -> None:
         "errors": [],
         "onset_to_stop_ms": None,
         "onset_to_decided_ms": None,
+        "agent_audio_ms": 6000.0,
+        "brief_pause_ms": [],
     }
     fine = summarize("backchannel", [trial] * 20)
     assert (fine["paused"], fine["resumed"], fine["passed"]) == (20, 20, True)
@@ -251,6 +254,36 @@ def test_summaries_and_targets() -> None:
     assert one_stop["passed"] and not two_stops["passed"]  # 5 % of 20 is one
     missed = summarize("interrupt", [{**trial, "missed": True, "onset_to_stop_ms": 250.0}])
     assert not missed["passed"] and missed["onset_to_stop_ms"]["p50"] == 250.0
+    # With nothing said: brief pauses (resumed on their own) count apart from false stops, at most
+    # one per minute of agent speech, each within 300 ms.
+    quiet = {**trial, "paused": False, "resumed": False}
+    one_brief = summarize("noise_bed", [{**quiet, "brief_pause_ms": [170.0]}] + [quiet] * 9)  # 1 in 60 s
+    assert one_brief["passed"] and (one_brief["brief_pauses"], one_brief["brief_pauses_per_min"]) == (1, 1.0)
+    two_brief = summarize("noise_bed", [{**quiet, "brief_pause_ms": [170.0, 160.0]}] + [quiet] * 9)
+    assert not two_brief["passed"]
+    slow_brief = summarize("noise_bed", [{**quiet, "brief_pause_ms": [350.0]}] + [quiet] * 9)
+    assert not slow_brief["passed"] and slow_brief["brief_pause_ms"]["max"] == 350.0
+
+
+def test_brief_pauses_are_onset_pauses_that_resumed_for_want_of_speech() -> None:
+    def event(name: str, t: float, **fields: object) -> dict[str, object]:
+        return {"event": name, "t": t, **fields}
+
+    brief = event("barge_in_paused", 1.0, trigger="onset")
+    events = [
+        brief,
+        event("stop_audio_sent", 1.001),
+        event("barge_in_resumed", 1.17, reason="onset_lost"),
+        event("barge_in_paused", 2.0, trigger="onset"),  # speech followed: a backchannel, not brief
+        event("barge_in_resumed", 3.0, reason="backchannel"),
+        event("barge_in_paused", 4.0, trigger="vad"),
+        event("barge_in_resumed", 4.2, reason="onset_lost"),  # (only an onset pause is brief)
+        event("barge_in_paused", 5.0, trigger="onset"),
+        event("barge_in_decided", 5.1, trigger="sustained_speech"),
+    ]
+    pauses = brief_pauses(events)
+    assert {key: value[1] for key, value in pauses.items() if key == id(value[0])} == {id(brief): 170.0}
+    assert id(events[2]) in pauses  # its resume belongs to it too
 
 
 # --------------------------------------------------------------------------------------------

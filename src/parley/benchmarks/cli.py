@@ -35,6 +35,9 @@ def bargein(
     proto: str = typer.Option(
         "acs", "--proto", help="Call as acs (stop = StopAudio) or twilio (Media Streams to /ws/twilio, stop = clear)."
     ),
+    line_noise: float | None = typer.Option(
+        None, "--line-noise", max=0.0, help="A pink noise bed at this dBFS under the whole call (a line's background)."
+    ),
     url: str | None = UrlOption,
     server: str = ServerOption,
     json_path: Path | None = JsonOption,
@@ -47,7 +50,9 @@ def bargein(
         raise typer.BadParameter("--proto must be acs or twilio")
     with common.server_under_test(url, server) as sut:
         # --url names the server; the path is the protocol's (a given ws://.../ws/acs calls /ws/twilio).
-        result = asyncio.run(module.run(module.proto_url(sut.url, proto), trials, clip, noise, proto=proto))
+        result = asyncio.run(
+            module.run(module.proto_url(sut.url, proto), trials, clip, noise, proto=proto, line_noise_dbfs=line_noise)
+        )
     _finish("parley bench bargein", result, module.summary_rows(result), json_path)
 
 

@@ -13,6 +13,9 @@ EVENT_RACE_S: Final = 0.005
 """Server and caller read the same clock from different processes; a frame the server logged as
 sent can reach us a hair before the logged time. This slack keeps such frames out of the leak."""
 
+BRIEF_RESUME_REASONS: Final = frozenset({"onset_lost", "onset_not_sustained"})
+"""Why a pause on an onset alone resumes when no speech follows it."""
+
 REPLY_GAP_S: Final = 0.100
 """A pause in received agent audio longer than this ends what the agent was saying: audio after it
 starts something new. Longer than parley's pacing gaps, shorter than any pause between turns."""
@@ -30,6 +33,27 @@ def onset_to_stop_ms(onset: float | None, stops: Sequence[float], since: float |
         return []
     start = onset if since is None else min(since, onset)
     return [_ms(s - onset) for s in stops if s >= start]
+
+
+def brief_pauses(events: Sequence[dict[str, Any]]) -> dict[int, tuple[dict[str, Any], float]]:
+    """The server's brief pauses: pauses on a speech onset alone (`barge_in_paused` with trigger
+    onset) that resumed because no speech followed. Keyed by id() of both the pause and its
+    `barge_in_resumed` event: (the pause, how long the agent was silent in ms)."""
+    brief: dict[int, tuple[dict[str, Any], float]] = {}
+    paused: dict[str, Any] | None = None
+    for event in events:
+        name = event["event"]
+        if name == "barge_in_paused":
+            paused = event if event.get("trigger") == "onset" else None
+        elif name == "barge_in_resumed" and paused is not None:
+            if event.get("reason") in BRIEF_RESUME_REASONS:
+                pair = (paused, round((event["t"] - paused["t"]) * 1000, 1))
+                for member in (paused, event):
+                    brief[id(member)] = pair
+            paused = None
+        elif name in ("barge_in_decided", "turn_cancelled"):
+            paused = None
+    return brief
 
 
 def decision_to_stop_ms(events: Sequence[dict[str, Any]]) -> list[float]:

@@ -10,6 +10,10 @@ server did is read from its per-call event log:
 - paused: playback paused pending confirmation (`barge_in_paused`; `barge_in_pending` when the
   server keeps talking while it waits is counted as pending);
 - resumed: a paused reply carried on (`barge_in_resumed`: the server judged it a false interruption).
+- brief pauses: pauses on a speech onset alone that resumed because no speech followed
+  (`onset_lost`, `onset_not_sustained`), with how long the agent was silent. In the scenarios where
+  the caller says nothing they are counted apart from false stops: the target is at most
+  `MAX_BRIEF_PAUSES_PER_MIN` per minute of agent speech, each resumed within `MAX_BRIEF_PAUSE_MS`.
 
 Scenarios:
 
@@ -42,6 +46,7 @@ from rich.table import Table
 
 from parley.benchmarks.common import Clip, default_clips, machine_info
 from parley.caller import CallOptions, CallReport, run_call
+from parley.caller.metrics import brief_pauses
 from parley.evaluation import variants
 from parley.stats import percentiles
 
@@ -70,6 +75,8 @@ SILENT_STIMULUS_S: Final = 2.5
 """How long a caller who says nothing 'speaks' (silence under the noise or echo)."""
 ECHO_DB: Final = -20.0
 CARRY_ON_MAX_STOP_RATE: Final = 0.05
+MAX_BRIEF_PAUSES_PER_MIN: Final = 1.0
+MAX_BRIEF_PAUSE_MS: Final = 300.0
 
 LONG_GREETING: Final = (
     "Hi, thanks for calling Tony's Pizza. This week every large pizza comes with a free garlic "
@@ -89,6 +96,7 @@ _BARGE_IN_EVENTS: Final = frozenset(
         "turn_cancelled",
         "stop_audio_sent",
         "echo_suppressed",
+        "speech_onset",
         "speech_started",
         "final",
         "turn_started",
@@ -176,6 +184,7 @@ class Outcome:
     early: bool = False  # paused or stopped before the stimulus began
     echo_suppressed: int = 0
     onset_to_decided_ms: float | None = None
+    brief_pause_ms: list[float] = field(default_factory=list)  # onset pauses resumed with no speech
     events: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -190,7 +199,8 @@ def outcome(report: CallReport, whole_call: bool = False) -> Outcome:
     hung_up = report.t0 + report.duration_ms / 1000
     events = [e for e in report.events if e["t"] < hung_up]
     since = report.t0 if whole_call else start
-    after = [e for e in events if since is not None and e["t"] >= since]
+    brief = brief_pauses(events)
+    after = [e for e in events if since is not None and e["t"] >= since and id(e) not in brief]
     names_after = {e["event"] for e in after}
     result = Outcome(
         stopped="barge_in_decided" in names_after or any(_cancelled(e) for e in after),
@@ -198,7 +208,10 @@ def outcome(report: CallReport, whole_call: bool = False) -> Outcome:
         pending="barge_in_pending" in names_after,
         resumed="barge_in_resumed" in names_after,
         confirmed="barge_in_confirmed" in names_after,
-        early=any(_interrupts(e) and (start is None or e["t"] < start) for e in events),
+        early=any(_interrupts(e) and (start is None or e["t"] < start) and id(e) not in brief for e in events),
+        brief_pause_ms=[
+            ms for key, (pause, ms) in brief.items() if key == id(pause) and since is not None and pause["t"] >= since
+        ],
         echo_suppressed=sum(e["event"] == "echo_suppressed" for e in events),
         events=[_brief(e) for e in events if e["event"] in _BARGE_IN_EVENTS],
     )
@@ -223,6 +236,7 @@ def _brief(event: dict[str, Any]) -> dict[str, Any]:
         "event",
         "t_ms",
         "turn_id",
+        "cue",
         "trigger",
         "reason",
         "utterance_id",
@@ -288,6 +302,7 @@ def _trial_record(
         "onset_to_stop_ms": _first_in_time(report.onset_to_stop_ms) if expect == "stop" else None,
         "onset_to_decided_ms": result.onset_to_decided_ms if expect == "stop" else None,
         "agent_audio_ms": report.agent_audio_ms,
+        "brief_pause_ms": result.brief_pause_ms,
         "call_id": report.call_id,
         "errors": report.errors,
         "events": result.events,
@@ -349,6 +364,11 @@ def summarize(scenario: str, records: list[dict[str, Any]]) -> dict[str, Any]:
             e.get("reason", "") for r in records for e in r.get("events", []) if e["event"] == "barge_in_resumed"
         ),
     }
+    brief = [ms for r in records for ms in r["brief_pause_ms"]]
+    agent_min = sum(r["agent_audio_ms"] or 0.0 for r in records) / 60000
+    summary["brief_pauses"] = len(brief)
+    summary["brief_pauses_per_min"] = round(len(brief) / agent_min, 2) if agent_min else None
+    summary["brief_pause_ms"] = percentiles(brief) if brief else None
     if expect == "stop":
         summary["onset_to_stop_ms"] = percentiles(
             [r["onset_to_stop_ms"] for r in records if r["onset_to_stop_ms"] is not None]
@@ -369,7 +389,12 @@ def _verdict(expect: Expect, summary: dict[str, Any]) -> tuple[str, bool]:
     if expect == "stop":
         return "missed=0 false=0", summary["missed"] == 0 and summary["false"] == 0
     if expect == "nothing":
-        return "false=0", summary["false"] == 0
+        per_min, pause_ms = summary["brief_pauses_per_min"] or 0.0, summary["brief_pause_ms"]
+        brief_ok = per_min <= MAX_BRIEF_PAUSES_PER_MIN and (pause_ms is None or pause_ms["max"] <= MAX_BRIEF_PAUSE_MS)
+        return (
+            f"false=0 brief<={MAX_BRIEF_PAUSES_PER_MIN:g}/min",
+            summary["false"] == 0 and brief_ok,
+        )
     allowed = CARRY_ON_MAX_STOP_RATE * summary["trials"]
     return "stopped<=5% false=0", summary["stopped"] <= allowed and summary["false"] == 0
 
@@ -383,7 +408,16 @@ def print_result(result: dict[str, Any], console: Console | None = None) -> None
     console = console or Console()
     table = Table(title=f"parley eval bargein ({result['trials_per_scenario']} trials per scenario)")
     table.add_column("scenario", no_wrap=True)
-    for column in ("trials", "stopped", "paused", "resumed", "false", "missed", "onset->StopAudio p50/p95 ms"):
+    for column in (
+        "trials",
+        "stopped",
+        "paused",
+        "resumed",
+        "false",
+        "brief pauses (/min, max ms)",
+        "missed",
+        "onset->StopAudio p50/p95 ms",
+    ):
         table.add_column(column, justify="right")
     table.add_column("target")
     table.add_column("ok")
@@ -392,6 +426,7 @@ def print_result(result: dict[str, Any], console: Console | None = None) -> None
         table.add_row(
             name,
             *(str(summary[key]) for key in ("trials", "stopped", "paused", "resumed", "false")),
+            _brief_cell(summary),
             str(summary["missed"]) if summary["expect"] == "stop" else "-",
             _latency(latency),
             summary["target"],
@@ -404,6 +439,13 @@ def print_result(result: dict[str, Any], console: Console | None = None) -> None
         f"{result['backchannel_voice'] or '-'}; {machine['cores']} cores ({machine['cpu']}), "
         f"Python {machine['python']}[/dim]"
     )
+
+
+def _brief_cell(summary: dict[str, Any]) -> str:
+    count, per_min, pause_ms = summary["brief_pauses"], summary["brief_pauses_per_min"], summary["brief_pause_ms"]
+    if not count:
+        return "0"
+    return f"{count} ({per_min:g}, {pause_ms['max']:.0f})"
 
 
 def _latency(stats: dict[str, Any] | None) -> str:
