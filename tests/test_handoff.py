@@ -82,6 +82,39 @@ def test_an_urgent_item_wakes_at_once() -> None:
     assert not thread.is_alive() and [item for item, _ in got] == [7]
 
 
+def test_a_frame_with_sound_wakes_a_consumer_that_asked_for_sound() -> None:
+    handoff: FrameHandoff[int | None] = FrameHandoff()
+    got: list[int | None] = []
+
+    def consume() -> None:
+        while (item := handoff.get(50, patience_s=30, wake_on_sound=True)) is not None:
+            got.append(item)
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    assert wait_for(lambda: handoff._sleeping)
+    handoff.put(1)  # flagged silent by the far end: waits for its window
+    time.sleep(0.01)
+    assert got == []
+    handoff.put(2, sound=True)
+    assert wait_for(lambda: got == [1, 2])
+    handoff.put(None, urgent=True)
+    thread.join(2)
+    assert not thread.is_alive()
+
+
+def test_sound_does_not_wake_a_consumer_that_did_not_ask() -> None:
+    handoff: FrameHandoff[int | None] = FrameHandoff()
+    got: list[tuple[int, float]] = []
+    thread = consumer(handoff, 3, got, patience_s=30)
+    assert wait_for(lambda: handoff._sleeping)
+    handoff.put(1, sound=True)
+    time.sleep(0.01)
+    assert got == []
+    handoff.put(None, urgent=True)
+    thread.join(2)
+
+
 class _Vad:
     sample_rate = 16000
     window_samples = 512

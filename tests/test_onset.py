@@ -316,3 +316,19 @@ async def test_in_confirm_mode_an_onset_does_not_pause() -> None:
         await asyncio.sleep(0.3)
         assert not call.named("speech_onset")  # (confirm mode does not even look for onsets)
         assert not call.named("barge_in_paused") and call.stop_audio_count() == 0
+
+
+def test_frames_with_sound_wake_the_thread_only_while_the_agent_plays() -> None:
+    def segmenter(reference: EchoReference | None, onset: bool = True) -> SpeechSegmenter:
+        return SpeechSegmenter(
+            SileroVad(),
+            NoPartials(),
+            Bridge(),  # type: ignore[arg-type]
+            SegmenterConfig(onset_events=onset),
+            echo_gate=EchoGate(reference) if reference is not None else None,
+        )
+
+    assert segmenter(agent_playing()).wants_sound()
+    assert not segmenter(EchoReference()).wants_sound()  # nothing playing
+    assert not segmenter(agent_playing(), onset=False).wants_sound()
+    assert segmenter(None).wants_sound()  # no echo reference: always watched

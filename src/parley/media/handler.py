@@ -431,7 +431,7 @@ class MediaHandler:
             self._start_media(inferred)
         self.frames_in += 1
         assert self.recognition is not None  # started with the media, above or at AudioMetadata
-        self.recognition.submit(frame.pcm, arrival_t)
+        self.recognition.submit(frame.pcm, arrival_t, sound=not frame.silent)
 
     def on_played(self, name: str, arrival_t: float) -> None:
         """The far end reports it has played up to the mark `name` (wires that mark playout): what

@@ -8,6 +8,10 @@ loop wakes it only then: ~31 wakeups a second instead of 50, and every window is
 the moment its last frame arrives. The queue order and the bound are unchanged; the backlog may
 hold that one undecided frame (for at most `patience_s` if no other follows).
 
+While the agent talks the thread also wants each frame that may hold sound at once (a caller's
+speech onset pauses the agent from the frame it starts in): it asks with `wake_on_sound`, and the
+loop marks frames the far end did not flag silent (`sound`). Silent frames still wait for a window.
+
 The loop side never blocks. Correctness under the GIL: the consumer announces that it sleeps, then
 looks at the queue once more before it waits, so a frame put in between is never left unseen; a
 wakeup token that arrives when it is no longer needed only makes the thread look once for nothing.
@@ -28,24 +32,28 @@ class FrameHandoff(Generic[T]):
         self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()  # C-level: the cheapest wakeup
         self._sleeping = False
         self._wake_after = 1
+        self._wake_on_sound = False
 
-    def put(self, item: T, *, urgent: bool = False) -> None:
-        """Called on the loop; never blocks. `urgent` wakes the consumer whatever it asked for."""
+    def put(self, item: T, *, urgent: bool = False, sound: bool = False) -> None:
+        """Called on the loop; never blocks. `urgent` wakes the consumer whatever it asked for;
+        `sound` does when it asked to be woken for sound."""
         self._items.append(item)
-        if self._sleeping and (urgent or len(self._items) >= self._wake_after):
+        if self._sleeping and (urgent or len(self._items) >= self._wake_after or (sound and self._wake_on_sound)):
             self._sleeping = False
             self._tokens.put(None)
 
-    def get(self, wake_after: int = 1, patience_s: float = 0.1) -> T:
+    def get(self, wake_after: int = 1, patience_s: float = 0.1, *, wake_on_sound: bool = False) -> T:
         """Called on the consumer thread: the oldest item; when there is none, sleeps until
-        `wake_after` items wait (or an urgent one). Asked for more than one, it looks again after
-        `patience_s` in any case: if the stream stops, its last frame is not left waiting."""
+        `wake_after` items wait (or an urgent one, or with `wake_on_sound` one put as `sound`).
+        Asked for more than one, it looks again after `patience_s` in any case: if the stream
+        stops, its last frame is not left waiting."""
         while True:
             try:
                 return self._items.popleft()
             except IndexError:
                 pass
             self._wake_after = max(1, wake_after)
+            self._wake_on_sound = wake_on_sound
             self._sleeping = True
             if self._items:  # put before we said we sleep: it did not wake us
                 self._sleeping = False

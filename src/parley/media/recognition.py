@@ -282,8 +282,6 @@ class SpeechSegmenter:
         frame), else enough to complete the next VAD window."""
         if self.in_utterance and (not isinstance(self._recognizer, NoPartials) or self._verdict is not None):
             return 1  # partials, or a turn decision to pick up as soon as it is made
-        if self._watching_level():
-            return 1  # a loud frame pauses the agent at once, not when its window is complete
         missing = self._vad.window_samples - self._samples.size - _WAKE_SLACK_SAMPLES
         return max(1, -(-missing // frame_samples))
 
@@ -309,6 +307,11 @@ class SpeechSegmenter:
         if self._verdict is not None and self._verdict.done() and self._turn_over():
             # Decided between two windows: end now rather than up to a window later.
             self._end_utterance(self._last_speech_t)
+
+    def wants_sound(self) -> bool:
+        """Should a frame that may hold sound wake the thread at once (not when its window is
+        complete)? While level onsets are watched: a loud frame then pauses the agent."""
+        return self._watching_level()
 
     def _watching_level(self) -> bool:
         """Level onsets matter while the agent is playing (with no echo reference: always)."""
@@ -602,14 +605,15 @@ class RecognitionThread:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, pcm: bytes, arrival_t: float) -> bool:
-        """Called on the event loop for every inbound frame; never blocks."""
+    def submit(self, pcm: bytes, arrival_t: float, *, sound: bool = True) -> bool:
+        """Called on the event loop for every inbound frame; never blocks. `sound`: the far end did
+        not flag the frame silent (it may hold a speech onset: see FrameHandoff)."""
         if len(self._queue) >= self._capacity:
             self.dropped_frames += 1
             if self.dropped_frames in (1, 50) or self.dropped_frames % 500 == 0:
                 log.warning("recognition is behind: %d frames dropped", self.dropped_frames)
             return False
-        self._queue.put((pcm, arrival_t))
+        self._queue.put((pcm, arrival_t), sound=sound)
         return True
 
     def stop(self) -> None:
@@ -667,7 +671,7 @@ class RecognitionThread:
     def _consume(self, segmenter: SpeechSegmenter, resampler: StreamResampler) -> None:
         frame_samples = round(segmenter.sample_rate * FRAME_S)  # what one inbound frame becomes
         while not self._stopping.is_set():
-            item = self._queue.get(segmenter.frames_to_decide(frame_samples))
+            item = self._queue.get(segmenter.frames_to_decide(frame_samples), wake_on_sound=segmenter.wants_sound())
             if item is _STOP:
                 return
             pcm, arrival_t = item
