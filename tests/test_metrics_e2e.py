@@ -73,9 +73,12 @@ async def test_a_barge_in_call_and_a_refusal_show_in_the_metrics(hours_pcm: np.n
     assert found[("parley_voice_to_voice_seconds_count", ())] == 1
     assert found[("parley_speech_end_to_final_seconds_count", ())] >= 1
     assert found[("parley_event_loop_lag_seconds_count", ())] > 0
-    # The histogram holds what the records say: the first StopAudio after the VAD's onset.
-    onset = next(e["onset_t"] for e in report.events if e["event"] == "speech_started")
+    # The histogram holds what the records say: the first StopAudio after the caller's onset (the
+    # speech_onset that paused the agent, or speech_started when no onset came first).
     stop = next(e["t"] for e in report.events if e["event"] == "stop_audio_sent")
+    onset = [
+        e["onset_t"] for e in report.events if e["event"] in ("speech_onset", "speech_started") and e["t"] <= stop
+    ][-1]
     if found[("parley_bargein_onset_to_stop_seconds_count", ())] == 1:
         assert found[("parley_bargein_onset_to_stop_seconds_sum", ())] == pytest.approx(stop - onset, abs=1e-6)
     # The caller's own measure (its clip's first loud frame -> StopAudio received) is close to ours.

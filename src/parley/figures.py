@@ -12,7 +12,7 @@ from typing import Any
 
 # What each figure measures (seconds), for the metrics' help text and the docs.
 FIGURES = {
-    "bargein_onset_to_stop": "the caller's speech onset (VAD) -> StopAudio written, for a barge-in",
+    "bargein_onset_to_stop": "the caller's speech onset (the onset frame or VAD window) -> StopAudio written, for a barge-in",
     "bargein_decision_to_stop": "the barge-in decision (pause or stop) -> StopAudio written",
     "voice_to_voice": "the caller's end of speech -> the first audio frame of the answer written",
     "speech_end_to_final": "the caller's end of speech -> the final recognition result",
