@@ -328,7 +328,7 @@ def test_frames_with_sound_wake_the_thread_only_while_the_agent_plays() -> None:
             echo_gate=EchoGate(reference) if reference is not None else None,
         )
 
-    assert segmenter(agent_playing()).wants_sound()
-    assert not segmenter(EchoReference()).wants_sound()  # nothing playing
-    assert not segmenter(agent_playing(), onset=False).wants_sound()
-    assert segmenter(None).wants_sound()  # no echo reference: always watched
+    assert segmenter(agent_playing()).watches_level()
+    assert not segmenter(EchoReference()).watches_level()  # nothing playing
+    assert not segmenter(agent_playing(), onset=False).watches_level()
+    assert segmenter(None).watches_level()  # no echo reference: always watched

@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class SpeechOnset:
-    """The first VAD window over the threshold while the caller was silent: maybe speech, not yet
-    proof of it. `utterance_id` is the one it would start; `onset_t` when that window's audio arrived."""
+    """The first sign of caller speech while the caller was silent (a frame well above the line's
+    background, or the first VAD window over the threshold): maybe speech, not yet proof of it.
+    `utterance_id` is the one it would start; `onset_t` when that frame's or window's audio began."""
 
     utterance_id: int
     onset_t: float
@@ -35,8 +36,8 @@ class SpeechOnset:
 
 @dataclass(frozen=True, slots=True)
 class OnsetLost:
-    """The windows after an onset fell below the threshold before they made an utterance: it was a
-    click, a breath or a burst of noise."""
+    """The VAD windows after an onset stayed under the release threshold (`onset_lost_ms`) before they
+    made an utterance: it was a click, a breath or a burst of noise."""
 
     utterance_id: int
     t: float

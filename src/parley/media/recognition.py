@@ -42,6 +42,15 @@ _FLOOR_FRAMES = 50  # the line's background is judged over the last second
 _FLOOR_HOLD_DECAY_DB = 0.02  # per frame (1 dB/s): how fast a rejected sound's level is forgotten
 
 
+def _power(samples: np.ndarray) -> float:
+    """Mean square of float samples (full scale 1.0)."""
+    return float(np.dot(samples, samples)) / max(1, samples.size)
+
+
+def _level_db(power: float) -> float:
+    return 10 * math.log10(power) if power > 1e-12 else SILENCE_DBFS
+
+
 @dataclass(frozen=True, slots=True)
 class FinalText:
     """The second pass's text, with its confidence when the transcriber reports one."""
@@ -308,29 +317,26 @@ class SpeechSegmenter:
             # Decided between two windows: end now rather than up to a window later.
             self._end_utterance(self._last_speech_t)
 
-    def wants_sound(self) -> bool:
-        """Should a frame that may hold sound wake the thread at once (not when its window is
-        complete)? While level onsets are watched: a loud frame then pauses the agent."""
-        return self._watching_level()
-
-    def _watching_level(self) -> bool:
-        """Level onsets matter while the agent is playing (with no echo reference: always)."""
+    def watches_level(self) -> bool:
+        """Are level onsets looked for now? While the agent is playing (with no echo reference:
+        always) and the caller is not in an utterance. Then a frame that may hold sound should
+        wake this thread at once, not when its VAD window is complete: a loud one pauses the agent."""
         if not self._config.onset_events or self.in_utterance:
             return False
         return self._playout is None or self._playout.playing(time.monotonic())
 
     def _watch_level(self, frame: np.ndarray, arrival_t: float) -> None:
         """Track the line's background, and report a frame well above it as a speech onset."""
-        power = float(np.dot(frame, frame)) / max(1, frame.size)
-        level = 10 * math.log10(power) if power > 1e-12 else SILENCE_DBFS
+        level = _level_db(_power(frame))
         self._recent_levels.append(level)
         self._frames_seen += 1
         if self._onset_sent:
             self._onset_peak_db = max(self._onset_peak_db, level)
             return
-        if self.in_utterance or level < self._config.onset_min_dbfs or len(self._recent_levels) < _FLOOR_FRAMES // 2:
+        # Cheapest first: most frames are quieter than the minimum.
+        if level < self._config.onset_min_dbfs or len(self._recent_levels) < _FLOOR_FRAMES // 2:
             return
-        if level - self._line_floor_db() < self._config.onset_rise_db or not self._watching_level():
+        if not self.watches_level() or level - self._line_floor_db() < self._config.onset_rise_db:
             return
         gate = self._echo_gate
         if gate is not None and gate.would_explain(arrival_t - FRAME_S, level, FRAME_S):
@@ -352,12 +358,10 @@ class SpeechSegmenter:
         time.sleep(0)  # give up the GIL: the loop pauses the agent before this thread goes on
 
     def _probability(self, window: np.ndarray, window_t: float) -> float:
-        power = float(np.dot(window, window)) / window.size
+        power = _power(window)
         gate = self._echo_gate
-        if gate is not None and not self.in_utterance:
-            level = 10 * math.log10(power) if power > 1e-12 else SILENCE_DBFS
-            if gate.explains(window_t, level, self._window_s):
-                return 0.0  # our own voice coming back: not the caller
+        if gate is not None and not self.in_utterance and gate.explains(window_t, _level_db(power), self._window_s):
+            return 0.0  # our own voice coming back: not the caller
         if power < self._silence_power:
             return 0.0
         return self._vad.speech_probability(window)
@@ -671,7 +675,7 @@ class RecognitionThread:
     def _consume(self, segmenter: SpeechSegmenter, resampler: StreamResampler) -> None:
         frame_samples = round(segmenter.sample_rate * FRAME_S)  # what one inbound frame becomes
         while not self._stopping.is_set():
-            item = self._queue.get(segmenter.frames_to_decide(frame_samples), wake_on_sound=segmenter.wants_sound())
+            item = self._queue.get(segmenter.frames_to_decide(frame_samples), wake_on_sound=segmenter.watches_level())
             if item is _STOP:
                 return
             pcm, arrival_t = item
