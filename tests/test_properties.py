@@ -512,6 +512,10 @@ class SpyPolicy:
         self.inner = inner
         self.finals: list[tuple[int, str, Any]] = []
 
+    @property
+    def pauses_on_onset(self) -> bool:
+        return bool(self.inner.pauses_on_onset)
+
     def decide(self, signal: Any, turn: Any) -> Any:
         decision = self.inner.decide(signal, turn)
         if signal.trigger == "final":

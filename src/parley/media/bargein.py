@@ -1,16 +1,16 @@
 """Barge-in policy: what a caller signal does to the agent's turn. Pure; the handler acts.
 
-Signals, earliest first: the first VAD window over the threshold (`onset`, and `onset_lost` when
-the next windows do not sustain it), the VAD's sustained-speech gate (`vad`, ~64 ms after onset),
+Signals, earliest first: the first sign of speech (`onset`: a loud frame or the first VAD window
+over the threshold; `onset_lost` when the VAD then hears no voice), the VAD's sustained-speech gate (`vad`, ~64 ms after onset),
 recognizer partials, `continues` (the utterance stayed voiced for `long_speech_ms`: more than a backchannel),
 the utterance's `final` text, a `timeout` of a pending interruption, and DTMF keys.
 
 Per agent state (the seeds treat every sound as an interruption; real phones need more care):
 - thinking (no audio out yet): `cancel` the turn (its input is answered with the new one) or `off`;
 - speaking, one of
-  - `pause` (default): StopAudio at the first sign of speech (the onset window), as fast as a hard
-    stop, then wait for proof. An onset that the next window does not sustain (a click, a breath)
-    resumes at once, where the reply stopped. Sustained speech waits for more: more speech or
+  - `pause` (default): StopAudio at the first sign of speech (the onset), as fast as a hard stop,
+    then wait for proof. An onset the VAD does not sustain (a click, a breath) resumes at once,
+    where the reply stopped. Sustained speech waits for more: more speech or
     real words confirm (the turn is cancelled), while a backchannel ("uh-huh"), a cough, our own
     echo or no words at all within `resume_after_ms` resume the reply at the clause it cut;
   - `confirm`: keep talking until the same proof arrives (backchannels never interrupt at all,
@@ -243,12 +243,18 @@ class BargeInPolicy:
             return self._while_thinking(signal)
         return self._while_speaking(signal, turn)
 
+    @property
+    def pauses_on_onset(self) -> bool:
+        """Does an onset ever pause the agent? Only where speech stops it (`pause`, `stop`):
+        `confirm` keeps talking until proof, `off` never stops."""
+        return self.speaking in ("pause", "stop")
+
     def _onset(self, signal: Signal, turn: ActiveTurn) -> Decision:
         """A first sign of speech only ever pauses audio that is playing (nothing to pause while
         thinking, and `confirm` keeps talking); its loss resumes a pause that nothing else backs."""
         if signal.trigger == "onset_lost":
             return Decision("resume", "onset_lost") if turn.pending_onset else Decision("none", "not_pending")
-        if turn.state == "thinking" or self.speaking not in ("pause", "stop"):
+        if turn.state == "thinking" or not self.pauses_on_onset:
             return Decision("none", "onset_not_used")
         if turn.pending:
             return Decision("none", "already_pending")

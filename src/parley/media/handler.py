@@ -489,7 +489,7 @@ class MediaHandler:
             config=SegmenterConfig(
                 threshold=self.settings.vad_threshold,
                 speech_start_ms=self.settings.speech_start_ms,
-                onset_events=self.settings.bargein_onset and self.settings.bargein_speaking in ("pause", "stop"),
+                onset_events=self.settings.bargein_onset and self.policy.pauses_on_onset,
                 onset_rise_db=self.settings.onset_rise_db,
                 onset_min_dbfs=self.settings.onset_min_dbfs,
                 endpoint_silence_ms=self.settings.endpoint_silence_ms,
