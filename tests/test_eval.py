@@ -282,8 +282,8 @@ def test_brief_pauses_are_onset_pauses_that_resumed_for_want_of_speech() -> None
         event("barge_in_decided", 5.1, trigger="sustained_speech"),
     ]
     pauses = brief_pauses(events)
-    assert {key: value[1] for key, value in pauses.items() if key == id(value[0])} == {id(brief): 170.0}
-    assert id(events[2]) in pauses  # its resume belongs to it too
+    assert [(pause.pause, pause.ms) for pause in pauses] == [(brief, 170.0)]
+    assert pauses[0].resume is events[2]  # its resume belongs to it too
 
 
 # --------------------------------------------------------------------------------------------

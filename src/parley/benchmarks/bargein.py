@@ -109,7 +109,7 @@ async def run(
 def _trial(index: int, clip: Clip, barge_in_at: float, report: CallReport) -> dict[str, Any]:
     stops = report.onset_to_stop_ms
     in_time = [ms for ms in stops if ms <= MISSED_AFTER_S * 1000]
-    brief = [ms for key, (pause, ms) in brief_pauses(report.events).items() if key == id(pause)]
+    brief = [pause.ms for pause in brief_pauses(report.events)]
     return {
         "trial": index,
         "clip": clip.name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 LEAK_WINDOW_S: Final = 0.5
@@ -35,11 +36,19 @@ def onset_to_stop_ms(onset: float | None, stops: Sequence[float], since: float |
     return [_ms(s - onset) for s in stops if s >= start]
 
 
-def brief_pauses(events: Sequence[dict[str, Any]]) -> dict[int, tuple[dict[str, Any], float]]:
-    """The server's brief pauses: pauses on a speech onset alone (`barge_in_paused` with trigger
-    onset) that resumed because no speech followed. Keyed by id() of both the pause and its
-    `barge_in_resumed` event: (the pause, how long the agent was silent in ms)."""
-    brief: dict[int, tuple[dict[str, Any], float]] = {}
+@dataclass(frozen=True, slots=True)
+class BriefPause:
+    """A pause on a speech onset alone (`barge_in_paused` with trigger onset) that resumed because
+    no speech followed, and how long the agent was silent."""
+
+    pause: dict[str, Any]
+    resume: dict[str, Any]
+    ms: float
+
+
+def brief_pauses(events: Sequence[dict[str, Any]]) -> list[BriefPause]:
+    """The server's brief pauses, in order."""
+    brief: list[BriefPause] = []
     paused: dict[str, Any] | None = None
     for event in events:
         name = event["event"]
@@ -47,9 +56,7 @@ def brief_pauses(events: Sequence[dict[str, Any]]) -> dict[int, tuple[dict[str, 
             paused = event if event.get("trigger") == "onset" else None
         elif name == "barge_in_resumed" and paused is not None:
             if event.get("reason") in BRIEF_RESUME_REASONS:
-                pair = (paused, round((event["t"] - paused["t"]) * 1000, 1))
-                for member in (paused, event):
-                    brief[id(member)] = pair
+                brief.append(BriefPause(paused, event, round((event["t"] - paused["t"]) * 1000, 1)))
             paused = None
         elif name in ("barge_in_decided", "turn_cancelled"):
             paused = None

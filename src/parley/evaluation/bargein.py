@@ -200,7 +200,8 @@ def outcome(report: CallReport, whole_call: bool = False) -> Outcome:
     events = [e for e in report.events if e["t"] < hung_up]
     since = report.t0 if whole_call else start
     brief = brief_pauses(events)
-    after = [e for e in events if since is not None and e["t"] >= since and id(e) not in brief]
+    of_brief = {id(event) for pause in brief for event in (pause.pause, pause.resume)}  # not interruptions
+    after = [e for e in events if since is not None and e["t"] >= since and id(e) not in of_brief]
     names_after = {e["event"] for e in after}
     result = Outcome(
         stopped="barge_in_decided" in names_after or any(_cancelled(e) for e in after),
@@ -208,10 +209,8 @@ def outcome(report: CallReport, whole_call: bool = False) -> Outcome:
         pending="barge_in_pending" in names_after,
         resumed="barge_in_resumed" in names_after,
         confirmed="barge_in_confirmed" in names_after,
-        early=any(_interrupts(e) and (start is None or e["t"] < start) and id(e) not in brief for e in events),
-        brief_pause_ms=[
-            ms for key, (pause, ms) in brief.items() if key == id(pause) and since is not None and pause["t"] >= since
-        ],
+        early=any(_interrupts(e) and (start is None or e["t"] < start) and id(e) not in of_brief for e in events),
+        brief_pause_ms=[pause.ms for pause in brief if since is not None and pause.pause["t"] >= since],
         echo_suppressed=sum(e["event"] == "echo_suppressed" for e in events),
         events=[_brief(e) for e in events if e["event"] in _BARGE_IN_EVENTS],
     )
